@@ -1,0 +1,374 @@
+"""The ``blockfilter`` command line.
+
+Exit codes (the contract's): 0 done, every message checked or invalid; 4 done, but some
+messages deferred; 2 usage or configuration error; 3 upstream refused the credentials or the
+account; 1 anything else. Ctrl-C and a closed pipe end quietly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any
+
+from . import __version__
+from .config import CHANNELS, Settings, load_settings
+from .errors import (
+    BlockfilterError,
+    ConfigError,
+    CredentialsRefused,
+    UpstreamError,
+)
+from .redact import install_secret_filter, mask_numbers_in, redact
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_DEFERRED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("blockfilter.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse's own exits with 2, as the contract wants
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"blockfilter: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="blockfilter",
+        description="Check message recipients against Kaleyra's blocklist before sending.",
+    )
+    parser.add_argument("--version", action="version", version=f"blockfilter {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    check = commands.add_parser("check", help="which of these numbers are blocklisted on C")
+    check.add_argument("--channel", required=True, type=str.lower, choices=CHANNELS)
+    check.add_argument("--region", help="ISO 3166 alpha-2 region for national numbers")
+    check.add_argument("--json", action="store_true", help="print a JSON object")
+    check.add_argument("numbers", nargs="+", metavar="NUMBER")
+
+    filt = commands.add_parser("filter", help="scrub a JSON Lines campaign file")
+    filt.add_argument("input", metavar="INPUT", help="JSON Lines file of messages, - for stdin")
+    filt.add_argument("--out", metavar="OUTPUT", help="output file (default: stdout)")
+    filt.add_argument("--summary-json", metavar="FILE", help="write the summary as JSON")
+    filt.add_argument("--quiet", action="store_true", help="no human summary on stderr")
+    filt.add_argument(
+        "--estimate", action="store_true", help="print the API requests it would make, and stop"
+    )
+    filt.add_argument(
+        "--max-requests", type=int, metavar="N", help="make at most N API requests; defer the rest"
+    )
+    filt.add_argument(
+        "--on-error",
+        choices=("defer", "allow", "drop"),
+        help="override BLOCKFILTER_ON_ERROR for this run",
+    )
+
+    sim = commands.add_parser("simulator", help="run the Kaleyra-compatible simulator")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8080, help="0 picks a free port")
+    sim.add_argument("--blocked", metavar="FILE", help="lines of channel,+E164")
+    sim.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
+    sim.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="inject a failure, e.g. wa500:every=3 or rate_limit:first=2,seconds=1",
+    )
+
+    demo = commands.add_parser("demo", help="the whole job on embedded defaults")
+    demo.add_argument("--messages", type=int, default=2000, help="size of the sample campaign")
+    demo.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    commands.add_parser("config", help="print the effective settings and their sources")
+    commands.add_parser("plugins", help="list the loaded plugins, their versions and hooks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    handler: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"blockfilter: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CredentialsRefused as exc:
+        print(f"blockfilter: upstream refused the credentials: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_ERROR
+    except (BlockfilterError, OSError) as exc:
+        print(f"blockfilter: {_clean(str(exc))}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING - 10 * min(verbosity, 2)
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    install_secret_filter(os.environ.get("KALEYRA_API_KEY"))
+
+
+def _clean(text: str) -> str:
+    return mask_numbers_in(redact(text, os.environ.get("KALEYRA_API_KEY")))
+
+
+def _silence_stdout() -> None:
+    # After a closed pipe, Python would complain again while flushing stdout at exit.
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+# -- check ---------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .client import KaleyraClient
+    from .numbers import InvalidNumber, normalize
+
+    numbers = []
+    for raw in args.numbers:
+        try:
+            numbers.append(normalize(raw, args.region))
+        except InvalidNumber as exc:
+            print(f"blockfilter: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    client = KaleyraClient(load_settings())
+    try:
+        blocked = client.blocked(args.channel, numbers)
+    except UpstreamError as exc:
+        if isinstance(exc, CredentialsRefused):
+            raise
+        print(f"blockfilter: the check failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        client.close()
+    ordered = [n for n in dict.fromkeys(numbers) if n in blocked]
+    if args.json:
+        print(json.dumps({"channel": args.channel, "blocked": ordered}))
+    else:
+        for number in ordered:
+            print(number)
+    return EXIT_OK
+
+
+# -- filter --------------------------------------------------------------------------------
+
+
+def _line_opener(path: str) -> Callable[[], Iterator[bytes]]:
+    def open_lines() -> Iterator[bytes]:
+        with open(path, "rb") as handle:
+            yield from handle
+
+    return open_lines
+
+
+@contextlib.contextmanager
+def _replayable_input(path: str) -> Iterator[Callable[[], Iterator[bytes]]]:
+    """The input as something that can be read several times: stdin is spooled to a file."""
+    if path != "-":
+        if not os.path.isfile(path):
+            raise ConfigError(f"INPUT {path!r} is not a readable file")
+        yield _line_opener(path)
+        return
+    with tempfile.NamedTemporaryFile(prefix="blockfilter-stdin-", suffix=".jsonl") as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
+        spool.flush()
+        yield _line_opener(spool.name)
+
+
+@contextlib.contextmanager
+def _atomic_output(path: str | None) -> Iterator[IO[bytes]]:
+    """stdout, or a file that appears whole or not at all."""
+    if path is None:
+        yield sys.stdout.buffer
+        sys.stdout.buffer.flush()
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".blockfilter-", suffix=".part", dir=directory)
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 20) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+class _Progress:
+    """A tqdm bar on a terminal, nothing elsewhere."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._bars: dict[str, Any] = {}
+
+    def __call__(self, phase: str, advance: int, total: int | None) -> None:
+        if not self._enabled:
+            return
+        from tqdm import tqdm
+
+        bar = self._bars.get(phase)
+        if bar is None or (total is not None and advance == 0):
+            if bar is not None:
+                bar.close()
+            label = {"numbers": "checking numbers", "verdicts": "writing verdicts"}[phase]
+            bar = self._bars[phase] = tqdm(
+                total=total, desc=label, unit=" " + phase, file=sys.stderr, leave=False
+            )
+        bar.update(advance)
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    from .engine import Filter
+
+    settings = load_settings()
+    if args.max_requests is not None and args.max_requests < 0:
+        raise ConfigError("--max-requests must be >= 0")
+    settings.require_credentials()
+    progress = _Progress(sys.stderr.isatty() and not args.quiet)
+    with (
+        _replayable_input(args.input) as open_lines,
+        Filter(
+            settings,
+            on_error=args.on_error,
+            max_requests=args.max_requests,
+            progress=progress,
+        ) as engine,
+    ):
+        if args.estimate:
+            low, high = engine.estimate(open_lines)
+            shown = str(low) if low == high else f"{low} to {high}"
+            print(f"{shown} API requests")
+            return EXIT_OK
+        with _atomic_output(args.out) as out:
+            for line in engine.run_lines(open_lines):
+                out.write(line)
+        progress.close()
+        summary = engine.summary.as_dict()
+    if args.summary_json:
+        with open(args.summary_json, "w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=2)
+            handle.write("\n")
+    if not args.quiet:
+        print(format_summary(summary), file=sys.stderr)
+    return exit_code_for(summary)
+
+
+def exit_code_for(summary: dict[str, Any]) -> int:
+    if summary.get("credentials_refused"):
+        return EXIT_REFUSED
+    if summary["verdicts"].get("deferred"):
+        return EXIT_DEFERRED
+    return EXIT_OK
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    verdicts = summary["verdicts"]
+    parts = ", ".join(
+        f"{verdicts.get(name, 0)} {name}"
+        for name in ("allowed", "rerouted", "blocked", "invalid", "deferred")
+    )
+    lines = [
+        f"blockfilter: {summary['total']} messages: {parts}",
+        f"  {summary['requests']} API requests, {summary['cache_hits']} cache hits, "
+        f"{summary['elapsed_s']:.2f} s",
+    ]
+    if summary.get("credentials_refused"):
+        lines.append("  upstream refused the credentials or the account: unchecked are deferred")
+    return "\n".join(lines)
+
+
+# -- simulator, demo, config, plugins ---------------------------------------------------------
+
+
+def cmd_simulator(args: argparse.Namespace) -> int:
+    from .simulator import run_simulator
+
+    def ready(base_url: str) -> None:
+        print(base_url, flush=True)
+
+    # SIGTERM ends the simulator as Ctrl-C does: quietly.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        run_simulator(args.host, args.port, args.blocked, args.fault, args.latency, ready)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    report = run_demo(messages=args.messages)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        from .demo import format_report
+
+        print(format_report(report))
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    settings: Settings = load_settings()
+    rows = settings.describe()
+    width = max(len(name) for name, _, _ in rows)
+    value_width = max(len(value) for _, value, _ in rows)
+    for name, value, source in rows:
+        print(f"{name:<{width}}  {value:<{value_width}}  ({source})")
+    print(f"{'(api root)':<{width}}  {settings.api_root}")
+    return EXIT_OK
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from .plugins import describe_plugins
+
+    for line in describe_plugins():
+        print(line)
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check": cmd_check,
+    "filter": cmd_filter,
+    "simulator": cmd_simulator,
+    "demo": cmd_demo,
+    "config": cmd_config,
+    "plugins": cmd_plugins,
+}
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

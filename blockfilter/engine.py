@@ -1,0 +1,588 @@
+"""The filter: messages in, exactly one verdict each out, in input order.
+
+How a run goes (the same for the Python API, the command line and the Celery task):
+
+1. **Plan**: read every message once, normalise its number, and collect the distinct
+   (channel, number) pairs to look up.
+2. **Check**: ask the sources (Kaleyra, through the cache, plus any a plugin adds) about every
+   pair at once, so requests are full (100 numbers) and run concurrently.
+3. **Fallbacks**: read the messages again; for those blocklisted on their channel, collect the
+   first fallback channel whose status is not known yet and check those in one more round
+   (repeated only while a fallback was itself blocklisted).
+4. **Verdicts**: read the messages a last time and give each its verdict.
+
+Reading the input several times is what keeps memory in proportion to the distinct numbers
+rather than to the messages: the command line re-reads its (spooled) file instead of holding it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from array import array
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Final
+
+import orjson
+
+from .config import CHANNELS, Settings, load_settings
+from .errors import CredentialsRefused, RequestBudgetExhausted
+from .messages import VERDICT_FIELDS, Invalid, Parsed, channel_of, parse_message
+from .sources import BlocklistSource, CheckOutcome
+
+log = logging.getLogger("blockfilter.engine")
+
+# Why a number could not be checked; interned so a million failures share three strings.
+FAILED_CHECK: Final = "check_failed"
+FAILED_CREDENTIALS: Final = "credentials_refused"
+FAILED_BUDGET: Final = "request_budget"
+
+CLEAN, BLOCKED, FAILED = 0, 1, 2
+
+FallbackPolicy = Callable[[Mapping[str, Any], Parsed], Sequence[str]]
+
+
+def default_fallback_policy(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
+    """The message's own ``fallback`` list, in order."""
+    return parsed.fallback
+
+
+def _key(e164: str) -> int:
+    # E.164 never starts with a 0 after the "+", so the digits as an int are a lossless,
+    # compact key: a small int takes half the memory of the string.
+    return int(e164[1:])
+
+
+class StatusTable:
+    """What the run has learnt, per channel and number: clean, blocklisted or unchecked.
+
+    Sources are joined here: blocklisted anywhere wins; otherwise a failure anywhere leaves the
+    number unchecked (fail closed); a clean status keeps the oldest time any source gave.
+    """
+
+    def __init__(self) -> None:
+        self._clean: dict[str, dict[int, float]] = {c: {} for c in CHANNELS}
+        self._blocked: dict[str, dict[int, float]] = {c: {} for c in CHANNELS}
+        self._failed: dict[str, dict[int, str]] = {c: {} for c in CHANNELS}
+
+    def record(self, outcome: CheckOutcome) -> None:
+        channel = outcome.channel
+        if outcome.error is not None:
+            reason = _failure_reason(outcome.error)
+            failed = self._failed[channel]
+            for number in outcome.numbers:
+                failed[_key(number)] = reason
+            return
+        checked_at = outcome.checked_at if outcome.checked_at is not None else time.time()
+        clean, blocked = self._clean[channel], self._blocked[channel]
+        for number in outcome.numbers:
+            key = _key(number)
+            table = blocked if number in outcome.blocked else clean
+            previous = table.get(key)
+            if previous is None or checked_at < previous:
+                table[key] = checked_at
+
+    def lookup(self, channel: str, e164: str) -> tuple[int, Any] | None:
+        key = _key(e164)
+        checked_at = self._blocked[channel].get(key)
+        if checked_at is not None:
+            return BLOCKED, checked_at
+        reason = self._failed[channel].get(key)
+        if reason is not None:
+            return FAILED, reason
+        checked_at = self._clean[channel].get(key)
+        if checked_at is not None:
+            return CLEAN, checked_at
+        return None
+
+    def known(self, channel: str, e164: str) -> bool:
+        return self.lookup(channel, e164) is not None
+
+
+def _failure_reason(error: BaseException) -> str:
+    if isinstance(error, CredentialsRefused):
+        return FAILED_CREDENTIALS
+    if isinstance(error, RequestBudgetExhausted):
+        return FAILED_BUDGET
+    return FAILED_CHECK
+
+
+@dataclass
+class Summary:
+    """Counts of a run, as the contract's summary JSON."""
+
+    total: int = 0
+    verdicts: Counter[str] = field(default_factory=Counter)
+    channels: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    requests: int = 0
+    cache_hits: int = 0
+    elapsed_s: float = 0.0
+    credentials_refused: bool = False
+
+    def count(self, verdict: str, channel: str) -> None:
+        self.total += 1
+        self.verdicts[verdict] += 1
+        self.channels[channel][verdict] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "verdicts": dict(self.verdicts),
+            "channels": {channel: dict(counts) for channel, counts in self.channels.items()},
+            "requests": self.requests,
+            "cache_hits": self.cache_hits,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "credentials_refused": self.credentials_refused,
+        }
+
+
+class _IsoTimes:
+    """ISO 8601 strings of checked_at times; a batch shares one time, so memoise a few."""
+
+    def __init__(self) -> None:
+        self._memo: dict[float, str] = {}
+
+    def __call__(self, epoch: float) -> str:
+        text = self._memo.get(epoch)
+        if text is None:
+            if len(self._memo) > 4096:
+                self._memo.clear()
+            text = (
+                datetime.fromtimestamp(epoch, timezone.utc)
+                .isoformat(timespec="milliseconds")
+                .replace("+00:00", "Z")
+            )
+            self._memo[epoch] = text
+        return text
+
+
+class _DuplicateIds:
+    """Finds repeated ids with 8 bytes a message instead of a set of every id.
+
+    The first pass records each id's hash; hashes seen twice are *suspects*, and only ids with
+    a suspect hash are remembered (exactly) in later passes, so a hash collision can never turn
+    a unique id into a duplicate.
+    """
+
+    def __init__(self) -> None:
+        self._hashes = array("q")
+        self._suspects: frozenset[int] = frozenset()
+
+    def note(self, message_id: str) -> None:
+        self._hashes.append(hash(message_id))
+
+    def close_first_pass(self) -> None:
+        ordered = sorted(self._hashes)
+        self._suspects = frozenset(
+            ordered[i] for i in range(1, len(ordered)) if ordered[i] == ordered[i - 1]
+        )
+        self._hashes = array("q")
+
+    def pass_checker(self) -> Callable[[str], bool]:
+        """A fresh ``is_duplicate(id)`` for one pass over the messages, in input order."""
+        suspects = self._suspects
+        seen: set[str] = set()
+
+        def is_duplicate(message_id: str) -> bool:
+            if not suspects or hash(message_id) not in suspects:
+                return False
+            if message_id in seen:
+                return True
+            seen.add(message_id)
+            return False
+
+        return is_duplicate
+
+
+_DUPLICATE = Invalid("duplicate_id", "an earlier message in this run has the same id")
+_NOT_AN_OBJECT = Invalid("malformed_line", "a message is a JSON object")
+
+Replay = Callable[[], Iterator[tuple[Any, "Parsed | Invalid"]]]
+
+
+class Filter:
+    """Runs messages through the blocklist check and gives each a verdict.
+
+    >>> with Filter() as f:                                     # doctest: +SKIP
+    ...     for result in f.run([{"id": "1", "channel": "sms", "to": "+918020000052"}]):
+    ...         print(result["verdict"])
+
+    :param settings: the configuration; read from the environment when omitted.
+    :param sources: blocklist sources to join; default: Kaleyra (through the status cache),
+        built from ``settings`` on first use (so missing credentials surface then, clearly).
+    :param on_error: ``defer``, ``allow`` or ``drop``; default ``settings.on_error``.
+    :param max_requests: make at most this many API requests; defer what is left unchecked.
+    :param fallback_policy: ``(message, parsed) -> channels`` to try, in order, when the
+        message's channel is blocklisted; default: the message's ``fallback`` list.
+
+    After a run, :attr:`summary` holds its counts.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        sources: Sequence[BlocklistSource] | None = None,
+        on_error: str | None = None,
+        max_requests: int | None = None,
+        fallback_policy: FallbackPolicy | None = None,
+        progress: Callable[[str, int, int | None], None] | None = None,
+    ) -> None:
+        self.settings = settings or load_settings()
+        self.on_error = (on_error or self.settings.on_error).lower()
+        if self.on_error not in ("defer", "allow", "drop"):
+            raise ValueError(f"on_error must be defer, allow or drop, not {on_error!r}")
+        self._sources = list(sources) if sources is not None else None
+        self._owns_sources = sources is None
+        self.max_requests = max_requests
+        self.fallback_policy = fallback_policy or default_fallback_policy
+        self._progress = progress
+        self.summary = Summary()
+        self._iso = _IsoTimes()
+
+    # -- sources ---------------------------------------------------------------------------
+
+    @property
+    def sources(self) -> list[BlocklistSource]:
+        if self._sources is None:
+            from .kaleyra import KaleyraSource
+
+            self._sources = [KaleyraSource(self.settings, max_requests=self.max_requests)]
+        return self._sources
+
+    def close(self) -> None:
+        """Release what the filter opened itself (thread pools, connections)."""
+        if self._owns_sources and self._sources:
+            for source in self._sources:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    close()
+
+    def __enter__(self) -> Filter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the public entry points -----------------------------------------------------------
+
+    def run(self, messages: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Filter decoded messages; yields one new dict a message, in input order.
+
+        The messages are held in memory for the run (the command line streams files instead).
+        Each result is a copy of its message with the verdict fields added.
+        """
+        items: list[Any] = [
+            m if isinstance(m, Mapping) else MalformedLine(index)
+            for index, m in enumerate(messages, 1)
+        ]
+        parsed: list[Parsed | Invalid] = [
+            _NOT_AN_OBJECT if isinstance(m, MalformedLine) else parse_message(m) for m in items
+        ]
+        seen: set[str] = set()
+        for index, p in enumerate(parsed):
+            if isinstance(p, Parsed):
+                if p.id in seen:
+                    parsed[index] = _DUPLICATE
+                else:
+                    seen.add(p.id)
+        del seen
+
+        def replay() -> Iterator[tuple[Any, Parsed | Invalid]]:
+            return zip(items, parsed, strict=True)
+
+        started = time.monotonic()
+        before = self._source_counters()
+        table = self._resolve(replay)
+        for message, p in replay():
+            fields, channel = self._verdict(message, p, table)
+            self.summary.count(fields["verdict"], channel)
+            result = {k: v for k, v in message.items() if k not in VERDICT_FIELDS}
+            result.update(fields)
+            yield result
+        self._finish(before, started)
+
+    def run_lines(self, open_lines: Callable[[], Iterable[bytes]]) -> Iterator[bytes]:
+        """Filter JSON Lines; yields one output line (bytes, ``\\n``-terminated) a message.
+
+        ``open_lines`` is called once per pass and must give the same lines each time (a
+        file opened anew, say). Blank lines are skipped; a line that is not a JSON object
+        becomes an ``invalid`` record (``malformed_line``) whose ``id`` is its line number.
+        Each message's own bytes are kept as they were; the verdict fields are appended.
+        """
+        duplicates = _DuplicateIds()
+
+        def first_pass() -> Iterator[tuple[Any, Parsed | Invalid]]:
+            for line_number, line in enumerate(open_lines(), 1):
+                decoded = _decode_line(line, line_number)
+                if decoded is None:
+                    continue
+                message, parsed = decoded
+                if isinstance(parsed, Parsed):
+                    duplicates.note(parsed.id)
+                yield message, parsed
+            duplicates.close_first_pass()
+
+        def replay() -> Iterator[tuple[Any, Parsed | Invalid]]:
+            is_duplicate = duplicates.pass_checker()
+            for line_number, line in enumerate(open_lines(), 1):
+                decoded = _decode_line(line, line_number)
+                if decoded is None:
+                    continue
+                message, parsed = decoded
+                if isinstance(parsed, Parsed) and is_duplicate(parsed.id):
+                    parsed = _DUPLICATE
+                yield (line, message), parsed
+
+        started = time.monotonic()
+        before = self._source_counters()
+        table = self._resolve(replay, first_pass)
+        for emitted, ((line, message), p) in enumerate(replay(), 1):
+            fields, channel = self._verdict(message, p, table)
+            self.summary.count(fields["verdict"], channel)
+            yield _render_line(line, message, fields)
+            if self._progress is not None and emitted % 1000 == 0:
+                self._progress("verdicts", 1000, None)
+        self._finish(before, started)
+
+    def estimate(self, open_lines: Callable[[], Iterable[bytes]]) -> tuple[int, int]:
+        """How many API requests :meth:`run_lines` would make: ``(at least, at most)``.
+
+        Exact (both equal) when no message has a fallback: the fallback round depends on
+        which numbers turn out blocklisted. No API request is made; the cache is read.
+        """
+        wanted: dict[str, set[int]] = defaultdict(set)
+        fallback_wanted: dict[str, set[int]] = defaultdict(set)
+        for line_number, line in enumerate(open_lines(), 1):
+            decoded = _decode_line(line, line_number)
+            if decoded is None or not isinstance(decoded[1], Parsed):
+                continue
+            message, parsed = decoded
+            wanted[parsed.channel].add(_key(parsed.e164))
+            for channel in self.fallback_policy(message, parsed):
+                fallback_wanted[channel].add(_key(parsed.e164))
+        source = self.sources[0]
+        estimate_requests = getattr(source, "estimate_requests", None)
+        if estimate_requests is None:
+            raise NotImplementedError(f"{source!r} cannot estimate its requests")
+        low = estimate_requests(_as_numbers(wanted))
+        for channel, keys in fallback_wanted.items():
+            keys -= wanted.get(channel, set())
+        high = low + estimate_requests(_as_numbers(fallback_wanted))
+        return low, high
+
+    # -- the run ---------------------------------------------------------------------------
+
+    def _source_counters(self) -> tuple[int, int]:
+        requests = cache_hits = 0
+        for source in self.sources:
+            stats = source.stats()
+            requests += stats.requests
+            cache_hits += stats.cache_hits
+        return requests, cache_hits
+
+    def _finish(self, before: tuple[int, int], started: float) -> None:
+        requests, cache_hits = self._source_counters()
+        self.summary.requests += requests - before[0]
+        self.summary.cache_hits += cache_hits - before[1]
+        self.summary.elapsed_s += time.monotonic() - started
+
+    def _resolve(self, replay: Replay, first_pass: Replay | None = None) -> StatusTable:
+        table = StatusTable()
+        wanted: dict[str, set[int]] = defaultdict(set)
+        has_fallbacks = False
+        for message, parsed in (first_pass or replay)():
+            if isinstance(parsed, Parsed):
+                wanted[parsed.channel].add(_key(parsed.e164))
+                has_fallbacks = has_fallbacks or bool(self.fallback_policy(message, parsed))
+        self._check(table, wanted)
+        del wanted
+        # Each round asks, for every message still blocklisted everywhere known, its next
+        # fallback channel. Rounds end when nothing is left to ask; there are at most as many
+        # rounds as there are channels, since a known status is never asked again.
+        while has_fallbacks:
+            wanted = defaultdict(set)
+            for message, parsed in replay():
+                if isinstance(parsed, Parsed):
+                    channel = self._next_fallback_to_check(message, parsed, table)
+                    if channel is not None:
+                        wanted[channel].add(_key(parsed.e164))
+            if not wanted:
+                break
+            self._check(table, wanted)
+        return table
+
+    def _next_fallback_to_check(
+        self, message: Any, parsed: Parsed, table: StatusTable
+    ) -> str | None:
+        status = table.lookup(parsed.channel, parsed.e164)
+        if status is None or status[0] != BLOCKED:
+            return None
+        for channel in self.fallback_policy(message, parsed):
+            status = table.lookup(channel, parsed.e164)
+            if status is None:
+                return channel
+            if status[0] != BLOCKED:
+                return None
+        return None
+
+    def _check(self, table: StatusTable, wanted: Mapping[str, set[int]]) -> None:
+        numbers = _as_numbers(wanted)
+        total = sum(len(v) for v in numbers.values())
+        if not total:
+            return
+        if self._progress is not None:
+            self._progress("numbers", 0, total)
+        for source in self.sources:
+            for outcome in source.check_many(numbers):
+                table.record(outcome)
+                if outcome.error is not None and isinstance(outcome.error, CredentialsRefused):
+                    self.summary.credentials_refused = True
+                if self._progress is not None:
+                    self._progress("numbers", len(outcome.numbers), total)
+
+    # -- verdicts --------------------------------------------------------------------------
+
+    def _verdict(
+        self, message: Any, parsed: Parsed | Invalid, table: StatusTable
+    ) -> tuple[dict[str, Any], str]:
+        if isinstance(parsed, Invalid):
+            fields: dict[str, Any] = {"verdict": "invalid", "reason": parsed.reason}
+            if parsed.detail:
+                fields["detail"] = parsed.detail
+            return fields, channel_of(message)
+        status = table.lookup(parsed.channel, parsed.e164)
+        if status is None:  # a source skipped the number: treat it as unchecked
+            status = (FAILED, FAILED_CHECK)
+        kind, value = status
+        if kind == CLEAN:
+            return self._allowed(parsed, value), parsed.channel
+        if kind == FAILED:
+            return self._unchecked(parsed, value, parsed.channel)
+        blocked_at = value
+        for channel in self.fallback_policy(message, parsed):
+            status = table.lookup(channel, parsed.e164) or (FAILED, FAILED_CHECK)
+            kind, value = status
+            if kind == BLOCKED:
+                continue
+            if kind == CLEAN:
+                return {
+                    "verdict": "rerouted",
+                    "e164": parsed.e164,
+                    "checked_at": self._iso(value),
+                    "channel": channel,
+                    "original_channel": parsed.channel,
+                }, channel
+            return self._unchecked(parsed, value, channel)
+        return {
+            "verdict": "blocked",
+            "e164": parsed.e164,
+            "checked_at": self._iso(blocked_at),
+            "reason": "blocklisted",
+        }, parsed.channel
+
+    def _allowed(self, parsed: Parsed, checked_at: float) -> dict[str, Any]:
+        return {"verdict": "allowed", "e164": parsed.e164, "checked_at": self._iso(checked_at)}
+
+    def _unchecked(self, parsed: Parsed, failure: str, channel: str) -> tuple[dict[str, Any], str]:
+        """The verdict for a message whose ``channel`` could not be checked."""
+        if failure == FAILED_CREDENTIALS:
+            # A refused account is not a passing glitch to fail open on: always deferred.
+            return {
+                "verdict": "deferred",
+                "e164": parsed.e164,
+                "reason": "credentials_refused",
+            }, parsed.channel
+        if failure == FAILED_BUDGET or self.on_error == "defer":
+            fields = {"verdict": "deferred", "e164": parsed.e164, "reason": "check_failed"}
+            if failure == FAILED_BUDGET:
+                fields["detail"] = "--max-requests reached before this number was checked"
+            return fields, parsed.channel
+        if self.on_error == "allow":
+            if channel == parsed.channel:
+                return {
+                    "verdict": "allowed",
+                    "e164": parsed.e164,
+                    "checked_at": None,
+                    "reason": "unchecked",
+                }, channel
+            return {
+                "verdict": "rerouted",
+                "e164": parsed.e164,
+                "checked_at": None,
+                "channel": channel,
+                "original_channel": parsed.channel,
+                "reason": "unchecked",
+            }, channel
+        return {
+            "verdict": "blocked",
+            "e164": parsed.e164,
+            "checked_at": None,
+            "reason": "unchecked",
+        }, parsed.channel
+
+
+def _as_numbers(wanted: Mapping[str, set[int]]) -> dict[str, list[str]]:
+    return {channel: [f"+{key}" for key in keys] for channel, keys in wanted.items() if keys}
+
+
+# -- JSON Lines ------------------------------------------------------------------------------
+
+MAX_LINE_BYTES = 1 << 20  # a message is small; a bigger line is malformed, not a memory hazard
+
+
+class MalformedLine(dict):  # type: ignore[type-arg]
+    """Stands in for a line that is not a JSON object: its record is ``{"id": "<line>"}``."""
+
+    def __init__(self, line_number: int) -> None:
+        super().__init__(id=str(line_number))
+
+
+def _decode_line(line: bytes, line_number: int) -> tuple[Any, Parsed | Invalid] | None:
+    """Decode one input line; ``None`` for a blank line."""
+    if len(line) > MAX_LINE_BYTES:
+        return MalformedLine(line_number), Invalid(
+            "malformed_line", f"line {line_number} is longer than {MAX_LINE_BYTES} bytes"
+        )
+    if not line.strip():
+        return None
+    try:
+        message = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        return MalformedLine(line_number), Invalid(
+            "malformed_line", f"line {line_number} is not JSON: {str(exc)[:120]}"
+        )
+    if not isinstance(message, dict):
+        return MalformedLine(line_number), Invalid(
+            "malformed_line", f"line {line_number} is not a JSON object"
+        )
+    return message, parse_message(message)
+
+
+def _render_line(line: bytes, message: dict[str, Any], fields: dict[str, Any]) -> bytes:
+    """The output line: the input's own bytes with the verdict fields appended.
+
+    Splicing instead of re-encoding keeps every field exactly as given (big integers, number
+    spelling, unicode escapes) and is faster. When a field must be *replaced* (a reroute
+    changes ``channel``; an input that already has verdict fields), the line is re-encoded
+    with the standard library, which keeps integers of any size.
+    """
+    if isinstance(message, MalformedLine):
+        return orjson.dumps({**message, **fields}) + b"\n"
+    replaces = "original_channel" in fields or not VERDICT_FIELDS.isdisjoint(message)
+    if not replaces:
+        body = line.rstrip()
+        if body.endswith(b"}"):
+            head = body[:-1].rstrip()
+            extra = orjson.dumps(fields)[1:]
+            separator = b"" if head.endswith(b"{") else b","
+            return head + separator + extra + b"\n"
+    original = json.loads(line)
+    for name in VERDICT_FIELDS:
+        original.pop(name, None)
+    original.update(fields)
+    return json.dumps(original, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"

@@ -1,0 +1,90 @@
+"""The exceptions blockfilter raises.
+
+Upstream failures are split by what a caller should do about them:
+
+* :class:`FinalUpstreamError` and its subclasses will not get better by retrying
+  (credentials refused, account not allowed, low balance, a request we built wrong).
+* :class:`TransientUpstreamError` and its subclasses may succeed on a later attempt
+  (5xx, 429, 202 "accepted, no answer yet", timeouts, resets, garbled bodies).
+
+No message of any of these ever contains the API key: the client builds them from the
+response code and the request *shape*, never from the headers.
+"""
+
+from __future__ import annotations
+
+
+class BlockfilterError(Exception):
+    """Base class of every error blockfilter raises on purpose."""
+
+
+class ConfigError(BlockfilterError):
+    """A setting is missing or wrong. The message names the variable and says what to do."""
+
+
+class UpstreamError(BlockfilterError):
+    """The blocklist API could not answer a request.
+
+    :ivar status: HTTP status, or ``None`` when no response arrived.
+    :ivar code: Kaleyra's code (``RBC001``, ``WA500``...), or a short code of ours
+        (``timeout``, ``connection``, ``bad_body``) when there was none.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class FinalUpstreamError(UpstreamError):
+    """Retrying will not help."""
+
+
+class CredentialsRefused(FinalUpstreamError):
+    """``RBC001`` (wrong SID or key), ``WA401``/``WA-401`` (account or number not allowed),
+    ``E110`` (balance too low): the account cannot check anything until a human acts."""
+
+
+class BadRequest(FinalUpstreamError):
+    """``WA400``: the API rejected the payload. This is a bug of blockfilter's; the message
+    carries the request shape (channel, count of numbers) to report it."""
+
+
+class TransientUpstreamError(UpstreamError):
+    """Retrying later may succeed.
+
+    :ivar retry_after: seconds the server asked us to wait (``Retry-After``), if any.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message, status=status, code=code)
+        self.retry_after = retry_after
+
+
+class RetryBudgetExhausted(TransientUpstreamError):
+    """Every attempt allowed by the retry budget failed with a transient error.
+
+    :ivar last_error: the last transient error seen.
+    :ivar attempts: how many attempts were made.
+    """
+
+    def __init__(self, message: str, *, last_error: TransientUpstreamError, attempts: int):
+        super().__init__(
+            message,
+            status=last_error.status,
+            code=last_error.code,
+            retry_after=last_error.retry_after,
+        )
+        self.last_error = last_error
+        self.attempts = attempts
+
+
+class RequestBudgetExhausted(BlockfilterError):
+    """``--max-requests`` was reached: the remaining numbers are left unchecked on purpose."""

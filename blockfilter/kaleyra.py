@@ -1,0 +1,198 @@
+"""Kaleyra as a blocklist source: the status cache first, then full requests, many in flight.
+
+Cache hits are taken out *before* numbers are packed into requests of 100, so every request
+that goes out is as full as it can be. Requests run on a bounded thread pool
+(``BLOCKFILTER_CONCURRENCY``) and outcomes are yielded as they complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+from .cache import CacheUnavailable, StatusCache, open_cache
+from .client import KaleyraClient, RequestLimiter
+from .config import Settings
+from .errors import CredentialsRefused, RequestBudgetExhausted
+from .sources import CheckOutcome, SourceStats
+
+log = logging.getLogger("blockfilter.kaleyra")
+
+MAX_NUMBERS_PER_REQUEST = 100
+# How many cache entries one round trip asks for: big enough to amortise a Redis round trip,
+# small enough that a million-number campaign does not hold them all at once.
+_CACHE_CHUNK = 10_000
+
+
+class RequestBudget:
+    """A limiter that lets at most ``limit`` API requests (attempts) through, then refuses.
+
+    Backs ``blockfilter filter --max-requests N``: requests past N are not made, and the
+    numbers they would have checked are deferred.
+    """
+
+    def __init__(self, limit: int, then: RequestLimiter | None = None) -> None:
+        self.limit = limit
+        self._then = then
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._used >= self.limit:
+                raise RequestBudgetExhausted(f"the request budget of {self.limit} is spent")
+            self._used += 1
+        if self._then is not None:
+            self._then.acquire()
+
+    def penalize(self, seconds: float) -> None:
+        if self._then is not None:
+            self._then.penalize(seconds)
+
+
+class KaleyraSource:
+    """Checks numbers against Kaleyra's blocklist, through the status cache.
+
+    :param settings: the effective settings (credentials are required).
+    :param client: an existing client to share; made from ``settings`` when omitted.
+    :param cache: an existing status cache; opened from ``settings.cache_url`` when omitted.
+    :param max_requests: stop making API requests after this many (``--max-requests``).
+    """
+
+    name = "kaleyra"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: KaleyraClient | None = None,
+        cache: StatusCache | None = None,
+        max_requests: int | None = None,
+        limiter: RequestLimiter | None = None,
+    ) -> None:
+        self.settings = settings
+        if max_requests is not None:
+            limiter = RequestBudget(max_requests, then=limiter)
+        self.client = client or KaleyraClient(settings, limiter=limiter)
+        self.cache = cache if cache is not None else open_cache(settings)
+        self._cache_ok = True
+        self._requests_before = self.client.stats.requests
+        self._cache_hits = 0
+        self._refused: CredentialsRefused | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    # -- the cache, which the filter must survive losing -----------------------------------
+
+    def _cache_call(self, what: str, call, default):  # type: ignore[no-untyped-def]
+        if not self._cache_ok:
+            return default
+        try:
+            return call()
+        except CacheUnavailable as exc:
+            # Going on without the cache costs requests, never correctness: every number it
+            # would have answered is asked of the API instead.
+            self._cache_ok = False
+            log.warning("status cache unavailable (%s); going on without it: %s", what, exc)
+            return default
+
+    def _from_cache(
+        self, channel: str, numbers: Sequence[str]
+    ) -> tuple[list[CheckOutcome], list[str]]:
+        hits: dict[float, list[str]] = defaultdict(list)
+        hits_blocked: dict[float, set[str]] = defaultdict(set)
+        misses: list[str] = []
+        for start in range(0, len(numbers), _CACHE_CHUNK):
+            chunk = numbers[start : start + _CACHE_CHUNK]
+            found = self._cache_call("get", lambda c=chunk: self.cache.get_many(channel, c), {})
+            for number in chunk:
+                status = found.get(number)
+                if status is None:
+                    misses.append(number)
+                    continue
+                # Entries fetched together share a timestamp: one outcome per fetch keeps
+                # checked_at exact without an object per number.
+                hits[status.fetched_at].append(number)
+                if status.blocked:
+                    hits_blocked[status.fetched_at].add(number)
+        outcomes = [
+            CheckOutcome(channel, group, frozenset(hits_blocked.get(at, ())), at)
+            for at, group in hits.items()
+        ]
+        return outcomes, misses
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.settings.concurrency, thread_name_prefix="blockfilter-check"
+                )
+            return self._pool
+
+    def _fetch(self, channel: str, batch: list[str]) -> CheckOutcome:
+        if self._refused is not None:
+            # The account is refused: asking again would only be refused again.
+            return CheckOutcome(channel, batch, error=self._refused)
+        try:
+            blocked = self.client.blocked_batch(channel, batch)
+        except CredentialsRefused as exc:
+            self._refused = exc
+            return CheckOutcome(channel, batch, error=exc)
+        except Exception as exc:  # every failure marks the batch unchecked; the filter decides
+            return CheckOutcome(channel, batch, error=exc)
+        fetched_at = time.time()
+        blocked_set = frozenset(blocked)
+        clean = [n for n in batch if n not in blocked_set]
+        self._cache_call(
+            "set", lambda: self.cache.set_many(channel, blocked_set, clean, fetched_at), None
+        )
+        return CheckOutcome(channel, batch, blocked_set, fetched_at)
+
+    def check_many(self, wanted: Mapping[str, Sequence[str]]) -> Iterator[CheckOutcome]:
+        batches: list[tuple[str, list[str]]] = []
+        for channel, numbers in wanted.items():
+            outcomes, misses = self._from_cache(channel, numbers)
+            for outcome in outcomes:
+                self._cache_hits += len(outcome.numbers)
+                yield outcome
+            for start in range(0, len(misses), MAX_NUMBERS_PER_REQUEST):
+                batches.append((channel, misses[start : start + MAX_NUMBERS_PER_REQUEST]))
+        if not batches:
+            return
+        pool = self._executor()
+        # Submit at most a few batches per worker ahead, so a million numbers do not become
+        # ten thousand futures at once, and the pool never runs dry either.
+        window = self.settings.concurrency * 4
+        pending: set[Future[CheckOutcome]] = set()
+        queue = iter(batches)
+        for channel, batch in queue:
+            pending.add(pool.submit(self._fetch, channel, batch))
+            if len(pending) >= window:
+                break
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+                following = next(queue, None)
+                if following is not None:
+                    pending.add(pool.submit(self._fetch, *following))
+
+    def stats(self) -> SourceStats:
+        return SourceStats(
+            requests=self.client.stats.requests - self._requests_before,
+            cache_hits=self._cache_hits,
+        )
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def __repr__(self) -> str:
+        return f"KaleyraSource({self.client!r})"

@@ -1,0 +1,90 @@
+"""Reading one message: which fields matter, what makes it unusable, and the verdict records.
+
+A message is a JSON object with ``id``, ``channel`` and ``to`` (plus an optional ``region`` for
+national numbers and ``fallback``). Everything else is carried through untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .config import CHANNELS
+from .numbers import InvalidNumber, normalize
+
+# The fields a verdict adds. A message that already carries one of them (a file of earlier
+# output fed back in, say) gets them replaced, never duplicated.
+VERDICT_FIELDS = frozenset(
+    {"verdict", "e164", "checked_at", "reason", "detail", "original_channel"}
+)
+
+_KNOWN_CHANNELS = frozenset(CHANNELS)
+
+
+@dataclass(slots=True)
+class Parsed:
+    """The parts of a valid message the filter needs."""
+
+    id: str
+    channel: str
+    e164: str
+    fallback: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class Invalid:
+    """Why a message cannot be used; ``reason`` is one of the contract's stable codes."""
+
+    reason: str
+    detail: str
+
+
+def channel_of(message: Any) -> str:
+    """The message's channel in lower case if it is a known one, else ``"unknown"``.
+
+    Used for the per-channel counts of the summary, which must not grow with junk input.
+    """
+    if isinstance(message, dict):
+        channel = message.get("channel")
+        if isinstance(channel, str) and channel.lower() in _KNOWN_CHANNELS:
+            return channel.lower()
+    return "unknown"
+
+
+def parse_message(message: Any) -> Parsed | Invalid:
+    """Validate one decoded message. Never raises: bad input is an :class:`Invalid`."""
+    if not isinstance(message, dict):
+        return Invalid(
+            "malformed_line", f"a message is a JSON object, not {type(message).__name__}"
+        )
+    message_id = message.get("id")
+    channel = message.get("channel")
+    to = message.get("to")
+    for name, value in (("id", message_id), ("channel", channel), ("to", to)):
+        if value is None:
+            return Invalid("missing_field", f"the message has no {name!r}")
+    if not isinstance(message_id, str) or not message_id:
+        return Invalid("missing_field", "'id' must be a non-empty string")
+    if not isinstance(channel, str):
+        return Invalid("unknown_channel", "'channel' must be a string")
+    channel = channel.lower()
+    if channel not in _KNOWN_CHANNELS:
+        return Invalid("unknown_channel", f"unknown channel {channel[:40]!r}")
+    fallback = message.get("fallback")
+    fallback_channels: tuple[str, ...] = ()
+    if fallback is not None:
+        if not isinstance(fallback, list):
+            return Invalid("unknown_channel", "'fallback' must be a list of channel names")
+        for item in fallback:
+            if not isinstance(item, str) or item.lower() not in _KNOWN_CHANNELS:
+                shown = item[:40] if isinstance(item, str) else type(item).__name__
+                return Invalid("unknown_channel", f"unknown fallback channel {shown!r}")
+        fallback_channels = tuple(item.lower() for item in fallback)
+    region = message.get("region")
+    if region is not None and not isinstance(region, str):
+        return Invalid("invalid_number", "'region' must be an ISO 3166 alpha-2 code")
+    try:
+        e164 = normalize(to, region)
+    except InvalidNumber as exc:
+        return Invalid("invalid_number", str(exc))
+    return Parsed(message_id, channel, e164, fallback_channels)
