@@ -1,0 +1,610 @@
+"""The HTTP client of Kaleyra's "Get Blocklist" API.
+
+One :class:`KaleyraClient` per process is the intended use. It owns a pooled
+:class:`requests.Session`, made on first use (never at import, since Celery imports this
+module in every worker) and made again when the process id changes, so prefork children never
+share their parent's sockets.
+
+Every request is one *logical* request (at most 100 numbers, or one page of the whole
+blocklist) tried within a retry budget: at most ``retry_attempts`` attempts, none started (and
+no backoff slept) later than ``retry_deadline`` seconds after the first. Each attempt has a
+*total* deadline (``request_timeout``), so a server trickling a byte a second cannot hold a
+worker hostage. Every documented answer is mapped to a typed error of
+:mod:`blockfilter.errors`: :class:`~blockfilter.errors.FinalUpstreamError` subclasses are
+raised at once, :class:`~blockfilter.errors.TransientUpstreamError` ones are retried and, once
+the budget is spent, wrapped in :class:`~blockfilter.errors.RetryBudgetExhausted`.
+
+The API key is sent in the ``api-key`` header and nowhere else: it is never logged, never put
+into an exception message, never shown by ``repr``. Phone numbers are never put into exception
+messages either (they are personal data); logs only ever show counts.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import quote
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError as Urllib3HTTPError
+from urllib3.exceptions import ReadTimeoutError
+
+from .config import CHANNELS, Settings, load_settings
+from .errors import (
+    BadRequest,
+    CredentialsRefused,
+    FinalUpstreamError,
+    RetryBudgetExhausted,
+    TransientUpstreamError,
+    UpstreamError,
+)
+
+__all__ = [
+    "MAX_NUMBERS_PER_REQUEST",
+    "MAX_PAGE_SIZE",
+    "ClientStats",
+    "KaleyraClient",
+    "RequestLimiter",
+    "parse_retry_after",
+]
+
+log = logging.getLogger("blockfilter.client")
+
+#: The API answers at most this many numbers per request (``mobile``).
+MAX_NUMBERS_PER_REQUEST = 100
+#: The largest ``limit`` the API accepts when paging the whole blocklist.
+MAX_PAGE_SIZE = 100
+
+# Kaleyra codes that mean "this account cannot check anything until a human acts".
+_REFUSED_CODES = frozenset({"RBC001", "WA401", "WA-401", "E110"})
+# Kaleyra codes that mean "try again later".
+_TRANSIENT_CODES = frozenset({"WA500", "CNT195", "WA202"})
+# A full answer of 100 entries is a few kilobytes; anything far bigger is not an answer.
+_MAX_BODY_BYTES = 4 * 1024 * 1024
+_READ_CHUNK = 64 * 1024
+_NUMBER = re.compile(r"^\+[0-9]{1,15}$")
+
+
+class RequestLimiter(Protocol):
+    """Paces the client's requests; a fleet-wide (Redis) rate limiter plugs in here."""
+
+    def acquire(self) -> None:
+        """Block until one request may be sent (called before every attempt)."""
+
+    def penalize(self, seconds: float) -> None:
+        """A 429 told us to slow down for ``seconds``: slow the whole fleet down."""
+
+
+@dataclass
+class ClientStats:
+    """Counters of what a client did, safe to update from many threads.
+
+    ``requests`` counts HTTP attempts (every retry included) and ``numbers_asked`` the numbers
+    they carried, so both match what the server saw. ``failures_by_code`` counts failed
+    attempts by error code (``WA500``, ``timeout``, ``rate_limited``...).
+    """
+
+    requests: int = 0
+    retries: int = 0
+    numbers_asked: int = 0
+    failures_by_code: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
+
+    def count_attempt(self, numbers: int) -> None:
+        with self._lock:
+            self.requests += 1
+            self.numbers_asked += numbers
+
+    def count_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
+
+    def count_failure(self, code: str) -> None:
+        with self._lock:
+            self.failures_by_code[code] = self.failures_by_code.get(code, 0) + 1
+
+    def snapshot(self) -> ClientStats:
+        """A consistent copy, for reports."""
+        with self._lock:
+            return ClientStats(
+                requests=self.requests,
+                retries=self.retries,
+                numbers_asked=self.numbers_asked,
+                failures_by_code=dict(self.failures_by_code),
+            )
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP-date.
+
+    Returns ``None`` when the header is absent or unreadable, and never a negative number.
+    Fractional seconds are accepted (not in the RFC, but harmless and handy for tests).
+    """
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # an HTTP-date is GMT even when it fails to say so
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What one logical request asks, for logs and error messages (never the numbers)."""
+
+    channel: str
+    numbers: int  # 0 for a page of the whole blocklist
+    offset: int | None = None
+
+    def describe(self) -> str:
+        if self.offset is not None:
+            return f"channel {self.channel}, blocklist page at offset {self.offset}"
+        return f"channel {self.channel}, {self.numbers} numbers"
+
+
+def _transient(
+    message: str, code: str, status: int | None = None, retry_after: float | None = None
+) -> TransientUpstreamError:
+    return TransientUpstreamError(message, status=status, code=code, retry_after=retry_after)
+
+
+class KaleyraClient:
+    """Asks Kaleyra which numbers are blocklisted on a channel.
+
+    :param settings: the effective settings; the SID and key are required
+        (:class:`~blockfilter.errors.ConfigError` naming the missing variable otherwise).
+    :param limiter: paces every attempt (``acquire``) and hears about 429s (``penalize``).
+    :param sleep: how to wait between attempts (tests inject a fake).
+    :param clock: the monotonic clock of the retry budget (tests inject a fake).
+    :param rng: the source of backoff jitter (tests inject a seeded one).
+
+    Thread-safe: :meth:`blocked` itself runs requests on a thread pool, and many threads may
+    share one client.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        limiter: RequestLimiter | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._sid, self._api_key = settings.require_credentials()
+        self.settings = settings
+        self.limiter = limiter
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self.stats = ClientStats()
+        self.endpoint = f"{settings.api_root}/v1/{self._sid}/contacts/blocklisted"
+        self._session: requests.Session | None = None
+        self._session_pid: int | None = None
+        self._session_lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls) -> KaleyraClient:
+        """A client configured from the ``KALEYRA_*`` / ``BLOCKFILTER_*`` variables."""
+        return cls(load_settings())
+
+    def __repr__(self) -> str:
+        # The SID is an account identifier, not a secret; the key never appears.
+        return (
+            f"KaleyraClient(api_root={self.settings.api_root!r}, "
+            f"region={self.settings.region!r}, sid={self._sid!r})"
+        )
+
+    def __enter__(self) -> KaleyraClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- the session ---------------------------------------------------------------------------
+
+    def _http(self) -> requests.Session:
+        """This process's pooled session, made on first use and again after a fork."""
+        pid = os.getpid()
+        with self._session_lock:
+            if self._session is None or self._session_pid != pid:
+                # After a fork the inherited session's sockets are the parent's too: closing
+                # them here could cut the parent's connections, so they are just abandoned.
+                self._session = self._new_session()
+                self._session_pid = pid
+            return self._session
+
+    def _new_session(self) -> requests.Session:
+        from . import __version__  # late: the package root may import this module
+
+        session = requests.Session()
+        # One connection per concurrent request, so none is opened and thrown away per call.
+        # urllib3 retries nothing: the retry budget below is the only one.
+        adapter = HTTPAdapter(
+            pool_connections=4,
+            pool_maxsize=max(self.settings.concurrency, 10),
+            max_retries=0,
+        )
+        session.mount("https://", adapter)
+        session.mount("http://", adapter)
+        session.headers["User-Agent"] = f"blockfilter/{__version__}"
+        session.headers["Accept"] = "application/json"
+        # trust_env stays on: HTTPS_PROXY, NO_PROXY and REQUESTS_CA_BUNDLE apply, and TLS
+        # verification stays on.
+        return session
+
+    def close(self) -> None:
+        """Close the pooled connections. The client may still be used; it reconnects."""
+        with self._session_lock:
+            session, self._session = self._session, None
+            if session is not None and self._session_pid == os.getpid():
+                session.close()
+            self._session_pid = None
+
+    # -- the public calls ----------------------------------------------------------------------
+
+    def blocked_batch(self, channel: str, numbers: Sequence[str]) -> set[str]:
+        """Which of at most 100 E.164 numbers are blocklisted on ``channel``.
+
+        One logical request, retried within the budget. Duplicates are asked once; an empty
+        batch asks nothing (an absent ``mobile`` would ask for the whole blocklist).
+
+        :raises ValueError: more than 100 distinct numbers, an unknown channel, or a number
+            that is not ``+`` and digits.
+        :raises CredentialsRefused: ``RBC001``, ``WA401``, ``WA-401``, ``E110``.
+        :raises FinalUpstreamError: ``WA400`` (:class:`BadRequest`) or another final answer.
+        :raises RetryBudgetExhausted: every attempt the budget allowed failed transiently.
+        """
+        channel = _channel(channel)
+        unique = list(dict.fromkeys(numbers))
+        if len(unique) > MAX_NUMBERS_PER_REQUEST:
+            raise ValueError(
+                f"at most {MAX_NUMBERS_PER_REQUEST} numbers per request, got {len(unique)}"
+            )
+        if not unique:
+            return set()
+        bad = sum(1 for n in unique if not isinstance(n, str) or not _NUMBER.match(n))
+        if bad:
+            raise ValueError(f"{bad} of {len(unique)} numbers are not E.164 ('+' and digits)")
+        # limit=100 with every batch: should the API page mobile queries too, one page still
+        # holds every number of a batch, so none can be missed.
+        query = (
+            f"limit={MAX_PAGE_SIZE}&offset=0&channel={channel}&mobile="
+            # quote(safe=""): '+' must travel as %2B (a raw '+' decodes to a space).
+            + ",".join(quote(n, safe="") for n in unique)
+        )
+        data = self._request(query, _Shape(channel, len(unique)))
+        asked = set(unique)
+        found = {entry["mobile"] for entry in data}
+        extra = found - asked
+        if extra:
+            log.warning(
+                "Kaleyra answered %d numbers that were not asked on channel %s; ignored",
+                len(extra),
+                channel,
+            )
+        return found & asked
+
+    def blocked(self, channel: str, numbers: Iterable[str]) -> set[str]:
+        """Which of any number of E.164 numbers are blocklisted on ``channel``.
+
+        The numbers are deduplicated, split into requests of at most 100 and asked
+        concurrently, at most ``BLOCKFILTER_CONCURRENCY`` at once. The first error of any
+        request is raised once the others are cancelled or finished.
+        """
+        channel = _channel(channel)
+        unique = list(dict.fromkeys(numbers))
+        batches = [
+            unique[start : start + MAX_NUMBERS_PER_REQUEST]
+            for start in range(0, len(unique), MAX_NUMBERS_PER_REQUEST)
+        ]
+        if len(batches) <= 1:
+            return self.blocked_batch(channel, batches[0]) if batches else set()
+        workers = min(self.settings.concurrency, len(batches))
+        result: set[str] = set()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blockfilter-api") as pool:
+            futures: list[Future[set[str]]] = [
+                pool.submit(self.blocked_batch, channel, batch) for batch in batches
+            ]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in pending:
+                future.cancel()  # those not started yet; running ones finish on their own
+            for future in futures:
+                failure = future.exception() if future in done else None
+                if failure is not None:
+                    raise failure
+            for future in futures:
+                result |= future.result()
+        return result
+
+    def iter_blocklist(self, channel: str, page_size: int = MAX_PAGE_SIZE) -> Iterator[str]:
+        """Every number blocklisted on ``channel``, page by page (``mobile`` omitted).
+
+        Pages are asked with ``limit``/``offset`` until a page comes back short; a blocklist
+        that is an exact multiple of ``page_size`` costs one last, empty page. The list may
+        change while it is paged: a number may then be missed or seen twice.
+        """
+        channel = _channel(channel)
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise ValueError(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size}")
+        offset = 0
+        while True:
+            query = f"limit={page_size}&offset={offset}&channel={channel}"
+            data = self._request(query, _Shape(channel, 0, offset))
+            for entry in data:
+                yield entry["mobile"]
+            if len(data) < page_size:
+                return
+            offset += page_size
+
+    # -- one logical request: the retry budget -------------------------------------------------
+
+    def _request(self, query: str, shape: _Shape) -> list[dict[str, Any]]:
+        settings = self.settings
+        started = self._clock()
+        budget_ends = started + settings.retry_deadline
+        attempt = 0
+        error: TransientUpstreamError | None = None
+        while True:
+            if self.limiter is not None:
+                self.limiter.acquire()
+            remaining = budget_ends - self._clock()
+            if error is not None and remaining <= 0:
+                # The limiter held us past the budget: no attempt starts after it.
+                raise self._exhausted(error, attempt, started, shape)
+            attempt += 1
+            # The attempt may not outlive the budget: the budget is a promise to the caller.
+            attempt_timeout = max(min(settings.request_timeout, remaining), 0.001)
+            try:
+                return self._attempt(query, shape, attempt_timeout)
+            except TransientUpstreamError as exc:
+                error = exc
+            retry_after = error.retry_after
+            if retry_after is not None:
+                retry_after = min(retry_after, settings.retry_after_max)
+            ceiling = min(settings.backoff_max, settings.backoff_base * 2 ** (attempt - 1))
+            wait_s = self._rng.uniform(0.0, ceiling)  # full jitter: retries do not march in step
+            if retry_after is not None:
+                wait_s = max(wait_s, retry_after)
+            if error.code == "rate_limited" and self.limiter is not None:
+                self.limiter.penalize(wait_s)
+            if attempt >= settings.retry_attempts or self._clock() + wait_s >= budget_ends:
+                raise self._exhausted(error, attempt, started, shape)
+            log.warning(
+                "Kaleyra request failed with %s (%s); retry %d in %.2fs",
+                error.code,
+                shape.describe(),
+                attempt,
+                wait_s,
+            )
+            self.stats.count_retry()
+            if wait_s > 0:
+                self._sleep(wait_s)
+
+    def _exhausted(
+        self, error: TransientUpstreamError, attempts: int, started: float, shape: _Shape
+    ) -> RetryBudgetExhausted:
+        return RetryBudgetExhausted(
+            f"Kaleyra request gave up after {attempts} attempt(s) in "
+            f"{self._clock() - started:.1f}s ({shape.describe()}); last error: {error.code}"
+            + (f" (HTTP {error.status})" if error.status else ""),
+            last_error=error,
+            attempts=attempts,
+        )
+
+    # -- one attempt ---------------------------------------------------------------------------
+
+    def _attempt(self, query: str, shape: _Shape, timeout: float) -> list[dict[str, Any]]:
+        """One HTTP exchange within ``timeout`` seconds in total; the parsed ``data``."""
+        self.stats.count_attempt(shape.numbers)
+        started = time.monotonic()
+        deadline = started + timeout
+        status: int | None = None
+        try:
+            try:
+                response = self._http().get(
+                    f"{self.endpoint}?{query}",
+                    headers={"api-key": self._api_key},
+                    timeout=(min(self.settings.connect_timeout, timeout), timeout),
+                    stream=True,
+                    # A redirect would carry the api-key header to wherever it points.
+                    allow_redirects=False,
+                )
+            except requests.exceptions.Timeout:
+                raise _transient(
+                    f"Kaleyra did not answer in time ({shape.describe()})", "timeout"
+                ) from None
+            except requests.exceptions.RequestException as exc:
+                # The cause is dropped on purpose: urllib3's messages carry the full URL, and
+                # with it the phone numbers asked.
+                raise _transient(
+                    f"connection to Kaleyra failed: {type(exc).__name__} ({shape.describe()})",
+                    "connection",
+                ) from None
+            status = response.status_code
+            body = self._read_body(response, deadline, shape)
+            return _interpret(status, response.headers.get("Retry-After"), body, shape)
+        except UpstreamError as exc:
+            self.stats.count_failure(exc.code or "unknown")
+            raise
+        finally:
+            log.debug(
+                "GET blocklisted %s: status %s in %.3fs",
+                shape.describe(),
+                status if status is not None else "-",
+                time.monotonic() - started,
+            )
+
+    def _read_body(self, response: requests.Response, deadline: float, shape: _Shape) -> bytes:
+        """The whole body by ``deadline``, or a ``timeout`` error and a discarded connection.
+
+        The body is read in chunks of whatever has arrived (``read1``), with the socket's
+        timeout set to the time left before each read, so a server sending a byte a second
+        cannot stretch the attempt past its deadline.
+        """
+        raw = response.raw
+        chunks: list[bytes] = []
+        size = 0
+        complete = False
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _transient(
+                        f"Kaleyra's answer did not arrive in time ({shape.describe()})", "timeout"
+                    )
+                _set_read_timeout(raw, remaining)
+                try:
+                    chunk = raw.read1(_READ_CHUNK, decode_content=True)
+                except (ReadTimeoutError, TimeoutError):
+                    raise _transient(
+                        f"Kaleyra's answer did not arrive in time ({shape.describe()})",
+                        "timeout",
+                    ) from None
+                except (Urllib3HTTPError, OSError, requests.exceptions.RequestException) as exc:
+                    raise _transient(
+                        f"connection to Kaleyra broke mid-answer: {type(exc).__name__} "
+                        f"({shape.describe()})",
+                        "connection",
+                    ) from None
+                if not chunk:
+                    complete = True
+                    return b"".join(chunks)
+                size += len(chunk)
+                if size > _MAX_BODY_BYTES:
+                    raise _transient(
+                        f"Kaleyra's answer is implausibly large ({shape.describe()})", "bad_body"
+                    )
+                chunks.append(chunk)
+        finally:
+            if complete:
+                raw.release_conn()  # read to the end: the connection is clean, reuse it
+            else:
+                # Unread bytes would be taken for the next answer on this connection: close
+                # it, so the pool opens a fresh one.
+                raw.close()
+                response.close()
+
+
+def _set_read_timeout(raw: Any, seconds: float) -> None:
+    connection = getattr(raw, "connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is not None:
+        sock.settimeout(max(seconds, 0.001))
+
+
+def _channel(channel: str) -> str:
+    value = channel.strip().lower()
+    if value not in CHANNELS:
+        raise ValueError(f"unknown channel {channel!r}; expected one of {', '.join(CHANNELS)}")
+    return value
+
+
+def _interpret(
+    status: int, retry_after_header: str | None, body: bytes, shape: _Shape
+) -> list[dict[str, Any]]:
+    """Turn one HTTP answer into ``data``, or into the error it means.
+
+    Kaleyra's own code decides first (it is the more specific), the HTTP status second.
+    """
+    payload: Any
+    try:
+        payload = json.loads(body) if body else None
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    code = payload.get("code") if isinstance(payload, dict) else None
+    code = code if isinstance(code, str) else None
+    where = shape.describe()
+    http = f"HTTP {status}"
+
+    if code in _REFUSED_CODES:
+        raise CredentialsRefused(
+            f"Kaleyra refused the credentials or the account ({code}, {http}); "
+            "check KALEYRA_SID, KALEYRA_API_KEY and the account's balance and permissions",
+            status=status,
+            code=code,
+        )
+    if code == "WA400":
+        raise BadRequest(
+            f"Kaleyra rejected the request as malformed (WA400, {http}) for {where}; "
+            "this is a blockfilter bug, please report it with this message",
+            status=status,
+            code=code,
+        )
+    retry_after = parse_retry_after(retry_after_header)
+    if code in _TRANSIENT_CODES:
+        raise _transient(
+            f"Kaleyra could not answer yet ({code}, {http}) for {where}",
+            code,
+            status,
+            retry_after=retry_after,
+        )
+    if status == 429:
+        raise _transient(
+            f"Kaleyra rate-limited the request ({http}) for {where}",
+            "rate_limited",
+            status,
+            retry_after=retry_after,
+        )
+    if status == 202:
+        raise _transient(
+            f"Kaleyra accepted the request without answering ({http}) for {where}",
+            "WA202",
+            status,
+            retry_after=retry_after,
+        )
+    if status >= 500 or status == 408:
+        raise _transient(
+            f"Kaleyra failed ({http}) for {where}",
+            f"http_{status}",
+            status,
+            retry_after=retry_after,
+        )
+    if status in (401, 403):
+        raise CredentialsRefused(
+            f"Kaleyra refused the credentials ({http}, no Kaleyra code); "
+            "check KALEYRA_SID, KALEYRA_API_KEY and KALEYRA_BASE_URL",
+            status=status,
+            code=code or f"http_{status}",
+        )
+    if status != 200:
+        # Unknown 4xx (404: a wrong base URL), a redirect, anything else: retrying the same
+        # request will get the same answer.
+        raise FinalUpstreamError(
+            f"Kaleyra answered {http}" + (f" ({code})" if code else "") + f" for {where}",
+            status=status,
+            code=code or f"http_{status}",
+        )
+    data = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, list) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("mobile"), str) for entry in data
+    ):
+        what = "not JSON" if payload is None else "JSON of an unexpected shape"
+        raise _transient(f"Kaleyra's answer was {what} ({http}) for {where}", "bad_body", status)
+    if code not in (None, "CNT196"):
+        log.debug("Kaleyra answered 200 with code %s and a valid list; accepted", code)
+    return data
