@@ -1,0 +1,186 @@
+"""Core benchmark: requests against the lower bound, requests in flight, and CPU throughput.
+
+Run by hand (it takes about a minute)::
+
+    .venv/bin/python benchmarks/bench_core.py [--messages 200000] [--distinct 3000]
+
+Everything runs against the real simulator over HTTP with 100 ms latency. It prints a table:
+
+* requests made / lower bound (goal 1.00): the lower bound is, per channel,
+  ceil(distinct numbers / 100), plus the same for the fallback round;
+* mean requests in flight / configured concurrency (goal >= 0.9);
+* messages per second of ``blockfilter filter`` (the real command, a subprocess) against a bare
+  json-in / classify / json-out loop over the same file, in the same run (goal >= 0.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from blockfilter.config import load_settings
+from blockfilter.engine import Filter
+from blockfilter.simulator import Simulator
+
+SID, KEY = "BENCH", "bench-key-000"
+
+BARE_LOOP = r"""
+import json, sys
+blocked = set(json.load(open(sys.argv[3])))
+with open(sys.argv[1]) as src, open(sys.argv[2], "w") as out:
+    for line in src:
+        message = json.loads(line)
+        message["verdict"] = "blocked" if message["to"] in blocked else "allowed"
+        out.write(json.dumps(message) + "\n")
+"""
+
+
+def make_numbers(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    found: dict[str, None] = {}
+    while len(found) < count:
+        found[f"+91{rng.choice('6789')}{rng.randrange(10**9):09d}"] = None
+    return list(found)
+
+
+def requests_and_concurrency(distinct: int, concurrency: int) -> dict[str, float]:
+    """One channel and a fallback round, lots of distinct numbers: full requests, full pool."""
+    numbers = make_numbers(distinct, seed=1)
+    rng = random.Random(2)
+    blocked = rng.sample(numbers, distinct // 20)
+    messages = [
+        {"id": str(i), "channel": "sms", "to": n, "fallback": ["whatsapp"]}
+        for i, n in enumerate(numbers)
+    ]
+    with Simulator({"sms": blocked}, sid=SID, api_key=KEY, latency=0.1) as sim:
+        settings = load_settings(
+            environ={}, sid=SID, api_key=KEY, base_url=sim.base_url, concurrency=concurrency
+        )
+        started = time.monotonic()
+        with Filter(settings) as engine:
+            for _ in engine.run(messages):
+                pass
+        elapsed = time.monotonic() - started
+        stats = sim.stats
+    lower_bound = math.ceil(distinct / 100) + math.ceil(len(blocked) / 100)
+    ideal = math.ceil(distinct / 100 / concurrency) * 0.1 + math.ceil(len(blocked) / 100) * 0.1
+    return {
+        "requests": stats.requests,
+        "lower_bound": lower_bound,
+        "mean_in_flight": stats.mean_in_flight,
+        "concurrency": concurrency,
+        "elapsed_s": elapsed,
+        "ideal_s": ideal,
+    }
+
+
+def cpu_path(messages: int, distinct: int, workdir: Path) -> dict[str, float]:
+    numbers = make_numbers(distinct, seed=3)
+    rng = random.Random(4)
+    blocked = rng.sample(numbers, distinct // 20)
+    source = workdir / "campaign.jsonl"
+    with source.open("w") as out:
+        for index in range(messages):
+            message = {
+                "id": f"m{index:07d}",
+                "channel": "sms",
+                "to": rng.choice(numbers),
+                "template": "order_shipped",
+                "params": {"name": "Asha", "order": index},
+            }
+            out.write(json.dumps(message) + "\n")
+    blocked_file = workdir / "blocked.json"
+    blocked_file.write_text(json.dumps(blocked))
+    with Simulator({"sms": blocked}, sid=SID, api_key=KEY, latency=0.1) as sim:
+        env = dict(os.environ)
+        env.update(KALEYRA_SID=SID, KALEYRA_API_KEY=KEY, KALEYRA_BASE_URL=sim.base_url)
+        started = time.monotonic()
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "blockfilter",
+                "filter",
+                str(source),
+                "--quiet",
+                "--out",
+                str(workdir / "out.jsonl"),
+            ],
+            env=env,
+            check=True,
+        )
+        filter_s = time.monotonic() - started
+    started = time.monotonic()
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BARE_LOOP,
+            str(source),
+            str(workdir / "bare.jsonl"),
+            str(blocked_file),
+        ],
+        check=True,
+    )
+    bare_s = time.monotonic() - started
+    return {"messages": messages, "filter_s": filter_s, "bare_s": bare_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=200_000)
+    parser.add_argument("--distinct", type=int, default=3_000)
+    parser.add_argument("--lookup-distinct", type=int, default=100_000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+
+    rc = requests_and_concurrency(args.lookup_distinct, args.concurrency)
+    with tempfile.TemporaryDirectory() as tmp:
+        cpu = cpu_path(args.messages, args.distinct, Path(tmp))
+
+    rows = [
+        ("lookup: distinct numbers", f"{args.lookup_distinct:,}", ""),
+        (
+            "requests made / lower bound",
+            f"{rc['requests']} / {rc['lower_bound']}",
+            f"{rc['requests'] / rc['lower_bound']:.2f} (goal 1.00)",
+        ),
+        (
+            "mean in flight / concurrency",
+            f"{rc['mean_in_flight']:.1f} / {rc['concurrency']}",
+            f"{rc['mean_in_flight'] / rc['concurrency']:.2f} (goal >= 0.90)",
+        ),
+        (
+            "wall time / latency bound",
+            f"{rc['elapsed_s']:.2f} s / {rc['ideal_s']:.2f} s",
+            f"{rc['elapsed_s'] / rc['ideal_s']:.2f}x",
+        ),
+        ("cpu: messages", f"{cpu['messages']:,} over {args.distinct:,} numbers", ""),
+        (
+            "blockfilter filter",
+            f"{cpu['messages'] / cpu['filter_s']:,.0f} msg/s",
+            f"{cpu['filter_s']:.2f} s",
+        ),
+        (
+            "bare json loop",
+            f"{cpu['messages'] / cpu['bare_s']:,.0f} msg/s",
+            f"{cpu['bare_s']:.2f} s",
+        ),
+        ("filter / bare", "", f"{cpu['bare_s'] / cpu['filter_s']:.2f} (goal >= 0.80)"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:<{value_width}}  {note}")
+
+
+if __name__ == "__main__":
+    main()

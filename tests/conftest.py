@@ -1,0 +1,52 @@
+"""Shared fixtures. The simulator fixtures (``kaleyra_simulator``, ``kaleyra_env``) come from
+blockfilter's own pytest plugin, the same ones plugin authors get."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from blockfilter.config import Settings, load_settings
+
+TEST_SID = "TESTSID"
+TEST_KEY = "test-key-0123456789"
+
+
+def fast_settings(base_url: str, **overrides: object) -> Settings:
+    """Settings for a test against a simulator: its URL, the test credentials, a short retry
+    budget so failure cases finish in about a second, and no shared cache."""
+    values: dict[str, object] = {
+        "sid": TEST_SID,
+        "api_key": TEST_KEY,
+        "base_url": base_url,
+        "cache_url": "memory://",
+        "retry_attempts": 3,
+        "retry_deadline": 3.0,
+        "backoff_base": 0.01,
+        "backoff_max": 0.05,
+        "retry_after_max": 0.2,
+        "connect_timeout": 1.0,
+        "request_timeout": 1.0,
+    }
+    values.update(overrides)
+    return load_settings(environ={}, **values)
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No KALEYRA_* or BLOCKFILTER_* variable of the machine leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith(("KALEYRA_", "BLOCKFILTER_")):
+            monkeypatch.delenv(name)
+    yield

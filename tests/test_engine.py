@@ -1,0 +1,240 @@
+"""The filter's decisions, with in-process blocklist sources (the kind a pipeline plugs in).
+
+The Kaleyra path over HTTP is covered in test_filter_http.py; here the sources are plain
+functions so each rule of the contract can be pinned down exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from blockfilter.config import load_settings
+from blockfilter.engine import Filter
+from blockfilter.sources import FunctionSource
+
+A = "+919812345678"
+B = "+919812345679"
+C = "+919812345680"
+
+
+class Blocklist:
+    """A blocklist source that records what it was asked."""
+
+    def __init__(self, blocked: dict[str, set[str]], failing: set[str] | None = None) -> None:
+        self.blocked = blocked
+        self.failing = failing or set()
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def __call__(self, channel: str, numbers: list[str]) -> set[str]:
+        self.calls.append((channel, sorted(numbers)))
+        if channel in self.failing:
+            raise ConnectionError("the source is down")
+        return {n for n in numbers if n in self.blocked.get(channel, set())}
+
+
+def run(messages: list[Any], blocklist: Blocklist, **options: Any) -> list[dict[str, Any]]:
+    settings = load_settings(environ={})
+    engine = Filter(settings, sources=[FunctionSource("test", blocklist)], **options)
+    results = list(engine.run(messages))
+    run.summary = engine.summary.as_dict()  # type: ignore[attr-defined]
+    return results
+
+
+def msg(id_: str, to: str, channel: str = "sms", **extra: Any) -> dict[str, Any]:
+    return {"id": id_, "channel": channel, "to": to, **extra}
+
+
+def test_each_message_gets_one_verdict_in_input_order() -> None:
+    blocklist = Blocklist({"sms": {B}})
+    messages = [msg("1", A), msg("2", B), msg("3", "not a number"), msg("4", A, "WhatsApp")]
+    results = run(messages, blocklist)
+    assert [r["id"] for r in results] == ["1", "2", "3", "4"]
+    assert [r["verdict"] for r in results] == ["allowed", "blocked", "invalid", "allowed"]
+    assert results[1]["reason"] == "blocklisted"
+    assert results[2]["reason"] == "invalid_number"
+    assert results[0]["e164"] == A and results[0]["checked_at"].endswith("Z")
+    assert run.summary["total"] == 4  # type: ignore[attr-defined]
+    assert run.summary["verdicts"] == {"allowed": 2, "blocked": 1, "invalid": 1}  # type: ignore[attr-defined]
+
+
+def test_each_distinct_pair_is_asked_once() -> None:
+    blocklist = Blocklist({})
+    messages = [msg(str(i), [A, B][i % 2]) for i in range(50)] + [msg("x", A, "voice")]
+    run(messages, blocklist)
+    assert sorted(blocklist.calls) == [("sms", [A, B]), ("voice", [A])]
+
+
+def test_national_format_with_region_and_spaces() -> None:
+    blocklist = Blocklist({"sms": {A}})
+    results = run([msg("1", "098123 45678", region="IN"), msg("2", "+91 98123-45678")], blocklist)
+    assert [r["e164"] for r in results] == [A, A]
+    assert [r["verdict"] for r in results] == ["blocked", "blocked"]
+    assert results[0]["to"] == "098123 45678"  # the given field is carried through untouched
+
+
+def test_reroute_takes_the_first_fallback_that_is_not_blocklisted() -> None:
+    blocklist = Blocklist({"sms": {A, B, C}, "whatsapp": {B, C}, "voice": {C}})
+    messages = [
+        msg("1", A, fallback=["whatsapp", "voice"]),
+        msg("2", B, fallback=["WhatsApp", "voice"]),
+        msg("3", C, fallback=["whatsapp", "voice"]),
+    ]
+    results = run(messages, blocklist)
+    assert [(r["verdict"], r["channel"]) for r in results] == [
+        ("rerouted", "whatsapp"),
+        ("rerouted", "voice"),
+        ("blocked", "sms"),
+    ]
+    assert results[0]["original_channel"] == "sms"
+    assert "original_channel" not in results[2]
+    # One round for the channels, one for the first fallbacks, one for the second.
+    assert blocklist.calls == [
+        ("sms", [A, B, C]),
+        ("whatsapp", [A, B, C]),
+        ("voice", [B, C]),
+    ]
+    assert run.summary["channels"] == {  # type: ignore[attr-defined]
+        "whatsapp": {"rerouted": 1},
+        "voice": {"rerouted": 1},
+        "sms": {"blocked": 1},
+    }
+
+
+def test_fallbacks_of_clean_messages_are_never_asked() -> None:
+    blocklist = Blocklist({})
+    run([msg("1", A, fallback=["voice"])], blocklist)
+    assert blocklist.calls == [("sms", [A])]
+
+
+def test_an_unknown_fallback_channel_makes_the_message_invalid() -> None:
+    results = run([msg("1", A, fallback=["fax"]), msg("2", A, fallback="voice")], Blocklist({}))
+    assert [(r["verdict"], r["reason"]) for r in results] == [
+        ("invalid", "unknown_channel"),
+        ("invalid", "unknown_channel"),
+    ]
+
+
+@pytest.mark.parametrize("missing", ["id", "channel", "to"], ids=lambda name: f"missing {name}")
+def test_a_missing_field_is_invalid(missing: str) -> None:
+    message = msg("1", A)
+    del message[missing]
+    (result,) = run([message], Blocklist({}))
+    assert (result["verdict"], result["reason"]) == ("invalid", "missing_field")
+
+
+def test_unknown_channel_and_non_objects_are_invalid() -> None:
+    results = run([msg("1", A, "pigeon"), ["not", "an", "object"], 42], Blocklist({}))
+    assert [r["reason"] for r in results] == ["unknown_channel", "malformed_line", "malformed_line"]
+    assert [r["id"] for r in results[1:]] == ["2", "3"]
+
+
+def test_later_copies_of_an_id_are_invalid() -> None:
+    results = run([msg("1", A), msg("1", B), msg("2", B), msg("1", C)], Blocklist({}))
+    assert [r["verdict"] for r in results] == ["allowed", "invalid", "allowed", "invalid"]
+    assert results[1]["reason"] == "duplicate_id"
+
+
+@pytest.mark.parametrize(
+    ("policy", "verdict", "reason"),
+    [
+        ("defer", "deferred", "check_failed"),
+        ("allow", "allowed", "unchecked"),
+        ("drop", "blocked", "unchecked"),
+    ],
+)
+def test_on_error_policy_when_the_check_fails(policy: str, verdict: str, reason: str) -> None:
+    blocklist = Blocklist({}, failing={"sms"})
+    (result,) = run([msg("1", A)], blocklist, on_error=policy)
+    assert (result["verdict"], result["reason"]) == (verdict, reason)
+    assert result["e164"] == A
+
+
+def test_a_failed_fallback_check_is_not_a_clean_fallback() -> None:
+    blocklist = Blocklist({"sms": {A}}, failing={"whatsapp"})
+    (deferred,) = run([msg("1", A, fallback=["whatsapp"])], blocklist)
+    assert deferred["verdict"] == "deferred" and deferred["channel"] == "sms"
+    (rerouted,) = run([msg("1", A, fallback=["whatsapp"])], blocklist, on_error="allow")
+    assert (rerouted["verdict"], rerouted["channel"], rerouted["reason"]) == (
+        "rerouted",
+        "whatsapp",
+        "unchecked",
+    )
+
+
+def test_sources_are_joined_and_fail_closed() -> None:
+    kaleyra = Blocklist({"sms": {A}})
+    opt_outs = Blocklist({"sms": {B}})
+    broken = Blocklist({}, failing={"sms"})
+    settings = load_settings(environ={})
+    sources = [FunctionSource("kaleyra", kaleyra), FunctionSource("optouts", opt_outs)]
+    results = list(Filter(settings, sources=sources).run([msg("1", A), msg("2", B), msg("3", C)]))
+    assert [r["verdict"] for r in results] == ["blocked", "blocked", "allowed"]
+    sources = [FunctionSource("kaleyra", kaleyra), FunctionSource("broken", broken)]
+    results = list(Filter(settings, sources=sources).run([msg("1", A), msg("3", C)]))
+    # Blocklisted by one source is blocklisted, whatever another could not say.
+    assert [r["verdict"] for r in results] == ["blocked", "deferred"]
+
+
+def test_other_fields_come_through_untouched() -> None:
+    extra = {"big": 2**80, "text": "नमस्ते 👋", "nested": {"a": [1, 2.5, None]}}
+    (result,) = run([msg("1", A, **extra)], Blocklist({}))
+    for name, value in extra.items():
+        assert result[name] == value
+
+
+def lines(*messages: Any) -> list[bytes]:
+    return [(m if isinstance(m, str) else json.dumps(m)).encode() + b"\n" for m in messages]
+
+
+def run_lines(raw: list[bytes], blocklist: Blocklist, **options: Any) -> list[bytes]:
+    engine = Filter(load_settings(environ={}), sources=[FunctionSource("t", blocklist)], **options)
+    return list(engine.run_lines(lambda: iter(raw)))
+
+
+def test_lines_keep_each_message_byte_for_byte() -> None:
+    original = (
+        '{"id": "1", "channel": "sms", "to": "+919812345678", '
+        '"big": 123456789012345678901234567890, "ratio": 1.10, "s": "\\u00e9"}'
+    )
+    (out,) = run_lines([original.encode() + b"\n"], Blocklist({}))
+    assert out.startswith(original[:-1].encode())
+    record = json.loads(out)
+    assert record["big"] == 123456789012345678901234567890
+    assert record["verdict"] == "allowed"
+
+
+def test_lines_rerouted_replace_the_channel_and_keep_big_integers() -> None:
+    raw = lines(msg("1", A, fallback=["voice"], big=2**100))
+    (out,) = run_lines(raw, Blocklist({"sms": {A}}))
+    record = json.loads(out)
+    assert out.count(b'"channel"') == 1
+    assert (record["verdict"], record["channel"], record["big"]) == ("rerouted", "voice", 2**100)
+
+
+def test_lines_malformed_blank_and_earlier_verdicts() -> None:
+    raw = lines(
+        msg("1", A),
+        "{not json",
+        "",
+        "[1, 2]",
+        msg("5", B, verdict="allowed", reason="old"),
+        msg("1", B),
+    )
+    out = [json.loads(line) for line in run_lines(raw, Blocklist({"sms": {B}}))]
+    assert [(r["id"], r["verdict"]) for r in out] == [
+        ("1", "allowed"),
+        ("2", "invalid"),
+        ("4", "invalid"),
+        ("5", "blocked"),
+        ("1", "invalid"),
+    ]
+    assert [r.get("reason") for r in out] == [
+        None,
+        "malformed_line",
+        "malformed_line",
+        "blocklisted",
+        "duplicate_id",
+    ]
