@@ -1,0 +1,547 @@
+"""The status cache, memory:// and a real Redis (127.0.0.1:6379), through one suite.
+
+Redis tests share the server with other test runs: each cache gets a random key namespace and
+only keys under it are removed afterwards (never FLUSHDB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from blockfilter.cache import (
+    CachedStatus,
+    CacheUnavailable,
+    MemoryCache,
+    RedisCache,
+    StatusCache,
+    SyncInfo,
+    open_cache,
+)
+from blockfilter.config import Settings
+from blockfilter.errors import BlockfilterError, ConfigError
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
+API_KEY = "test-key-0123456789"
+
+A = "+919812345678"
+B = "+919812345679"
+C = "+919812345680"
+
+
+def redis_up() -> bool:
+    try:
+        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+needs_redis = pytest.mark.skipif(
+    not redis_up(), reason=f"no Redis server at {REDIS_HOST}:{REDIS_PORT}"
+)
+
+
+def make_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "api_key": API_KEY,
+        "cache_url": REDIS_URL,
+        "cache_ttl": 600.0,
+        "cache_ttl_blocked": 3600.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def raw_redis() -> Iterator[redis.Redis]:
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def namespace() -> Iterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = f"bftest:{uuid.uuid4().hex}:"
+    yield prefix
+    if redis_up():
+        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0)
+        keys = list(set(client.scan_iter(match=f"{prefix}*", count=10_000)))
+        for start in range(0, len(keys), 10_000):
+            client.delete(*keys[start : start + 10_000])
+        client.close()
+
+
+CacheFactory = Callable[..., StatusCache]
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
+def make_cache(request: pytest.FixtureRequest, namespace: str) -> Iterator[CacheFactory]:
+    """Makes caches of the parametrised kind. Redis caches made by one test share a namespace,
+    so two of them see each other as two workers would."""
+    made: list[StatusCache] = []
+
+    def factory(**overrides: Any) -> StatusCache:
+        settings = make_settings(**overrides)
+        cache: StatusCache
+        if request.param == "memory":
+            cache = MemoryCache(settings)
+        else:
+            cache = RedisCache(settings, namespace=namespace)
+        made.append(cache)
+        return cache
+
+    factory.kind = request.param  # type: ignore[attr-defined]
+    yield factory
+    for cache in made:
+        cache.close()
+
+
+@pytest.fixture
+def make_redis(namespace: str) -> Iterator[Callable[..., RedisCache]]:
+    if not redis_up():
+        pytest.skip(f"no Redis server at {REDIS_HOST}:{REDIS_PORT}")
+    made: list[RedisCache] = []
+
+    def factory(**overrides: Any) -> RedisCache:
+        cache = RedisCache(make_settings(**overrides), namespace=namespace)
+        made.append(cache)
+        return cache
+
+    yield factory
+    for cache in made:
+        cache.close()
+
+
+# -- both backends ---------------------------------------------------------------------------
+
+
+def test_round_trip_keeps_status_and_fetch_time(make_cache: CacheFactory) -> None:
+    cache = make_cache()
+    fetched_at = time.time() - 5.25
+    cache.set_many("sms", blocked={A}, clean=[B], fetched_at=fetched_at)
+
+    found = cache.get_many("sms", [C, B, A, B])
+
+    assert found == {
+        A: CachedStatus(blocked=True, fetched_at=fetched_at),
+        B: CachedStatus(blocked=False, fetched_at=fetched_at),
+    }
+    # Channels are separate: blocklisted on SMS says nothing about WhatsApp.
+    assert cache.get_many("whatsapp", [A, B]) == {}
+
+
+def test_a_number_given_as_both_is_stored_blocked(make_cache: CacheFactory) -> None:
+    cache = make_cache()
+    cache.set_many("sms", blocked=[A], clean=[A, B], fetched_at=time.time())
+    assert cache.get_many("sms", [A])[A].blocked is True
+
+
+def test_newer_answer_replaces_older(make_cache: CacheFactory) -> None:
+    cache = make_cache()
+    cache.set_many("sms", blocked=[], clean=[A], fetched_at=time.time() - 10)
+    now = time.time()
+    cache.set_many("sms", blocked=[A], clean=[], fetched_at=now)
+    assert cache.get_many("sms", [A]) == {A: CachedStatus(True, now)}
+
+
+def test_ttl_is_counted_from_fetch_time_and_differs_by_kind(make_cache: CacheFactory) -> None:
+    cache = make_cache(cache_ttl=600.0, cache_ttl_blocked=3600.0)
+    # Fetched 1000 s ago: past the clean TTL, within the blocked one.
+    cache.set_many("sms", blocked=[A], clean=[B], fetched_at=time.time() - 1000)
+    assert set(cache.get_many("sms", [A, B])) == {A}
+    # Fetched 4000 s ago: past both.
+    cache.set_many("sms", blocked=[C], clean=[], fetched_at=time.time() - 4000)
+    assert cache.get_many("sms", [C]) == {}
+
+
+def test_entries_expire(make_cache: CacheFactory) -> None:
+    cache = make_cache(cache_ttl=0.3, cache_ttl_blocked=1.0)
+    cache.set_many("sms", blocked=[A], clean=[B], fetched_at=time.time())
+    assert set(cache.get_many("sms", [A, B])) == {A, B}
+    time.sleep(0.4)
+    assert set(cache.get_many("sms", [A, B])) == {A}
+
+
+def test_ttl_zero_caches_nothing_of_that_kind(make_cache: CacheFactory) -> None:
+    cache = make_cache(cache_ttl=0.0, cache_ttl_blocked=3600.0)
+    cache.set_many("sms", blocked=[A], clean=[B], fetched_at=time.time())
+    assert set(cache.get_many("sms", [A, B])) == {A}
+    # A is now clean: with clean statuses not cached, the old "blocked" must not linger.
+    cache.set_many("sms", blocked=[], clean=[A], fetched_at=time.time())
+    assert cache.get_many("sms", [A]) == {}
+
+
+def test_sync_info_round_trip(make_cache: CacheFactory) -> None:
+    cache = make_cache(cache_ttl_blocked=3600.0)
+    assert cache.get_sync("sms") is None
+    synced_at = time.time()
+    cache.set_sync("sms", synced_at, 42, ttl=60)
+    assert cache.get_sync("sms") == SyncInfo(synced_at=synced_at, size=42)
+    assert cache.get_sync("voice") is None
+    cache.clear_sync("sms")
+    assert cache.get_sync("sms") is None
+
+
+def test_sync_mark_never_outlives_the_blocked_entries(make_cache: CacheFactory) -> None:
+    cache = make_cache(cache_ttl_blocked=600.0)
+    # Asked to hold for an hour, but the blocklisted entries it vouches for are gone after
+    # 600 s from synced_at, which is already past.
+    cache.set_sync("sms", time.time() - 601, 3, ttl=3600)
+    assert cache.get_sync("sms") is None
+    cache.set_sync("sms", time.time() - 599.8, 3, ttl=3600)
+    assert cache.get_sync("sms") is not None
+    time.sleep(0.3)
+    assert cache.get_sync("sms") is None
+
+
+def test_hundred_thousand_entries_are_quick(make_cache: CacheFactory) -> None:
+    cache = make_cache()
+    numbers = [f"+9180{i:08d}" for i in range(100_000)]
+    blocked = set(numbers[::10])
+    clean = [n for n in numbers if n not in blocked]
+    started = time.perf_counter()
+    cache.set_many("sms", blocked=blocked, clean=clean, fetched_at=time.time())
+    found = cache.get_many("sms", numbers)
+    elapsed = time.perf_counter() - started
+    assert len(found) == 100_000
+    assert {n for n, s in found.items() if s.blocked} == blocked
+    assert elapsed < 10, f"100k set+get took {elapsed:.1f}s"
+
+
+def test_leases_are_given_back(make_cache: CacheFactory) -> None:
+    cache = make_cache()
+    assert cache.acquire_leases("sms", [A, B], seconds=5) == {A, B}
+    cache.release_leases("sms", [A, B])
+    assert cache.acquire_leases("sms", [A, B], seconds=5) == {A, B}
+    cache.release_leases("sms", [A, B])
+
+
+# -- memory:// ---------------------------------------------------------------------------
+
+
+def test_memory_cache_is_bounded_and_evicts_oldest() -> None:
+    cache = open_cache(make_settings(cache_url="memory://?max_entries=3"))
+    assert isinstance(cache, MemoryCache)
+    now = time.time()
+    cache.set_many("sms", blocked=[], clean=["+911000000001", "+911000000002"], fetched_at=now)
+    cache.set_many("sms", blocked=[], clean=["+911000000003"], fetched_at=now)
+    # Rewriting an entry makes it the newest.
+    cache.set_many("sms", blocked=[], clean=["+911000000001"], fetched_at=now)
+    cache.set_many("sms", blocked=[], clean=["+911000000004"], fetched_at=now)
+    assert len(cache) == 3
+    found = cache.get_many("sms", [f"+91100000000{i}" for i in range(1, 5)])
+    assert set(found) == {"+911000000001", "+911000000003", "+911000000004"}
+
+
+def test_memory_cache_evicting_a_blocked_entry_voids_the_sync() -> None:
+    cache = MemoryCache(make_settings(cache_url="memory://"), max_entries=2)
+    now = time.time()
+    cache.set_many("sms", blocked=[A, B], clean=[], fetched_at=now)
+    cache.set_sync("sms", now, 2, ttl=600)
+    assert cache.get_sync("sms") == SyncInfo(now, 2)
+    # A third entry pushes A out: "absent means clean" would now be a lie about A.
+    cache.set_many("sms", blocked=[], clean=[C], fetched_at=now)
+    assert cache.get_sync("sms") is None
+
+
+def test_memory_leases_are_always_granted() -> None:
+    # In-process coalescing is the caller's job; the memory cache never makes anyone wait.
+    cache = MemoryCache(make_settings(cache_url="memory://"))
+    assert cache.acquire_leases("sms", [A], 5) == {A}
+    assert cache.acquire_leases("sms", [A], 5) == {A}
+    assert cache.wait_for("sms", [A], timeout=5) == {}
+
+
+def test_open_cache_rejects_what_it_cannot_use() -> None:
+    with pytest.raises(ConfigError, match="BLOCKFILTER_CACHE_URL"):
+        open_cache(make_settings(cache_url="memcached://127.0.0.1"))
+    with pytest.raises(ConfigError, match="max_entries"):
+        open_cache(make_settings(cache_url="memory://?max_entries=lots"))
+    with pytest.raises(ConfigError, match="max_entries"):
+        open_cache(make_settings(cache_url="memory://?max_entries=0"))
+    with pytest.raises(ConfigError, match="BLOCKFILTER_CACHE_URL"):
+        open_cache(make_settings(cache_url="redis://:hunter2@127.0.0.1:port/0"))
+
+
+def test_redis_needs_a_secret() -> None:
+    with pytest.raises(ConfigError, match="BLOCKFILTER_CACHE_SECRET") as caught:
+        open_cache(make_settings(api_key=None, cache_secret=None))
+    assert "KALEYRA_API_KEY" in str(caught.value)
+    assert isinstance(open_cache(make_settings(api_key=None, cache_secret="s3")), RedisCache)
+    assert isinstance(
+        open_cache(make_settings(cache_url="rediss://example.com:6380/1")), RedisCache
+    )
+
+
+# -- Redis -------------------------------------------------------------------------------
+
+KEY_PATTERN = re.compile(r"bf:(s:sms:[0-9a-f]{32}|l:[0-9a-f]{32}|y:sms)")
+
+
+@needs_redis
+def test_no_plain_number_in_redis(
+    make_redis: Callable[..., RedisCache], raw_redis: redis.Redis, namespace: str
+) -> None:
+    cache = make_redis(cache_secret="a-secret-of-ours")
+    numbers = [A, B, C]
+    cache.set_many("sms", blocked=[A], clean=[B, C], fetched_at=time.time())
+    cache.acquire_leases("sms", numbers, seconds=30)
+    cache.set_sync("sms", time.time(), 1, ttl=60)
+
+    # A set: SCAN may return a key twice while the server rehashes.
+    keys: set[bytes] = set(raw_redis.scan_iter(match=f"{namespace}*"))
+    assert len(keys) == 7
+    for key in keys:
+        name = key.decode()[len(namespace) :]
+        assert KEY_PATTERN.fullmatch(name), name
+        value: Any = raw_redis.get(key)
+        assert value is not None
+        text = name + value.decode()
+        for number in numbers:
+            assert number not in text and number[1:] not in text
+            assert number[-8:] not in text
+        assert "a-secret-of-ours" not in text
+
+
+@needs_redis
+def test_redis_ttl_is_set_on_the_key(
+    make_redis: Callable[..., RedisCache], raw_redis: redis.Redis, namespace: str
+) -> None:
+    cache = make_redis(cache_ttl=600.0, cache_ttl_blocked=3600.0)
+    cache.set_many("sms", blocked=[A], clean=[B], fetched_at=time.time() - 500)
+    ttls = {
+        raw_redis.get(key)[:1]: raw_redis.pttl(key)  # type: ignore[index]
+        for key in raw_redis.scan_iter(match=f"{namespace}bf:s:*")
+    }
+    # Counted from fetched_at: 500 s of each TTL are already spent.
+    assert 99_000 < ttls[b"0"] <= 100_000
+    assert 3_099_000 < ttls[b"1"] <= 3_100_000
+
+
+@needs_redis
+def test_a_worker_with_shorter_ttls_does_not_trust_longer_entries(
+    make_redis: Callable[..., RedisCache],
+) -> None:
+    writer = make_redis(cache_ttl=600.0)
+    reader = make_redis(cache_ttl=60.0)
+    writer.set_many("sms", blocked=[], clean=[A], fetched_at=time.time() - 120)
+    assert set(writer.get_many("sms", [A])) == {A}
+    assert reader.get_many("sms", [A]) == {}
+
+
+@needs_redis
+def test_workers_sharing_a_secret_share_entries_others_do_not(
+    make_redis: Callable[..., RedisCache],
+) -> None:
+    first = make_redis(cache_secret="fleet-secret")
+    same = make_redis(cache_secret="fleet-secret", api_key="another-key")
+    other = make_redis(cache_secret=None)  # derived from the API key instead
+    first.set_many("sms", blocked=[A], clean=[], fetched_at=time.time())
+    assert set(same.get_many("sms", [A])) == {A}
+    assert other.get_many("sms", [A]) == {}
+
+
+@needs_redis
+def test_leases_are_exclusive_between_workers(make_redis: Callable[..., RedisCache]) -> None:
+    one, two = make_redis(), make_redis()
+    assert one.acquire_leases("sms", [A, B], seconds=30) == {A, B}
+    assert two.acquire_leases("sms", [B, C], seconds=30) == {C}
+    # A worker cannot release what it does not hold.
+    two.release_leases("sms", [A, B])
+    assert two.acquire_leases("sms", [A], seconds=30) == set()
+    one.release_leases("sms", [A, B])
+    assert two.acquire_leases("sms", [A, B], seconds=30) == {A, B}
+    # Leases are per channel.
+    assert one.acquire_leases("voice", [A], seconds=30) == {A}
+
+
+@needs_redis
+def test_an_abandoned_lease_expires(make_redis: Callable[..., RedisCache]) -> None:
+    one, two = make_redis(), make_redis()
+    assert one.acquire_leases("sms", [A], seconds=0.2) == {A}
+    assert two.acquire_leases("sms", [A], seconds=5) == set()
+    time.sleep(0.3)
+    assert two.acquire_leases("sms", [A], seconds=5) == {A}
+
+
+def _race_for_leases(cache: RedisCache, numbers: list[str], start: Any, out: Any) -> None:
+    start.wait(10)
+    held = cache.acquire_leases("sms", numbers, seconds=30)
+    out.put(sorted(held))
+
+
+@needs_redis
+def test_leases_are_exclusive_between_processes(make_redis: Callable[..., RedisCache]) -> None:
+    cache = make_redis()
+    # The parent has a live client before forking: each child must make its own.
+    assert cache.get_many("sms", [A]) == {}
+    numbers = [f"+9180{i:08d}" for i in range(300)]
+    context = multiprocessing.get_context("fork")
+    start, out = context.Barrier(4), context.Queue()
+    workers = [
+        context.Process(target=_race_for_leases, args=(cache, numbers, start, out))
+        for _ in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    results = [set(out.get(timeout=20)) for _ in workers]
+    for worker in workers:
+        worker.join(10)
+        assert worker.exitcode == 0
+    assert set().union(*results) == set(numbers)
+    assert sum(len(held) for held in results) == len(numbers), "a number was leased twice"
+    # The parent's own client still works after the children used theirs.
+    assert cache.acquire_leases("sms", numbers[:1], seconds=1) == set()
+
+
+@needs_redis
+def test_wait_for_sees_another_workers_answer(make_redis: Callable[..., RedisCache]) -> None:
+    looking, waiting = make_redis(), make_redis()
+    assert looking.acquire_leases("sms", [A, B], seconds=30) == {A, B}
+    fetched_at = time.time()
+
+    def answer() -> None:
+        time.sleep(0.2)
+        looking.set_many("sms", blocked=[A], clean=[B], fetched_at=fetched_at)
+        looking.release_leases("sms", [A, B])
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    started = time.monotonic()
+    found = waiting.wait_for("sms", [A, B], timeout=10)
+    elapsed = time.monotonic() - started
+    thread.join()
+    assert found == {A: CachedStatus(True, fetched_at), B: CachedStatus(False, fetched_at)}
+    assert 0.15 < elapsed < 2
+
+
+@needs_redis
+def test_wait_for_stops_when_the_lease_goes_without_an_answer(
+    make_redis: Callable[..., RedisCache],
+) -> None:
+    looking, waiting = make_redis(), make_redis()
+    looking.acquire_leases("sms", [A], seconds=30)
+    timer = threading.Timer(0.2, looking.release_leases, args=("sms", [A]))
+    timer.start()
+    started = time.monotonic()
+    assert waiting.wait_for("sms", [A], timeout=10) == {}
+    assert time.monotonic() - started < 2
+    timer.join()
+
+
+@needs_redis
+def test_wait_for_gives_up_at_the_timeout(make_redis: Callable[..., RedisCache]) -> None:
+    looking, waiting = make_redis(), make_redis()
+    looking.acquire_leases("sms", [A, B], seconds=30)
+    looking.set_many("sms", blocked=[], clean=[B], fetched_at=time.time())
+    started = time.monotonic()
+    found = waiting.wait_for("sms", [A, B], timeout=0.3)
+    elapsed = time.monotonic() - started
+    assert set(found) == {B}
+    assert 0.25 < elapsed < 1.5
+
+
+# -- Redis away ------------------------------------------------------------------------------
+
+
+def _every_call(cache: StatusCache) -> list[Callable[[], object]]:
+    return [
+        lambda: cache.get_many("sms", [A]),
+        lambda: cache.set_many("sms", blocked=[A], clean=[B], fetched_at=time.time()),
+        lambda: cache.acquire_leases("sms", [A], 5),
+        lambda: cache.release_leases("sms", [A]),
+        lambda: cache.wait_for("sms", [A], 1),
+        lambda: cache.set_sync("sms", time.time(), 1, 60),
+        lambda: cache.get_sync("sms"),
+        lambda: cache.clear_sync("sms"),
+    ]
+
+
+def test_unreachable_redis_raises_cache_unavailable() -> None:
+    cache = open_cache(make_settings(cache_url="redis://:hunter2@127.0.0.1:1/0"))
+    started = time.monotonic()
+    for call in _every_call(cache):
+        with pytest.raises(CacheUnavailable) as caught:
+            call()
+        message = str(caught.value)
+        assert isinstance(caught.value, BlockfilterError)
+        assert "127.0.0.1:1" in message
+        for secret in ("hunter2", API_KEY, A, A[1:]):
+            assert secret not in message
+    assert time.monotonic() - started < 5
+    assert "hunter2" not in repr(cache)
+    cache.close()
+
+
+class TcpRelay:
+    """A TCP relay to Redis that can be cut, as a server going away mid-run would be."""
+
+    def __init__(self, port: int) -> None:
+        self._upstream = port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._upstream))
+            with self._lock:
+                self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        # shutdown() first: on Linux, close() alone leaves a thread blocked in accept()
+        # listening on.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+
+@needs_redis
+def test_redis_going_away_mid_run_raises_cache_unavailable(namespace: str) -> None:
+    relay = TcpRelay(REDIS_PORT)
+    cache = RedisCache(
+        make_settings(cache_url=f"redis://127.0.0.1:{relay.port}/0"), namespace=namespace
+    )
+    cache.set_many("sms", blocked=[A], clean=[], fetched_at=time.time())
+    assert set(cache.get_many("sms", [A])) == {A}
+    relay.cut()
+    started = time.monotonic()
+    for call in _every_call(cache):
+        with pytest.raises(CacheUnavailable, match="unavailable"):
+            call()
+    assert time.monotonic() - started < 5
+    cache.close()
