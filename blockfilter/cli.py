@@ -237,9 +237,7 @@ class _Progress:
         from tqdm import tqdm
 
         bar = self._bars.get(phase)
-        if bar is None or (total is not None and advance == 0):
-            if bar is not None:
-                bar.close()
+        if bar is None:
             label = {"numbers": "checking numbers", "verdicts": "writing verdicts"}[phase]
             bar = self._bars[phase] = tqdm(
                 total=total, desc=label, unit=" " + phase, file=sys.stderr, leave=False

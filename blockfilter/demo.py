@@ -74,8 +74,7 @@ def demo_simulator(distinct: int, latency: float = 0.02) -> Iterator[Any]:
     )
     simulator.start()
     try:
-        simulator.numbers = numbers
-        yield simulator
+        yield simulator, numbers
     finally:
         simulator.stop()
 
@@ -86,7 +85,7 @@ def run_demo(messages: int = 2000) -> dict[str, Any]:
     from .engine import Filter
 
     distinct = max(10, messages // 4)
-    with demo_simulator(distinct) as simulator:
+    with demo_simulator(distinct) as (simulator, numbers):
         settings = load_settings(
             environ={},
             sid=DEMO_SID,
@@ -94,14 +93,14 @@ def run_demo(messages: int = 2000) -> dict[str, Any]:
             base_url=simulator.base_url,
             cache_url="memory://",
         )
-        campaign = sample_campaign(messages, simulator.numbers)
+        campaign = sample_campaign(messages, numbers)
         started = time.monotonic()
         with Filter(settings) as engine:
             results = list(engine.run(campaign))
         elapsed = time.monotonic() - started
         summary = engine.summary.as_dict()
         stats = simulator.stats
-    primary = {}
+    primary: dict[str, set[Any]] = {}
     for message in campaign:
         channel = str(message.get("channel", "")).lower()
         primary.setdefault(channel, set()).add(message.get("to"))

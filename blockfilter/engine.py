@@ -25,14 +25,14 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import orjson
 
 from .config import CHANNELS, Settings, load_settings
 from .errors import CredentialsRefused, RequestBudgetExhausted
 from .messages import VERDICT_FIELDS, Invalid, Parsed, channel_of, parse_message
-from .sources import BlocklistSource, CheckOutcome
+from .sources import BlocklistSource, CheckOutcome, CheckStream, open_stream
 
 log = logging.getLogger("blockfilter.engine")
 
@@ -43,9 +43,22 @@ FAILED_BUDGET: Final = "request_budget"
 
 CLEAN, BLOCKED, FAILED = 0, 1, 2
 
+# Distinct numbers handed to the sources at a time during the first pass: enough for a few
+# full requests and one cache round trip, few enough that the first request leaves early.
+_STREAM_CHUNK = 500
+
 FallbackPolicy = Callable[[Mapping[str, Any], Parsed], Sequence[str]]
 
 
+def message_independent(policy: FallbackPolicy) -> FallbackPolicy:
+    """Mark a fallback policy whose answer depends only on the parsed message (its channel,
+    number and ``fallback``), not on its other fields: the filter may then reuse one verdict
+    for every message that shares those, instead of deciding each afresh."""
+    policy.message_independent = True  # type: ignore[attr-defined]
+    return policy
+
+
+@message_independent
 def default_fallback_policy(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
     """The message's own ``fallback`` list, in order."""
     return parsed.fallback
@@ -86,8 +99,7 @@ class StatusTable:
             if previous is None or checked_at < previous:
                 table[key] = checked_at
 
-    def lookup(self, channel: str, e164: str) -> tuple[int, Any] | None:
-        key = _key(e164)
+    def lookup(self, channel: str, key: int) -> tuple[int, Any] | None:
         checked_at = self._blocked[channel].get(key)
         if checked_at is not None:
             return BLOCKED, checked_at
@@ -98,9 +110,6 @@ class StatusTable:
         if checked_at is not None:
             return CLEAN, checked_at
         return None
-
-    def known(self, channel: str, e164: str) -> bool:
-        return self.lookup(channel, e164) is not None
 
 
 def _failure_reason(error: BaseException) -> str:
@@ -115,24 +124,40 @@ def _failure_reason(error: BaseException) -> str:
 class Summary:
     """Counts of a run, as the contract's summary JSON."""
 
-    total: int = 0
-    verdicts: Counter[str] = field(default_factory=Counter)
-    channels: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    # (verdict, final channel) -> messages: one increment a message on the hot path; the
+    # per-verdict and per-channel views are derived from it.
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     requests: int = 0
     cache_hits: int = 0
     elapsed_s: float = 0.0
     credentials_refused: bool = False
 
     def count(self, verdict: str, channel: str) -> None:
-        self.total += 1
-        self.verdicts[verdict] += 1
-        self.channels[channel][verdict] += 1
+        self.counts[verdict, channel] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def verdicts(self) -> Counter[str]:
+        verdicts: Counter[str] = Counter()
+        for (verdict, _), n in self.counts.items():
+            verdicts[verdict] += n
+        return verdicts
+
+    @property
+    def channels(self) -> dict[str, dict[str, int]]:
+        channels: dict[str, dict[str, int]] = defaultdict(dict)
+        for (verdict, channel), n in self.counts.items():
+            channels[channel][verdict] = n
+        return dict(channels)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "total": self.total,
             "verdicts": dict(self.verdicts),
-            "channels": {channel: dict(counts) for channel, counts in self.channels.items()},
+            "channels": self.channels,
             "requests": self.requests,
             "cache_hits": self.cache_hits,
             "elapsed_s": round(self.elapsed_s, 3),
@@ -202,6 +227,20 @@ _DUPLICATE = Invalid("duplicate_id", "an earlier message in this run has the sam
 _NOT_AN_OBJECT = Invalid("malformed_line", "a message is a JSON object")
 
 Replay = Callable[[], Iterator[tuple[Any, "Parsed | Invalid"]]]
+
+_DECIDED_LIMIT = 100_000
+
+
+class _Decided:
+    """A verdict decided once for every message of one route, with its encoded fields."""
+
+    __slots__ = ("count_key", "encoded", "fields")
+
+    def __init__(self, fields: dict[str, Any], channel: str) -> None:
+        self.fields = fields
+        self.count_key = (fields["verdict"], channel)
+        # The fields as JSON without the opening brace: what a line gets appended.
+        self.encoded = orjson.dumps(fields)[1:]
 
 
 class Filter:
@@ -341,10 +380,26 @@ class Filter:
         started = time.monotonic()
         before = self._source_counters()
         table = self._resolve(replay, first_pass)
-        for emitted, ((line, message), p) in enumerate(replay(), 1):
-            fields, channel = self._verdict(message, p, table)
-            self.summary.count(fields["verdict"], channel)
-            yield _render_line(line, message, fields)
+        counts = self.summary.counts
+        # Messages that share a channel, number and fallback list share a verdict; with a
+        # policy that looks at nothing else, decide and encode it once (bounded: a campaign of
+        # a million distinct numbers does not keep a million verdicts).
+        reuse = getattr(self.fallback_policy, "message_independent", False)
+        decided: dict[tuple[str, int, tuple[str, ...]], _Decided] = {}
+        for emitted, ((line, message), parsed) in enumerate(replay(), 1):
+            if reuse and isinstance(parsed, Parsed):
+                route = (parsed.channel, parsed.key, parsed.fallback)
+                known = decided.get(route)
+                if known is None:
+                    if len(decided) >= _DECIDED_LIMIT:
+                        decided.clear()
+                    known = decided[route] = _Decided(*self._verdict(message, parsed, table))
+                counts[known.count_key] += 1
+                yield _render_line(line, message, known.fields, known.encoded)
+            else:
+                fields, channel = self._verdict(message, parsed, table)
+                counts[fields["verdict"], channel] += 1
+                yield _render_line(line, message, fields)
             if self._progress is not None and emitted % 1000 == 0:
                 self._progress("verdicts", 1000, None)
         self._finish(before, started)
@@ -359,12 +414,14 @@ class Filter:
         fallback_wanted: dict[str, set[int]] = defaultdict(set)
         for line_number, line in enumerate(open_lines(), 1):
             decoded = _decode_line(line, line_number)
-            if decoded is None or not isinstance(decoded[1], Parsed):
+            if decoded is None:
                 continue
             message, parsed = decoded
-            wanted[parsed.channel].add(_key(parsed.e164))
+            if not isinstance(parsed, Parsed):
+                continue
+            wanted[parsed.channel].add(parsed.key)
             for channel in self.fallback_policy(message, parsed):
-                fallback_wanted[channel].add(_key(parsed.e164))
+                fallback_wanted[channel].add(parsed.key)
         source = self.sources[0]
         estimate_requests = getattr(source, "estimate_requests", None)
         if estimate_requests is None:
@@ -393,37 +450,74 @@ class Filter:
 
     def _resolve(self, replay: Replay, first_pass: Replay | None = None) -> StatusTable:
         table = StatusTable()
-        wanted: dict[str, set[int]] = defaultdict(set)
+        streams = [open_stream(source) for source in self.sources]
+        # Numbers go to the sources while the input is still being read, so requests are in
+        # flight during the first pass instead of after it.
+        seen: dict[str, set[int]] = {channel: set() for channel in CHANNELS}
+        fresh: dict[str, list[str]] = {channel: [] for channel in CHANNELS}
         has_fallbacks = False
+        policy = self.fallback_policy
         for message, parsed in (first_pass or replay)():
-            if isinstance(parsed, Parsed):
-                wanted[parsed.channel].add(_key(parsed.e164))
-                has_fallbacks = has_fallbacks or bool(self.fallback_policy(message, parsed))
-        self._check(table, wanted)
-        del wanted
+            if not isinstance(parsed, Parsed):
+                continue
+            keys = seen[parsed.channel]
+            if parsed.key not in keys:
+                keys.add(parsed.key)
+                batch = fresh[parsed.channel]
+                batch.append(parsed.e164)
+                if len(batch) >= _STREAM_CHUNK:
+                    self._feed(streams, table, parsed.channel, batch)
+                    fresh[parsed.channel] = []
+            if not has_fallbacks and policy(message, parsed):
+                has_fallbacks = True
+        del seen
+        for channel, batch in fresh.items():
+            if batch:
+                self._feed(streams, table, channel, batch)
+        self._drain(streams, table)
         # Each round asks, for every message still blocklisted everywhere known, its next
         # fallback channel. Rounds end when nothing is left to ask; there are at most as many
         # rounds as there are channels, since a known status is never asked again.
         while has_fallbacks:
-            wanted = defaultdict(set)
+            wanted: dict[str, set[int]] = defaultdict(set)
             for message, parsed in replay():
                 if isinstance(parsed, Parsed):
-                    channel = self._next_fallback_to_check(message, parsed, table)
-                    if channel is not None:
-                        wanted[channel].add(_key(parsed.e164))
+                    fallback = self._next_fallback_to_check(message, parsed, table)
+                    if fallback is not None:
+                        wanted[fallback].add(parsed.key)
             if not wanted:
                 break
             self._check(table, wanted)
         return table
 
+    def _feed(
+        self, streams: list[CheckStream], table: StatusTable, channel: str, numbers: list[str]
+    ) -> None:
+        for stream in streams:
+            stream.add(channel, numbers)
+            for outcome in stream.completed():
+                self._record(table, outcome)
+
+    def _drain(self, streams: list[CheckStream], table: StatusTable) -> None:
+        for stream in streams:
+            for outcome in stream.finish():
+                self._record(table, outcome)
+
+    def _record(self, table: StatusTable, outcome: CheckOutcome) -> None:
+        table.record(outcome)
+        if isinstance(outcome.error, CredentialsRefused):
+            self.summary.credentials_refused = True
+        if self._progress is not None:
+            self._progress("numbers", len(outcome.numbers), None)
+
     def _next_fallback_to_check(
         self, message: Any, parsed: Parsed, table: StatusTable
     ) -> str | None:
-        status = table.lookup(parsed.channel, parsed.e164)
+        status = table.lookup(parsed.channel, parsed.key)
         if status is None or status[0] != BLOCKED:
             return None
         for channel in self.fallback_policy(message, parsed):
-            status = table.lookup(channel, parsed.e164)
+            status = table.lookup(channel, parsed.key)
             if status is None:
                 return channel
             if status[0] != BLOCKED:
@@ -431,19 +525,10 @@ class Filter:
         return None
 
     def _check(self, table: StatusTable, wanted: Mapping[str, set[int]]) -> None:
-        numbers = _as_numbers(wanted)
-        total = sum(len(v) for v in numbers.values())
-        if not total:
-            return
-        if self._progress is not None:
-            self._progress("numbers", 0, total)
-        for source in self.sources:
-            for outcome in source.check_many(numbers):
-                table.record(outcome)
-                if outcome.error is not None and isinstance(outcome.error, CredentialsRefused):
-                    self.summary.credentials_refused = True
-                if self._progress is not None:
-                    self._progress("numbers", len(outcome.numbers), total)
+        streams = [open_stream(source) for source in self.sources]
+        for channel, numbers in _as_numbers(wanted).items():
+            self._feed(streams, table, channel, numbers)
+        self._drain(streams, table)
 
     # -- verdicts --------------------------------------------------------------------------
 
@@ -455,9 +540,10 @@ class Filter:
             if parsed.detail:
                 fields["detail"] = parsed.detail
             return fields, channel_of(message)
-        status = table.lookup(parsed.channel, parsed.e164)
-        if status is None:  # a source skipped the number: treat it as unchecked
-            status = (FAILED, FAILED_CHECK)
+        status: tuple[int, Any] = table.lookup(parsed.channel, parsed.key) or (
+            FAILED,  # a source skipped the number: treat it as unchecked
+            FAILED_CHECK,
+        )
         kind, value = status
         if kind == CLEAN:
             return self._allowed(parsed, value), parsed.channel
@@ -465,8 +551,8 @@ class Filter:
             return self._unchecked(parsed, value, parsed.channel)
         blocked_at = value
         for channel in self.fallback_policy(message, parsed):
-            status = table.lookup(channel, parsed.e164) or (FAILED, FAILED_CHECK)
-            kind, value = status
+            kind, value = table.lookup(channel, parsed.key) or (FAILED, FAILED_CHECK)
+            value = cast(Any, value)
             if kind == BLOCKED:
                 continue
             if kind == CLEAN:
@@ -548,39 +634,42 @@ def _decode_line(line: bytes, line_number: int) -> tuple[Any, Parsed | Invalid] 
         return MalformedLine(line_number), Invalid(
             "malformed_line", f"line {line_number} is longer than {MAX_LINE_BYTES} bytes"
         )
-    if not line.strip():
-        return None
     try:
         message = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
+        if not line.strip():
+            return None
         return MalformedLine(line_number), Invalid(
             "malformed_line", f"line {line_number} is not JSON: {str(exc)[:120]}"
         )
-    if not isinstance(message, dict):
+    if type(message) is not dict:
         return MalformedLine(line_number), Invalid(
             "malformed_line", f"line {line_number} is not a JSON object"
         )
     return message, parse_message(message)
 
 
-def _render_line(line: bytes, message: dict[str, Any], fields: dict[str, Any]) -> bytes:
+def _render_line(
+    line: bytes, message: dict[str, Any], fields: dict[str, Any], encoded: bytes | None = None
+) -> bytes:
     """The output line: the input's own bytes with the verdict fields appended.
 
     Splicing instead of re-encoding keeps every field exactly as given (big integers, number
     spelling, unicode escapes) and is faster. When a field must be *replaced* (a reroute
     changes ``channel``; an input that already has verdict fields), the line is re-encoded
-    with the standard library, which keeps integers of any size.
+    with the standard library, which keeps integers of any size. ``encoded`` is
+    ``orjson.dumps(fields)[1:]`` when the caller has it already.
     """
-    if isinstance(message, MalformedLine):
+    if type(message) is MalformedLine:
         return orjson.dumps({**message, **fields}) + b"\n"
-    replaces = "original_channel" in fields or not VERDICT_FIELDS.isdisjoint(message)
-    if not replaces:
+    if "original_channel" not in fields and VERDICT_FIELDS.isdisjoint(message):
         body = line.rstrip()
         if body.endswith(b"}"):
             head = body[:-1].rstrip()
-            extra = orjson.dumps(fields)[1:]
+            if encoded is None:
+                encoded = orjson.dumps(fields)[1:]
             separator = b"" if head.endswith(b"{") else b","
-            return head + separator + extra + b"\n"
+            return head + separator + encoded + b"\n"
     original = json.loads(line)
     for name in VERDICT_FIELDS:
         original.pop(name, None)

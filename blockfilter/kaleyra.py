@@ -154,34 +154,16 @@ class KaleyraSource:
         )
         return CheckOutcome(channel, batch, blocked_set, fetched_at)
 
+    def stream(self) -> _KaleyraStream:
+        """A stream: cache hits answered at once, misses sent 100 at a time as they come."""
+        return _KaleyraStream(self)
+
     def check_many(self, wanted: Mapping[str, Sequence[str]]) -> Iterator[CheckOutcome]:
-        batches: list[tuple[str, list[str]]] = []
+        stream = self.stream()
         for channel, numbers in wanted.items():
-            outcomes, misses = self._from_cache(channel, numbers)
-            for outcome in outcomes:
-                self._cache_hits += len(outcome.numbers)
-                yield outcome
-            for start in range(0, len(misses), MAX_NUMBERS_PER_REQUEST):
-                batches.append((channel, misses[start : start + MAX_NUMBERS_PER_REQUEST]))
-        if not batches:
-            return
-        pool = self._executor()
-        # Submit at most a few batches per worker ahead, so a million numbers do not become
-        # ten thousand futures at once, and the pool never runs dry either.
-        window = self.settings.concurrency * 4
-        pending: set[Future[CheckOutcome]] = set()
-        queue = iter(batches)
-        for channel, batch in queue:
-            pending.add(pool.submit(self._fetch, channel, batch))
-            if len(pending) >= window:
-                break
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
-                following = next(queue, None)
-                if following is not None:
-                    pending.add(pool.submit(self._fetch, *following))
+            stream.add(channel, numbers)
+            yield from stream.completed()
+        yield from stream.finish()
 
     def estimate_requests(self, wanted: Mapping[str, Sequence[str]]) -> int:
         """The requests :meth:`check_many` would make for ``wanted`` now: the cache's misses,
@@ -205,3 +187,54 @@ class KaleyraSource:
 
     def __repr__(self) -> str:
         return f"KaleyraSource({self.client!r})"
+
+
+class _KaleyraStream:
+    """Packs cache misses into full requests while numbers keep arriving.
+
+    Misses are carried over between :meth:`add` calls so only the last request of a channel
+    can be short. At most a few requests per pool thread are queued ahead: past that,
+    :meth:`add` waits, which keeps a million-number campaign from holding every batch at once.
+    """
+
+    def __init__(self, source: KaleyraSource) -> None:
+        self._source = source
+        self._carry: dict[str, list[str]] = defaultdict(list)
+        self._pending: set[Future[CheckOutcome]] = set()
+        self._ready: list[CheckOutcome] = []
+        self._window = source.settings.concurrency * 4
+
+    def add(self, channel: str, numbers: Sequence[str]) -> None:
+        hits, misses = self._source._from_cache(channel, numbers)
+        for outcome in hits:
+            self._source._cache_hits += len(outcome.numbers)
+        self._ready.extend(hits)
+        carry = self._carry[channel]
+        carry.extend(misses)
+        while len(carry) >= MAX_NUMBERS_PER_REQUEST:
+            self._submit(channel, carry[:MAX_NUMBERS_PER_REQUEST])
+            del carry[:MAX_NUMBERS_PER_REQUEST]
+
+    def _submit(self, channel: str, batch: list[str]) -> None:
+        while len(self._pending) >= self._window:
+            done, self._pending = wait(self._pending, return_when=FIRST_COMPLETED)
+            self._ready.extend(future.result() for future in done)
+        self._pending.add(self._source._executor().submit(self._source._fetch, channel, batch))
+
+    def completed(self) -> Iterator[CheckOutcome]:
+        done = {future for future in self._pending if future.done()}
+        self._pending -= done
+        ready, self._ready = self._ready, []
+        ready.extend(future.result() for future in done)
+        return iter(ready)
+
+    def finish(self) -> Iterator[CheckOutcome]:
+        for channel, carry in self._carry.items():
+            if carry:
+                self._submit(channel, list(carry))
+        self._carry.clear()
+        yield from self.completed()
+        while self._pending:
+            done, self._pending = wait(self._pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()

@@ -39,7 +39,7 @@ from .builtin import (
     close_kaleyra_source,
 )
 from .config import CHANNELS, Settings, load_settings
-from .engine import FallbackPolicy, Filter
+from .engine import FallbackPolicy, Filter, message_independent
 from .errors import ConfigError
 from .hookspecs import PROJECT_NAME
 from .messages import Parsed
@@ -526,10 +526,12 @@ def make_fallback_policy(pm: pluggy.PluginManager) -> FallbackPolicy:
     return policy
 
 
+@message_independent
 def _no_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
     return ()
 
 
+@message_independent
 def _own_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
     return parsed.fallback
 

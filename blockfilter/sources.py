@@ -65,6 +65,48 @@ class BlocklistSource(Protocol):
         ...
 
 
+class CheckStream(Protocol):
+    """Numbers fed to a source while the input is still being read, so the first requests go
+    out before the last message is parsed. Made by a source's optional ``stream()`` method.
+    """
+
+    def add(self, channel: str, numbers: Sequence[str]) -> None:
+        """More distinct numbers to check on ``channel`` (never one already added)."""
+        ...
+
+    def completed(self) -> Iterator[CheckOutcome]:
+        """Outcomes ready now, without waiting."""
+        ...
+
+    def finish(self) -> Iterator[CheckOutcome]:
+        """Check what is left and yield every outcome not yet taken, waiting for them."""
+        ...
+
+
+class BufferedStream:
+    """The stream of a source that has none of its own: checks everything at :meth:`finish`."""
+
+    def __init__(self, source: BlocklistSource) -> None:
+        self._source = source
+        self._wanted: dict[str, list[str]] = {}
+
+    def add(self, channel: str, numbers: Sequence[str]) -> None:
+        self._wanted.setdefault(channel, []).extend(numbers)
+
+    def completed(self) -> Iterator[CheckOutcome]:
+        return iter(())
+
+    def finish(self) -> Iterator[CheckOutcome]:
+        wanted, self._wanted = self._wanted, {}
+        return self._source.check_many(wanted)
+
+
+def open_stream(source: BlocklistSource) -> CheckStream:
+    """The source's own stream if it has one, else a :class:`BufferedStream`."""
+    stream = getattr(source, "stream", None)
+    return stream() if stream is not None else BufferedStream(source)
+
+
 class FunctionSource:
     """Adapts a plain function ``(channel, numbers) -> blocklisted numbers`` to a source.
 
