@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--messages", type=int, default=2000, help="size of the sample campaign")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    replay = commands.add_parser(
+        "replay", help="feed the deferred messages of a Celery pipeline back through the filter"
+    )
+    replay.add_argument("--app", metavar="MODULE:APP", help="your Celery app (as celery -A)")
+    replay.add_argument("--broker", metavar="URL", help="or just the broker URL")
+    replay.add_argument("--limit", type=int, help="replay at most this many messages")
+
     commands.add_parser("config", help="print the effective settings and their sources")
     commands.add_parser("plugins", help="list the loaded plugins, their versions and hooks")
     return parser
@@ -250,20 +257,18 @@ class _Progress:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from .engine import Filter
+    from .plugins import build_filter, get_plugin_manager
 
     settings = load_settings()
     if args.max_requests is not None and args.max_requests < 0:
         raise ConfigError("--max-requests must be >= 0")
     settings.require_credentials()
+    pm = get_plugin_manager(settings)
     progress = _Progress(sys.stderr.isatty() and not args.quiet)
     with (
         _replayable_input(args.input) as open_lines,
-        Filter(
-            settings,
-            on_error=args.on_error,
-            max_requests=args.max_requests,
-            progress=progress,
+        build_filter(
+            settings, pm, on_error=args.on_error, max_requests=args.max_requests, progress=progress
         ) as engine,
     ):
         if args.estimate:
@@ -271,9 +276,13 @@ def cmd_filter(args: argparse.Namespace) -> int:
             shown = str(low) if low == high else f"{low} to {high}"
             print(f"{shown} API requests")
             return EXIT_OK
+        # Scrubbing a file sends nothing: observers see the verdicts, dispatch never runs.
+        observe = _Observers(pm)
         with _atomic_output(args.out) as out:
             for line in engine.run_lines(open_lines):
                 out.write(line)
+                observe(line)
+            observe.flush()
         progress.close()
         summary = engine.summary.as_dict()
     if args.summary_json:
@@ -283,6 +292,31 @@ def cmd_filter(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_summary(summary), file=sys.stderr)
     return exit_code_for(summary)
+
+
+class _Observers:
+    """Hands output records to ``blockfilter_verdicts`` observers in batches, if there are any
+    (decoding every line again is only worth it for someone who listens)."""
+
+    BATCH = 500
+
+    def __init__(self, pm: Any) -> None:
+        self._pm = pm
+        self._enabled = bool(pm.hook.blockfilter_verdicts.get_hookimpls())
+        self._batch: list[dict[str, Any]] = []
+
+    def __call__(self, line: bytes) -> None:
+        if self._enabled:
+            self._batch.append(json.loads(line))
+            if len(self._batch) >= self.BATCH:
+                self.flush()
+
+    def flush(self) -> None:
+        if self._batch:
+            from .plugins import notify_verdicts
+
+            notify_verdicts(self._pm, self._batch)
+            self._batch = []
 
 
 def exit_code_for(summary: dict[str, Any]) -> int:
@@ -340,6 +374,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import main_replay
+
+    count = main_replay(args.app, args.broker, args.limit)
+    print(f"blockfilter: {count} deferred messages sent back through the filter", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings: Settings = load_settings()
     rows = settings.describe()
@@ -364,6 +406,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "filter": cmd_filter,
     "simulator": cmd_simulator,
     "demo": cmd_demo,
+    "replay": cmd_replay,
     "config": cmd_config,
     "plugins": cmd_plugins,
 }
