@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 import phonenumbers
 import pytest
@@ -141,12 +140,8 @@ def test_non_string_region_is_invalid(region: object) -> None:
 
 def test_huge_input_is_refused_before_parsing() -> None:
     huge = "+91" + "8" * 100_000
-    started = time.perf_counter()
-    for _ in range(100):
-        with pytest.raises(InvalidNumber, match="too long"):
-            normalize(huge)
-    # A length check, not a parse: 100 refusals of a 100 kB string take microseconds each.
-    assert time.perf_counter() - started < 0.05
+    with pytest.raises(InvalidNumber, match="too long"):
+        normalize(huge)
     assert normalize("+918020000052" + " " * (MAX_INPUT_LENGTH - 13)) == "+918020000052"
     with pytest.raises(InvalidNumber, match="too long"):
         normalize("+918020000052" + " " * (MAX_INPUT_LENGTH - 12))
@@ -240,26 +235,6 @@ def test_fast_path_checks_itself_against_parse() -> None:
     assert not _plan_agrees_with_parse(91, accepts_everything)
     rejects_everything = _Plan(None, lambda national: False)
     assert not _plan_agrees_with_parse(44, rejects_everything)
-
-
-def test_fast_path_is_much_faster_than_parse() -> None:
-    numbers = [f"+9198{n:08d}" for n in range(1000)] + [f"+1201555{n:04d}" for n in range(1000)]
-    numbers += [f"+4474001{n:05d}" for n in range(1000)]
-
-    def best_of_three(function) -> float:
-        times = []
-        for _ in range(3):
-            started = time.perf_counter()
-            for raw in numbers:
-                function(raw)
-            times.append(time.perf_counter() - started)
-        return min(times)
-
-    normalize(numbers[0])
-    fast = best_of_three(normalize)
-    parse_only = best_of_three(lambda raw: phonenumbers.parse(raw, None))
-    # About 7x on a quiet machine; 3x leaves room for a busy one.
-    assert parse_only / fast > 3, (parse_only, fast)
 
 
 ODD_CHARS = "٠٣٩०५९０５９＋+ \u00a0\t\n-.()/xX#*;,aé"
