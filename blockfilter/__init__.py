@@ -1,7 +1,31 @@
-"""blockfilter: check recipients against Kaleyra's blocklist before a message goes out."""
+"""blockfilter: check recipients against Kaleyra's blocklist before a message goes out.
+
+``from blockfilter import hookimpl`` marks a pipeline's hook implementations;
+``blockfilter.Filter`` runs the filter without Celery (imported on first use, so that a
+plugin importing ``hookimpl`` does not pay for the whole library).
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+from .hookspecs import hookimpl
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["Filter", "Settings", "__version__", "hookimpl", "load_settings"]
+
+if TYPE_CHECKING:
+    from .config import Settings, load_settings
+    from .engine import Filter
+
+_LAZY = {"Filter": "engine", "Settings": "config", "load_settings": "config"}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'blockfilter' has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{module}", __name__), name)
