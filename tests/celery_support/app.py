@@ -1,0 +1,21 @@
+"""The Celery app of a test worker: ``celery -A tests.celery_support.app worker ...``.
+
+Configured from ``BFTEST_*`` variables set by the test that starts the worker.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tests.celery_support.factory import make_app
+
+_visibility = os.environ.get("BFTEST_VISIBILITY_TIMEOUT")
+
+app = make_app(
+    broker=os.environ.get("BFTEST_BROKER_URL", "memory://"),
+    backend=os.environ.get("BFTEST_RESULT_BACKEND", "cache+memory://"),
+    queue=os.environ.get("BFTEST_QUEUE", "bftest"),
+    deferred_queue=os.environ.get("BFTEST_DEFERRED_QUEUE", "bftest.deferred"),
+    keyprefix=os.environ.get("BFTEST_KEYPREFIX", "bftest:"),
+    visibility_timeout=float(_visibility) if _visibility else None,
+)

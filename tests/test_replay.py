@@ -1,0 +1,147 @@
+"""Replaying the deferred queue: batches, limits, acknowledgement, loading the app.
+
+The slow tests run on the real brokers (RabbitMQ, Redis) without a worker, and read the task
+messages replay sent off the task queue; the full outage-then-replay story with workers is in
+``test_tasks.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
+    sys.path.insert(0, str(ROOT))
+
+from celery import Celery  # noqa: E402
+from kombu import Exchange, Queue  # noqa: E402
+
+from blockfilter.errors import ConfigError  # noqa: E402
+from blockfilter.replay import load_app, main_replay, replay_deferred  # noqa: E402
+from blockfilter.tasks import TASK_NAME, deferred_queue, park_deferred  # noqa: E402
+from tests.celery_support.harness import Stack, install_plugin_dist, require_broker  # noqa: E402
+
+
+def parked_messages(count: int) -> list[dict[str, Any]]:
+    return [
+        {"id": f"p{i}", "channel": "sms", "to": f"+9198200{i:05d}", "extra": [2**70, "ü"]}
+        for i in range(count)
+    ]
+
+
+def sent_batches(app: Celery, queue_name: str) -> list[list[Any]]:
+    """The message lists of the filter tasks waiting on ``queue_name``, in order (consumed)."""
+    queue = Queue(queue_name, Exchange(queue_name, type="direct"), routing_key=queue_name)
+    batches = []
+    with app.connection_for_read() as connection:
+        inbox = connection.SimpleQueue(queue)
+        try:
+            while True:
+                try:
+                    message = inbox.get(block=True, timeout=0.5)
+                except inbox.Empty:
+                    break
+                assert message.headers["task"] == TASK_NAME
+                args, kwargs, _ = message.decode()
+                batches.append(args[0])
+                message.ack()
+        finally:
+            inbox.close()
+    return batches
+
+
+# -- fast ------------------------------------------------------------------------------------
+
+
+def test_load_app_from_module_path_registers_the_task() -> None:
+    app = load_app("tests.celery_support.app:app", None)
+    assert isinstance(app, Celery)
+    assert TASK_NAME in app.tasks
+    # Like `celery -A`: a module path finds its `app` attribute.
+    assert load_app("tests.celery_support.app", None) is app
+
+
+def test_load_app_needs_an_app_or_a_broker() -> None:
+    with pytest.raises(ConfigError, match="--app"):
+        load_app(None, None)
+    with pytest.raises(ConfigError, match="no_such_module"):
+        load_app("no_such_module:app", None)
+    with pytest.raises(ConfigError, match="not a Celery app"):
+        load_app("blockfilter.tasks:TASK_NAME", None)
+    bare = load_app(None, "memory://")
+    assert bare.conf.broker_url == "memory://"
+
+
+def test_main_replay_on_a_bare_app_drains_in_order() -> None:
+    # kombu's in-memory transport is shared by every connection of this process.
+    broker = "memory://localhost/bftest-replay"
+    source = Celery("parker", broker=broker, set_as_current=False)
+    messages = parked_messages(7)
+    assert park_deferred(source, messages, reason="check_failed") == 7
+
+    assert main_replay(None, broker, 3) == 3
+    assert replay_deferred(source, batch_size=500, timeout=0.2) == 4
+    assert replay_deferred(source, timeout=0.2) == 0
+
+    batches = sent_batches(source, "celery")
+    assert batches == [messages[:3], messages[3:]]
+    source.close()
+
+
+def test_replay_rejects_bad_arguments() -> None:
+    app = Celery("x", broker="memory://", set_as_current=False)
+    with pytest.raises(ValueError):
+        replay_deferred(app, batch_size=0)
+    with pytest.raises(ValueError):
+        replay_deferred(app, limit=-1)
+
+
+# -- slow: real brokers ----------------------------------------------------------------------
+
+
+@pytest.fixture(params=["amqp", "redis"])
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    broker = require_broker(request.param)
+    world = Stack(request.param, broker, tmp_path, install_plugin_dist(tmp_path / "plugins"))
+    try:
+        yield world
+    finally:
+        world.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_replay_sends_batches_and_acks_only_what_it_sent(stack: Stack) -> None:
+    app = stack.app
+    messages = parked_messages(25)
+    park_deferred(app, messages, reason="check_failed", task_id="t-1")
+    # A corrupt entry (not JSON) is passed on as text, for the filter to call invalid.
+    queue = deferred_queue(app)
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            b"\xffnot json",
+            exchange=queue.exchange,
+            routing_key=queue.routing_key,
+            declare=[queue],
+            content_type="application/json",
+            content_encoding="binary",
+        )
+    assert stack.settled_queue_length(stack.deferred_queue, 26) == 26
+
+    assert replay_deferred(app, limit=12, batch_size=5, timeout=0.5) == 12
+    assert stack.settled_queue_length(stack.deferred_queue, 14) == 14, (
+        "acked more (or less) than it sent"
+    )
+    assert sent_batches(app, stack.queue) == [messages[:5], messages[5:10], messages[10:12]]
+
+    assert replay_deferred(app, batch_size=10, timeout=0.5) == 14
+    assert stack.settled_queue_length(stack.deferred_queue, 0) == 0
+    rest = sent_batches(app, stack.queue)
+    assert [len(b) for b in rest] == [10, 4]
+    assert rest[0] + rest[1][:3] == messages[12:]
+    assert isinstance(rest[1][3], str) and "not json" in rest[1][3]
