@@ -322,3 +322,24 @@ def test_the_simulator_command_prints_its_url_when_ready(tmp_path: Path) -> None
         process.terminate()
         process.wait(timeout=10)
     assert b"Traceback" not in process.stderr.read()  # type: ignore[union-attr]
+
+
+def test_plugins_lists_the_built_ins_with_versions_and_hooks() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "blockfilter", "plugins"], capture_output=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.decode().splitlines()
+    assert any(
+        line.startswith("kaleyra ") and "blockfilter_blocklist_sources" in line for line in lines
+    )
+    assert any(line.startswith("default-reroute ") for line in lines)
+
+
+def test_replay_without_an_app_or_broker_is_a_usage_error() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "blockfilter", "replay"], capture_output=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert b"--app" in done.stderr and b"Traceback" not in done.stderr
