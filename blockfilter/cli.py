@@ -191,9 +191,30 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _line_opener(path: str) -> Callable[[], Iterator[bytes]]:
     def open_lines() -> Iterator[bytes]:
         with open(path, "rb") as handle:
-            yield from handle
+            yield from _bounded_lines(handle)
 
     return open_lines
+
+
+def _bounded_lines(handle: IO[bytes]) -> Iterator[bytes]:
+    """The lines of ``handle``, each cut short after ``MAX_LINE_BYTES + 1`` bytes.
+
+    A longer line is malformed whatever it holds, so only its length matters: reading it
+    whole would cost its size in memory (a 1 GB line, 1 GB) for a verdict known at 1 MiB.
+    """
+    from .engine import MAX_LINE_BYTES
+
+    readline = handle.readline
+    while True:
+        line = readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while True:  # skip the rest of the long line
+                rest = readline(1 << 20)
+                if not rest or rest.endswith(b"\n"):
+                    break
+        yield line
 
 
 @contextlib.contextmanager

@@ -25,8 +25,12 @@ REGION_DOMAINS = {
 CHANNELS = ("sms", "whatsapp", "voice")
 ON_ERROR_POLICIES = ("defer", "allow", "drop")
 
-# A SID goes into the URL path, so it must not be able to change that path.
-_SID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# A SID goes into the URL path, so it must not be able to change that path. fullmatch, not
+# match with "$": "$" also matches before a trailing newline.
+_SID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# The key travels in an HTTP header: visible ASCII only, so it can neither break the header
+# (a newline) nor make the request fail deep in http.client (a non-latin-1 character).
+_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,512}")
 
 
 def _parse_list(raw: str) -> list[str]:
@@ -212,9 +216,19 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.sid is not None and not _SID_PATTERN.match(self.sid):
+        if self.sid is not None and not (
+            isinstance(self.sid, str) and _SID_PATTERN.fullmatch(self.sid)
+        ):
             raise ConfigError(
                 "KALEYRA_SID may only hold letters, digits, '-' and '_' (it goes into the URL path)"
+            )
+        if self.api_key is not None and not (
+            isinstance(self.api_key, str) and _KEY_PATTERN.fullmatch(self.api_key)
+        ):
+            # The message never shows the key, not even in part.
+            raise ConfigError(
+                "KALEYRA_API_KEY may only hold visible ASCII characters, without spaces "
+                "(it travels in an HTTP header); check it was copied whole"
             )
         if self.base_url is not None:
             object.__setattr__(self, "base_url", validate_base_url(self.base_url))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from array import array
 from collections import Counter, defaultdict
@@ -32,6 +33,7 @@ import orjson
 from .config import CHANNELS, Settings, load_settings
 from .errors import CredentialsRefused, RequestBudgetExhausted
 from .messages import VERDICT_FIELDS, Invalid, Parsed, channel_of, parse_message
+from .redact import guard_library_logs
 from .sources import BlocklistSource, CheckOutcome, CheckStream, open_stream
 
 log = logging.getLogger("blockfilter.engine")
@@ -272,6 +274,9 @@ class Filter:
         progress: Callable[[str, int, int | None], None] | None = None,
     ) -> None:
         self.settings = settings or load_settings()
+        # urllib3 logs every request's URL, numbers and all, at DEBUG: mask them (and the key)
+        # in the records of the library's loggers whichever handler the host attaches.
+        guard_library_logs(self.settings.api_key, self.settings.cache_secret)
         self.on_error = (on_error or self.settings.on_error).lower()
         if self.on_error not in ("defer", "allow", "drop"):
             raise ValueError(f"on_error must be defer, allow or drop, not {on_error!r}")
@@ -354,6 +359,7 @@ class Filter:
         Each message's own bytes are kept as they were; the verdict fields are appended.
         """
         duplicates = _DuplicateIds()
+        open_lines = _without_bom(open_lines)
 
         def first_pass() -> Iterator[tuple[Any, Parsed | Invalid]]:
             for line_number, line in enumerate(open_lines(), 1):
@@ -412,7 +418,7 @@ class Filter:
         """
         wanted: dict[str, set[int]] = defaultdict(set)
         fallback_wanted: dict[str, set[int]] = defaultdict(set)
-        for line_number, line in enumerate(open_lines(), 1):
+        for line_number, line in enumerate(_without_bom(open_lines)(), 1):
             decoded = _decode_line(line, line_number)
             if decoded is None:
                 continue
@@ -621,6 +627,23 @@ def _as_numbers(wanted: Mapping[str, set[int]]) -> dict[str, list[str]]:
 MAX_LINE_BYTES = 1 << 20  # a message is small; a bigger line is malformed, not a memory hazard
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def _without_bom(open_lines: Callable[[], Iterable[bytes]]) -> Callable[[], Iterator[bytes]]:
+    """``open_lines`` with a UTF-8 byte order mark taken off the first line: spreadsheet
+    exports ("CSV UTF-8", "Unicode text") start with one, and it is not part of the JSON."""
+
+    def opened() -> Iterator[bytes]:
+        lines = iter(open_lines())
+        for first in lines:
+            yield first[3:] if first.startswith(_BOM) else first
+            break
+        yield from lines
+
+    return opened
+
+
 class MalformedLine(dict):  # type: ignore[type-arg]
     """Stands in for a line that is not a JSON object: its record is ``{"id": "<line>"}``."""
 
@@ -670,6 +693,23 @@ def _render_line(
                 encoded = orjson.dumps(fields)[1:]
             separator = b"" if head.endswith(b"{") else b","
             return head + separator + encoded + b"\n"
+    try:
+        return _reencode(line, fields)
+    except RecursionError:
+        # orjson took the line, so it nests at most 1024 deep; the standard library needs a
+        # deeper recursion limit than the default for that. Raised for this one line only.
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit + 4 * _ORJSON_MAX_DEPTH)
+        try:
+            return _reencode(line, fields)
+        finally:
+            sys.setrecursionlimit(limit)
+
+
+_ORJSON_MAX_DEPTH = 1024
+
+
+def _reencode(line: bytes, fields: dict[str, Any]) -> bytes:
     original = json.loads(line)
     for name in VERDICT_FIELDS:
         original.pop(name, None)

@@ -72,14 +72,18 @@ def parse_message(message: Any) -> Parsed | Invalid:
     to = get("to")
     fallback = get("fallback")
     try:
+        # Equal keys must mean equal answers: a tuple equals the list it came from, but only
+        # a list is a valid fallback (and 1 == True == 1.0, though their details differ).
+        if type(to) is not str or (fallback is not None and type(fallback) is not list):
+            raise TypeError
         memo_key = (
             get("channel"),
             to,
             get("region"),
-            tuple(fallback) if type(fallback) is list else fallback,
+            None if fallback is None else tuple(fallback),
         )
         route = _routes.get(memo_key)
-    except TypeError:  # an unhashable value somewhere: nothing to remember, just parse
+    except TypeError:  # an unhashable or odd value somewhere: nothing to remember, just parse
         memo_key, route = None, None
     if type(message_id) is not str or not message_id or route is None:
         problem = _missing_field(message_id, get("channel"), to)
