@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from .config import CHANNELS
-from .numbers import InvalidNumber, normalize
+from .numbers import MAX_INPUT_LENGTH, InvalidNumber, normalize
 
 # The fields a verdict adds. A message that already carries one of them (a file of earlier
 # output fed back in, say) gets them replaced, never duplicated.
@@ -91,13 +91,28 @@ def parse_message(message: Any) -> Parsed | Invalid:
             return problem
         if route is None:
             route = _route(get("channel"), to, get("region"), fallback)
-            if memo_key is not None:
+            if memo_key is not None and _worth_remembering(route, to, get("region")):
                 if len(_routes) >= _ROUTES_MEMO_LIMIT:
                     _routes.clear()
                 _routes[memo_key] = route
     if isinstance(route, Invalid):
         return route
     return Parsed(cast(str, message_id), *route)  # a str: _missing_field checked it
+
+
+def _worth_remembering(route: Any, to: Any, region: Any) -> bool:
+    """Whether a route may go into the memo: its key must be small, or a file of a few
+    hundred junk lines of 1 MB each would be held in memory whole. A valid route's key is
+    (known channels, a number of at most 100 characters, a 2-letter region); of the invalid
+    ones only the bad numbers are worth remembering (a phonenumbers parse each), and only
+    those whose text is as short."""
+    if not isinstance(route, Invalid):
+        return True
+    return (
+        route.reason == "invalid_number"
+        and len(to) <= MAX_INPUT_LENGTH
+        and (type(region) is not str or len(region) <= 8)
+    )
 
 
 def _missing_field(message_id: Any, channel: Any, to: Any) -> Invalid | None:

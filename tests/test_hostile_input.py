@@ -631,6 +631,27 @@ def test_a_huge_line_costs_no_memory(sim: Simulator, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_many_big_junk_fields_are_not_held_in_memory(sim: Simulator, tmp_path: Path) -> None:
+    """Each line under the 1 MiB limit, but 240 MB of distinct junk numbers and channels:
+    none of it may stay in memory once its line is read (the parser's memo once kept it)."""
+    path = tmp_path / "junk.jsonl"
+    filler = b"9" * 1_000_000
+    with path.open("wb") as handle:
+        for i in range(240):
+            if i % 2:
+                handle.write(b'{"id":"%d","channel":"sms","to":"%d%s"}\n' % (i, i, filler))
+            else:
+                handle.write(b'{"id":"%d","channel":"x%d%s","to":"+1"}\n' % (i, i, filler))
+    summary = tmp_path / "summary.json"
+    peak, returncode, stderr = peak_rss_mib(
+        sim, "filter", str(path), "--summary-json", str(summary)
+    )
+    assert returncode == 0, stderr
+    assert json.loads(summary.read_text())["verdicts"] == {"invalid": 240}
+    assert peak < 120, f"peak RSS {peak:.0f} MiB for 240 MB of junk"
+
+
+@pytest.mark.slow
 def test_a_million_copies_of_one_number_make_one_request(sim: Simulator, tmp_path: Path) -> None:
     path = tmp_path / "million.jsonl"
     template = b'{"id":"%d","channel":"sms","to":"+918020000052"}\n'
