@@ -324,11 +324,14 @@ class _Observers:
     def __init__(self, pm: Any) -> None:
         self._pm = pm
         self._enabled = bool(pm.hook.blockfilter_verdicts.get_hookimpls())
+        from .engine import load_record  # however deep the record nests
+
+        self._load = load_record
         self._batch: list[dict[str, Any]] = []
 
     def __call__(self, line: bytes) -> None:
         if self._enabled:
-            self._batch.append(json.loads(line))
+            self._batch.append(self._load(line))
             if len(self._batch) >= self.BATCH:
                 self.flush()
 

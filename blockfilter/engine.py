@@ -26,7 +26,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import orjson
 
@@ -693,20 +693,31 @@ def _render_line(
                 encoded = orjson.dumps(fields)[1:]
             separator = b"" if head.endswith(b"{") else b","
             return head + separator + encoded + b"\n"
-    try:
-        return _reencode(line, fields)
-    except RecursionError:
-        # orjson took the line, so it nests at most 1024 deep; the standard library needs a
-        # deeper recursion limit than the default for that. Raised for this one line only.
-        limit = sys.getrecursionlimit()
-        sys.setrecursionlimit(limit + 4 * _ORJSON_MAX_DEPTH)
-        try:
-            return _reencode(line, fields)
-        finally:
-            sys.setrecursionlimit(limit)
+    return _with_room_to_recurse(_reencode, line, fields)
+
+
+def load_record(line: bytes) -> Any:
+    """Decode an output line with the standard library (integers of any size), however
+    deep it nests: the input was accepted by orjson, so at most 1024 levels."""
+    return _with_room_to_recurse(json.loads, line)
 
 
 _ORJSON_MAX_DEPTH = 1024
+_T = TypeVar("_T")
+
+
+def _with_room_to_recurse(call: Callable[..., _T], *args: Any) -> _T:
+    try:
+        return call(*args)
+    except RecursionError:
+        # orjson took the line, so it nests at most 1024 deep; the standard library needs a
+        # deeper recursion limit than the default for that. Raised for this one call only.
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit + 4 * _ORJSON_MAX_DEPTH)
+        try:
+            return call(*args)
+        finally:
+            sys.setrecursionlimit(limit)
 
 
 def _reencode(line: bytes, fields: dict[str, Any]) -> bytes:

@@ -586,6 +586,48 @@ def test_repeated_ids_keep_the_first_only(sim: Simulator, tmp_path: Path) -> Non
     ]
 
 
+def test_an_observer_sees_records_nested_as_deep_as_the_input_allows(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``blockfilter_verdicts`` observer gets every record decoded, however deep."""
+    from blockfilter import hookimpl
+    from blockfilter.cli import main
+    from blockfilter.plugins import get_plugin_manager, reset_plugin_manager
+
+    for name, value in cli_env(sim).items():
+        if name.startswith(("KALEYRA_", "BLOCKFILTER_")):
+            monkeypatch.setenv(name, value)
+    deep = b"[" * 1020 + b"]" * 1020
+    path = tmp_path / "deep.jsonl"
+    path.write_bytes(
+        b'{"id":"a","channel":"sms","to":"'
+        + VALID[4].encode()
+        + b'","x":'
+        + deep
+        + b"}\n"
+        + line(id="b", channel="sms", to=VALID[3])
+    )
+    seen: list[dict[str, Any]] = []
+
+    class Observer:
+        @hookimpl
+        def blockfilter_verdicts(self, results: list[dict[str, Any]]) -> None:
+            seen.extend(results)
+
+    reset_plugin_manager()
+    try:
+        get_plugin_manager().register(Observer())
+        code = main(["filter", str(path), "--quiet", "--out", str(tmp_path / "out.jsonl")])
+    finally:
+        reset_plugin_manager()
+    assert code == 0
+    assert [(r["id"], r["verdict"]) for r in seen] == [("a", "allowed"), ("b", "allowed")]
+    depth, value = 0, seen[0]["x"]
+    while isinstance(value, list) and value:
+        depth, value = depth + 1, value[0]
+    assert depth == 1019
+
+
 # -- memory and time, measured on a real process ----------------------------------------------
 
 # Runs the command line as its only child and reports its peak RSS: RUSAGE_CHILDREN is the
