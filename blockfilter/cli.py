@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="override BLOCKFILTER_ON_ERROR for this run",
     )
 
+    sync = commands.add_parser(
+        "sync", help="page whole blocklists into the cache (cheaper than lookups for big campaigns)"
+    )
+    sync.add_argument(
+        "--channel",
+        action="append",
+        type=str.lower,
+        choices=CHANNELS,
+        help="a channel to sync; repeat for several (default: all)",
+    )
+    sync.add_argument("--json", action="store_true", help="print the results as JSON")
+    sync.add_argument("--quiet", action="store_true", help="no progress bar")
+
     sim = commands.add_parser("simulator", help="run the Kaleyra-compatible simulator")
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8080, help="0 picks a free port")
@@ -367,6 +380,66 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- sync ----------------------------------------------------------------------------------
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from .builtin import close_kaleyra_source
+    from .kaleyra import KaleyraSource
+
+    settings = load_settings()
+    settings.require_credentials()
+    source = KaleyraSource(settings, strategy="sync")
+    if settings.cache_url.startswith("memory:"):
+        print(
+            "blockfilter: BLOCKFILTER_CACHE_URL is memory://, so the synced lists are forgotten "
+            "when this command ends; use a redis:// cache to share them with your workers",
+            file=sys.stderr,
+        )
+    show_progress = sys.stderr.isatty() and not args.quiet
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for channel in args.channel or CHANNELS:
+            bar: Any = None
+            if show_progress:
+                from tqdm import tqdm
+
+                bar = tqdm(desc=f"syncing {channel}", unit=" pages", file=sys.stderr, leave=False)
+
+            def progress(done: int, expected: int | None, bar: Any = bar) -> None:
+                if bar is not None:
+                    if expected is not None and bar.total != max(expected, done):
+                        bar.total = max(expected, done)
+                    bar.update(1)
+
+            try:
+                result = source.sync(channel, progress=progress)
+            finally:
+                if bar is not None:
+                    bar.close()
+            synced_at = datetime.fromtimestamp(result.synced_at, timezone.utc)
+            results[channel] = {
+                "size": result.size,
+                "pages": result.pages,
+                "synced_at": synced_at.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                "marked": result.marked,
+                "elapsed_s": round(result.elapsed_s, 3),
+            }
+            if not args.json:
+                note = "" if result.marked else " (not marked: absent numbers are still looked up)"
+                print(
+                    f"{channel}: {result.size} blocklisted numbers, {result.pages} requests, "
+                    f"{result.elapsed_s:.2f} s{note}"
+                )
+    finally:
+        close_kaleyra_source(source)
+    if args.json:
+        print(json.dumps({"channels": results}))
+    return EXIT_OK
+
+
 # -- simulator, demo, config, plugins ---------------------------------------------------------
 
 
@@ -428,6 +501,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check": cmd_check,
     "filter": cmd_filter,
+    "sync": cmd_sync,
     "simulator": cmd_simulator,
     "demo": cmd_demo,
     "replay": cmd_replay,

@@ -1,8 +1,24 @@
-"""Kaleyra as a blocklist source: the status cache first, then full requests, many in flight.
+"""Kaleyra as a blocklist source: the fewest requests that answer a campaign, many in flight.
 
-Cache hits are taken out *before* numbers are packed into requests of 100, so every request
-that goes out is as full as it can be. Requests run on a bounded thread pool
-(``BLOCKFILTER_CONCURRENCY``) and outcomes are yielded as they complete.
+For each channel a campaign needs, numbers go through these steps:
+
+1. **The cache** answers what it knows, and a *sync mark* younger than the clean TTL answers
+   every number absent from it as clean (see :mod:`blockfilter.sync`).
+2. **The strategy**: looking the misses up costs ``ceil(misses / 100)`` requests; paging the
+   whole blocklist into the cache costs ``size // 100 + 1`` pages, ``size`` being what the last
+   sync found. The cheaper one is used (ties go to lookups, which give fresher answers). With
+   no size known, numbers are looked up, unless the source was made with ``strategy="sync"``.
+3. **Coalescing**: a number some other filter of this process is already asking about is
+   waited for instead of asked again; so is one whose Redis lease another process holds
+   (``StatusCache.acquire_leases``). Only then are the numbers packed 100 to a request, so
+   the numbers dropped do not leave requests half empty.
+4. **Requests** run on a bounded thread pool (``BLOCKFILTER_CONCURRENCY``), paced by the
+   fleet-wide rate limit (:mod:`blockfilter.ratelimit`), and outcomes are yielded as they
+   complete.
+
+A waited-for number whose owner gave up (its lease vanished without an answer, or the wait
+outlived the lease) is looked up after all: coalescing saves requests, it never costs an
+answer.
 """
 
 from __future__ import annotations
@@ -10,15 +26,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any, Final, TypeVar
 
-from .cache import CacheUnavailable, StatusCache, open_cache
+from .cache import CachedStatus, CacheUnavailable, MemoryCache, StatusCache, SyncInfo, open_cache
 from .client import KaleyraClient, RequestLimiter
-from .config import Settings
+from .config import CHANNELS, Settings
 from .errors import CredentialsRefused, RequestBudgetExhausted
+from .ratelimit import build_limiter
 from .sources import CheckOutcome, SourceStats
+from .sync import SyncProgress, SyncResult, sync_channel, sync_pages
 
 log = logging.getLogger("blockfilter.kaleyra")
 
@@ -26,6 +46,19 @@ MAX_NUMBERS_PER_REQUEST = 100
 # How many cache entries one round trip asks for: big enough to amortise a Redis round trip,
 # small enough that a million-number campaign does not hold them all at once.
 _CACHE_CHUNK = 10_000
+# Added to the longest a request can take (its retry budget plus one attempt) to get how long
+# a lease is held: covers the wait in the submission queue and a slow cache write.
+_LEASE_SLACK = 5.0
+# The lease of a whole-list sync: a sync takes many requests, and others wait for it.
+_SYNC_LEASE_MIN = 60.0
+# What a sync's lease is taken on: a name no phone number can have (it is hashed anyway).
+_SYNC_LEASE = "#sync"
+# How often a stream looks at what it waits for when nothing else wakes it.
+_POLL = 0.02
+
+STRATEGIES: Final = ("auto", "lookup", "sync")
+
+T = TypeVar("T")
 
 
 class RequestBudget:
@@ -54,6 +87,91 @@ class RequestBudget:
             self._then.penalize(seconds)
 
 
+# -- in-process coalescing -----------------------------------------------------------------
+
+
+class _Flight:
+    """Numbers one stream claimed to look up; others in the process wait for it to land."""
+
+    __slots__ = ("done", "left", "results")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.left = 0
+        # number -> the outcome of the request that answered it (shared per request).
+        self.results: dict[str, CheckOutcome] = {}
+
+
+class _InFlight:
+    """What the process is asking about right now, shared by every source on one cache.
+
+    A (channel, number) is in here from the moment a stream claims it until its answer is in
+    the cache; a whole-list sync of a channel, until it ends.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._claims: dict[tuple[str, str], _Flight] = {}
+        self.syncs: dict[str, Future[SyncResult]] = {}
+
+    def claim(
+        self, channel: str, numbers: Iterable[str]
+    ) -> tuple[_Flight, list[str], dict[_Flight, list[str]]]:
+        """Claim the numbers nobody in the process is asking about; group the others by the
+        flight that will answer them."""
+        flight = _Flight()
+        mine: list[str] = []
+        theirs: dict[_Flight, list[str]] = {}
+        claims = self._claims
+        with self.lock:
+            for number in numbers:
+                key = (channel, number)
+                other = claims.get(key)
+                if other is None:
+                    claims[key] = flight
+                    mine.append(number)
+                else:
+                    theirs.setdefault(other, []).append(number)
+            flight.left = len(mine)
+            if not mine:
+                flight.done.set()
+        return flight, mine, theirs
+
+    def resolve(self, channel: str, numbers: Iterable[str], outcome: CheckOutcome) -> None:
+        """The answer for claimed numbers is known (and cached): wake those waiting for it."""
+        claims = self._claims
+        with self.lock:
+            for number in numbers:
+                flight = claims.pop((channel, number), None)
+                if flight is None:
+                    continue
+                flight.results[number] = outcome
+                flight.left -= 1
+                if flight.left <= 0:
+                    flight.done.set()
+
+
+_REGISTRIES: weakref.WeakKeyDictionary[Any, _InFlight] = weakref.WeakKeyDictionary()
+_REGISTRIES_LOCK = threading.Lock()
+
+
+def _registry_for(cache: StatusCache) -> _InFlight:
+    # Keyed by the cache object: sources sharing a cache (the shared one and a --max-requests
+    # one) coalesce with each other.
+    with _REGISTRIES_LOCK:
+        registry = _REGISTRIES.get(cache)
+        if registry is None:
+            registry = _REGISTRIES[cache] = _InFlight()
+        return registry
+
+
+def _ceil_div(count: int, size: int = MAX_NUMBERS_PER_REQUEST) -> int:
+    return -(-count // size)
+
+
+# -- the source ----------------------------------------------------------------------------
+
+
 class KaleyraSource:
     """Checks numbers against Kaleyra's blocklist, through the status cache.
 
@@ -61,6 +179,11 @@ class KaleyraSource:
     :param client: an existing client to share; made from ``settings`` when omitted.
     :param cache: an existing status cache; opened from ``settings.cache_url`` when omitted.
     :param max_requests: stop making API requests after this many (``--max-requests``).
+    :param limiter: paces the client's requests; built from ``settings`` when omitted (the
+        fleet-wide ``BLOCKFILTER_RATE_LIMIT`` and 429 pause, see
+        :func:`~blockfilter.ratelimit.build_limiter`).
+    :param strategy: ``auto`` (the cheaper of lookup and sync, lookup while the list's size is
+        unknown), ``lookup`` (never sync) or ``sync`` (page the whole list for any miss).
     """
 
     name = "kaleyra"
@@ -73,22 +196,34 @@ class KaleyraSource:
         cache: StatusCache | None = None,
         max_requests: int | None = None,
         limiter: RequestLimiter | None = None,
+        strategy: str = "auto",
     ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
         self.settings = settings
+        self.strategy = strategy
+        if limiter is None and client is None:
+            limiter = build_limiter(settings)
         if max_requests is not None:
             limiter = RequestBudget(max_requests, then=limiter)
         self.client = client or KaleyraClient(settings, limiter=limiter)
         self.cache = cache if cache is not None else open_cache(settings)
+        # Leases only mean something when other processes share the cache.
+        self._shared_cache = not isinstance(self.cache, MemoryCache)
+        self._inflight = _registry_for(self.cache)
         self._cache_ok = True
         self._requests_before = self.client.stats.requests
         self._cache_hits = 0
         self._refused: CredentialsRefused | None = None
+        self._sizes: dict[str, int] = {}  # list sizes learnt from syncs, per channel
         self._pool: ThreadPoolExecutor | None = None
+        self._waiters: ThreadPoolExecutor | None = None
+        self._syncers: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     # -- the cache, which the filter must survive losing -----------------------------------
 
-    def _cache_call(self, what: str, call, default):  # type: ignore[no-untyped-def]
+    def _cache_call(self, what: str, call: Callable[[], T], default: T) -> T:
         if not self._cache_ok:
             return default
         try:
@@ -100,19 +235,44 @@ class KaleyraSource:
             log.warning("status cache unavailable (%s); going on without it: %s", what, exc)
             return default
 
+    def fresh_sync(self, channel: str) -> SyncInfo | None:
+        """The channel's sync mark if absent numbers may be read as clean now: the mark holds
+        and is younger than ``BLOCKFILTER_CACHE_TTL`` (a clean status is never trusted longer,
+        however it was learnt)."""
+        mark = self._cache_call("sync", lambda: self.cache.get_sync(channel), None)
+        if mark is None:
+            return None
+        self._sizes[channel] = mark.size
+        if time.time() - mark.synced_at >= self.settings.cache_ttl:
+            return None
+        return mark
+
+    def known_size(self, channel: str) -> int | None:
+        """The channel's blocklist size as the last sync found it, if any sync is known."""
+        mark = self._cache_call("sync", lambda: self.cache.get_sync(channel), None)
+        if mark is not None:
+            self._sizes[channel] = mark.size
+            return mark.size
+        return self._sizes.get(channel)
+
     def _from_cache(
         self, channel: str, numbers: Sequence[str]
     ) -> tuple[list[CheckOutcome], list[str]]:
+        mark = self.fresh_sync(channel)
         hits: dict[float, list[str]] = defaultdict(list)
         hits_blocked: dict[float, set[str]] = defaultdict(set)
         misses: list[str] = []
         for start in range(0, len(numbers), _CACHE_CHUNK):
             chunk = numbers[start : start + _CACHE_CHUNK]
-            found = self._cache_call("get", lambda c=chunk: self.cache.get_many(channel, c), {})
+            found = self._cached_statuses(channel, chunk)
             for number in chunk:
                 status = found.get(number)
                 if status is None:
-                    misses.append(number)
+                    if mark is None:
+                        misses.append(number)
+                    else:
+                        # Absent from a synced list: clean as of the sync.
+                        hits[mark.synced_at].append(number)
                     continue
                 # Entries fetched together share a timestamp: one outcome per fetch keeps
                 # checked_at exact without an object per number.
@@ -125,7 +285,153 @@ class KaleyraSource:
         ]
         return outcomes, misses
 
+    def _cached_statuses(self, channel: str, numbers: Sequence[str]) -> dict[str, CachedStatus]:
+        return self._cache_call("get", lambda: self.cache.get_many(channel, numbers), {})
+
+    def _count_hits(self, count: int) -> None:
+        with self._lock:
+            self._cache_hits += count
+
+    # -- the strategy ------------------------------------------------------------------------
+
+    def can_sync(self) -> bool:
+        """Whether a sync can answer anything: the cache works and keeps both kinds."""
+        return (
+            self._cache_ok and self.settings.cache_ttl > 0 and self.settings.cache_ttl_blocked > 0
+        )
+
+    def sync_cost(self, channel: str) -> int | None:
+        """Pages a sync of ``channel`` would take, or ``None`` when the strategy would never
+        choose one (lookups only, the size unknown in ``auto``, or the cache cannot keep it)."""
+        if self.strategy == "lookup" or not self.can_sync():
+            return None
+        size = self.known_size(channel)
+        if size is None:
+            # Forced with no size known: the least a sync can cost.
+            return sync_pages(0) if self.strategy == "sync" else None
+        return sync_pages(size)
+
+    def _cost(self, channel: str, misses: int) -> int:
+        if misses == 0:
+            return 0
+        lookups = _ceil_div(misses)
+        pages = self.sync_cost(channel)
+        if pages is None:
+            return lookups
+        if self.strategy == "sync":
+            return pages
+        return min(lookups, pages)
+
+    def estimate_requests(self, wanted: Mapping[str, Sequence[str]]) -> int:
+        """The requests :meth:`check_many` would make for ``wanted`` now: per channel, the
+        cache's misses packed 100 to a request, or the pages of a sync if that is cheaper.
+        Reads the cache; asks the API nothing. Exact while the cache and the blocklist's size
+        stay as they are and no other process is asking about the same numbers."""
+        total = 0
+        for channel, numbers in wanted.items():
+            _, misses = self._from_cache(channel, numbers)
+            total += self._cost(channel, len(misses))
+        return total
+
+    # -- the whole-list sync -----------------------------------------------------------------
+
+    def sync(self, channel: str, *, progress: SyncProgress | None = None) -> SyncResult:
+        """Page ``channel``'s whole blocklist into the cache now (``blockfilter sync``).
+
+        Coalesced: a sync of the channel already running in this process is joined, and one
+        running in another process (it holds the channel's sync lease) is waited for; its
+        result is then read from its mark, with ``pages == 0``.
+
+        :raises UpstreamError: a page failed; :raises RequestBudgetExhausted: as any request.
+        """
+        channel = channel.strip().lower()
+        if channel not in CHANNELS:
+            raise ValueError(f"unknown channel {channel!r}; expected one of {', '.join(CHANNELS)}")
+        registry = self._inflight
+        with registry.lock:
+            running = registry.syncs.get(channel)
+            if running is not None and not running.done():
+                mine = False
+            else:
+                running = registry.syncs[channel] = Future()
+                mine = True
+        if not mine:
+            return running.result()
+        try:
+            result = self._sync_across_processes(channel, progress)
+        except BaseException as exc:
+            running.set_exception(exc)
+            raise
+        else:
+            running.set_result(result)
+            return result
+        finally:
+            with registry.lock:
+                if registry.syncs.get(channel) is running:
+                    del registry.syncs[channel]
+
+    def _sync_lease_seconds(self) -> float:
+        return max(_SYNC_LEASE_MIN, 2 * self._lease_seconds())
+
+    def _sync_across_processes(self, channel: str, progress: SyncProgress | None) -> SyncResult:
+        cache = self.cache
+        before = self._cache_call("sync", lambda: cache.get_sync(channel), None)
+        lease_s = self._sync_lease_seconds()
+        deadline = time.monotonic() + lease_s
+        while self._shared_cache:
+            held = self._cache_call(
+                "lease", lambda: cache.acquire_leases(channel, [_SYNC_LEASE], lease_s), None
+            )
+            # Another process may be paging this list right now, or have just finished (and
+            # let go of the lease): its mark then answers for us.
+            mark = self._cache_call("sync", lambda: cache.get_sync(channel), None)
+            if mark is not None and (before is None or mark.synced_at > before.synced_at):
+                if held:
+                    self._cache_call(
+                        "release", lambda: cache.release_leases(channel, [_SYNC_LEASE]), None
+                    )
+                self._sizes[channel] = mark.size
+                return SyncResult(mark.synced_at, mark.size, channel=channel, marked=True)
+            if held is None or _SYNC_LEASE in held:
+                break
+            if time.monotonic() >= deadline:
+                break  # its lease should have run out: sync ourselves
+            time.sleep(0.1)
+        try:
+            result = self._sync_now(channel, progress)
+        finally:
+            if self._shared_cache:
+                self._cache_call(
+                    "release", lambda: cache.release_leases(channel, [_SYNC_LEASE]), None
+                )
+        return result
+
+    def _sync_now(self, channel: str, progress: SyncProgress | None) -> SyncResult:
+        try:
+            result = sync_channel(
+                self.client,
+                self.cache,
+                channel,
+                expected_size=self.known_size(channel),
+                executor=self._executor(),
+                progress=progress,
+            )
+        except CredentialsRefused as exc:
+            self._refused = exc
+            raise
+        self._sizes[channel] = result.size
+        return result
+
     # -- requests ------------------------------------------------------------------------
+
+    def _lease_seconds(self) -> float:
+        """How long a lease on numbers is held: the longest one request can take, plus the
+        wait of a full submission queue at the rate limit."""
+        settings = self.settings
+        queued = 0.0
+        if settings.rate_limit:
+            queued = settings.concurrency * 4 / settings.rate_limit
+        return settings.retry_deadline + settings.request_timeout + _LEASE_SLACK + queued
 
     def _executor(self) -> ThreadPoolExecutor:
         with self._lock:
@@ -135,7 +441,41 @@ class KaleyraSource:
                 )
             return self._pool
 
+    def _wait_executor(self) -> ThreadPoolExecutor:
+        # Waiting for other processes' answers is kept off the request pool: a full pool of
+        # waiters would stall the requests they wait for.
+        with self._lock:
+            if self._waiters is None:
+                self._waiters = ThreadPoolExecutor(
+                    max_workers=4, thread_name_prefix="blockfilter-wait"
+                )
+            return self._waiters
+
+    def _sync_executor(self) -> ThreadPoolExecutor:
+        # A sync waits for its pages on the request pool, so it must not run on it.
+        with self._lock:
+            if self._syncers is None:
+                self._syncers = ThreadPoolExecutor(
+                    max_workers=len(CHANNELS), thread_name_prefix="blockfilter-sync"
+                )
+            return self._syncers
+
     def _fetch(self, channel: str, batch: list[str]) -> CheckOutcome:
+        outcome = self._ask(channel, batch)
+        if outcome.error is None:
+            blocked_set = outcome.blocked
+            clean = [n for n in batch if n not in blocked_set]
+            at = outcome.checked_at or time.time()
+            self._cache_call(
+                "set", lambda: self.cache.set_many(channel, blocked_set, clean, at), None
+            )
+        # In this order: the answer is in the cache before anyone is told to read it.
+        self._inflight.resolve(channel, batch, outcome)
+        if self._shared_cache:
+            self._cache_call("release", lambda: self.cache.release_leases(channel, batch), None)
+        return outcome
+
+    def _ask(self, channel: str, batch: list[str]) -> CheckOutcome:
         if self._refused is not None:
             # The account is refused: asking again would only be refused again.
             return CheckOutcome(channel, batch, error=self._refused)
@@ -146,13 +486,16 @@ class KaleyraSource:
             return CheckOutcome(channel, batch, error=exc)
         except Exception as exc:  # every failure marks the batch unchecked; the filter decides
             return CheckOutcome(channel, batch, error=exc)
-        fetched_at = time.time()
-        blocked_set = frozenset(blocked)
-        clean = [n for n in batch if n not in blocked_set]
-        self._cache_call(
-            "set", lambda: self.cache.set_many(channel, blocked_set, clean, fetched_at), None
+        return CheckOutcome(channel, batch, frozenset(blocked), time.time())
+
+    def _wait_remote(
+        self, channel: str, numbers: list[str]
+    ) -> tuple[dict[str, CachedStatus], list[str]]:
+        """Wait for numbers other processes hold the leases of: (what appeared, the rest)."""
+        found: dict[str, CachedStatus] = self._cache_call(
+            "wait", lambda: self.cache.wait_for(channel, numbers, self._lease_seconds()), {}
         )
-        return CheckOutcome(channel, batch, blocked_set, fetched_at)
+        return found, [n for n in numbers if n not in found]
 
     def stream(self) -> _KaleyraStream:
         """A stream: cache hits answered at once, misses sent 100 at a time as they come."""
@@ -165,15 +508,6 @@ class KaleyraSource:
             yield from stream.completed()
         yield from stream.finish()
 
-    def estimate_requests(self, wanted: Mapping[str, Sequence[str]]) -> int:
-        """The requests :meth:`check_many` would make for ``wanted`` now: the cache's misses,
-        packed 100 to a request. Reads the cache; asks the API nothing."""
-        total = 0
-        for channel, numbers in wanted.items():
-            _, misses = self._from_cache(channel, numbers)
-            total += -(-len(misses) // MAX_NUMBERS_PER_REQUEST)
-        return total
-
     def stats(self) -> SourceStats:
         return SourceStats(
             requests=self.client.stats.requests - self._requests_before,
@@ -181,47 +515,78 @@ class KaleyraSource:
         )
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        with self._lock:
+            pools = [self._pool, self._waiters, self._syncers]
+            self._pool = self._waiters = self._syncers = None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def __repr__(self) -> str:
-        return f"KaleyraSource({self.client!r})"
+        return f"KaleyraSource({self.client!r}, strategy={self.strategy!r})"
+
+
+# -- a stream ------------------------------------------------------------------------------
+
+_LOOKUP, _UNDECIDED, _SYNCING = 0, 1, 2
+
+
+class _Plan:
+    """How one stream answers one channel."""
+
+    __slots__ = ("buffer", "carry", "held", "mode", "pages", "sync")
+
+    def __init__(self, mode: int, pages: int | None) -> None:
+        self.mode = mode
+        self.pages = pages
+        self.buffer: list[str] = []  # misses not yet given to a strategy
+        self.carry: list[str] = []  # claimed misses waiting for a full request
+        self.held: list[str] = []  # misses the running sync will answer
+        self.sync: Future[SyncResult] | None = None
 
 
 class _KaleyraStream:
-    """Packs cache misses into full requests while numbers keep arriving.
+    """Answers numbers while they keep arriving: cache first, then the cheaper strategy.
 
-    Misses are carried over between :meth:`add` calls so only the last request of a channel
-    can be short. At most a few requests per pool thread are queued ahead: past that,
+    Claimed misses are carried over between :meth:`add` calls so only the last request of a
+    channel can be short. At most a few requests per pool thread are queued ahead: past that,
     :meth:`add` waits, which keeps a million-number campaign from holding every batch at once.
+    With the list's size known, misses are held until their count says which strategy is
+    cheaper (at most as many as the list holds): sync as soon as lookups would cost more,
+    lookups at :meth:`finish` otherwise.
     """
 
     def __init__(self, source: KaleyraSource) -> None:
         self._source = source
-        self._carry: dict[str, list[str]] = defaultdict(list)
+        self._plans: dict[str, _Plan] = {}
         self._pending: set[Future[CheckOutcome]] = set()
+        self._remote: dict[Future[tuple[dict[str, CachedStatus], list[str]]], str] = {}
+        self._awaiting: list[tuple[_Flight, str, list[str], float]] = []
         self._ready: list[CheckOutcome] = []
         self._window = source.settings.concurrency * 4
 
-    def add(self, channel: str, numbers: Sequence[str]) -> None:
-        hits, misses = self._source._from_cache(channel, numbers)
-        for outcome in hits:
-            self._source._cache_hits += len(outcome.numbers)
-        self._ready.extend(hits)
-        carry = self._carry[channel]
-        carry.extend(misses)
-        while len(carry) >= MAX_NUMBERS_PER_REQUEST:
-            self._submit(channel, carry[:MAX_NUMBERS_PER_REQUEST])
-            del carry[:MAX_NUMBERS_PER_REQUEST]
+    # -- the CheckStream protocol --------------------------------------------------------
 
-    def _submit(self, channel: str, batch: list[str]) -> None:
-        while len(self._pending) >= self._window:
-            done, self._pending = wait(self._pending, return_when=FIRST_COMPLETED)
-            self._ready.extend(future.result() for future in done)
-        self._pending.add(self._source._executor().submit(self._source._fetch, channel, batch))
+    def add(self, channel: str, numbers: Sequence[str]) -> None:
+        source = self._source
+        plan = self._plan(channel)
+        hits, misses = source._from_cache(channel, numbers)
+        if hits:
+            source._count_hits(sum(len(outcome.numbers) for outcome in hits))
+            self._ready.extend(hits)
+        if not misses:
+            return
+        if plan.mode == _LOOKUP:
+            self._lookup(channel, misses)
+        elif plan.mode == _SYNCING:
+            plan.held.extend(misses)
+        else:
+            plan.buffer.extend(misses)
+            if plan.pages is not None and _ceil_div(len(plan.buffer)) > plan.pages:
+                self._start_sync(channel, plan)
 
     def completed(self) -> Iterator[CheckOutcome]:
+        self._poll()
         done = {future for future in self._pending if future.done()}
         self._pending -= done
         ready, self._ready = self._ready, []
@@ -229,12 +594,187 @@ class _KaleyraStream:
         return iter(ready)
 
     def finish(self) -> Iterator[CheckOutcome]:
-        for channel, carry in self._carry.items():
-            if carry:
-                self._submit(channel, list(carry))
-        self._carry.clear()
-        yield from self.completed()
-        while self._pending:
+        for channel, plan in self._plans.items():
+            if plan.mode == _UNDECIDED:
+                # The campaign ended before lookups cost more than a sync: look them up.
+                plan.mode = _LOOKUP
+                buffered, plan.buffer = plan.buffer, []
+                self._lookup(channel, buffered)
+        while True:
+            self._flush()
+            yield from self.completed()
+            if not (self._pending or self._remote or self._awaiting or self._syncing()):
+                if not any(plan.carry for plan in self._plans.values()):
+                    return
+                continue
+            waitables: list[Future[Any]] = [*self._pending, *self._remote]
+            waitables.extend(plan.sync for plan in self._plans.values() if plan.sync is not None)
+            timeout = _POLL if self._awaiting or not waitables else None
+            if waitables:
+                wait(waitables, timeout=timeout, return_when=FIRST_COMPLETED)
+            else:
+                time.sleep(_POLL)
+
+    # -- planning ------------------------------------------------------------------------
+
+    def _plan(self, channel: str) -> _Plan:
+        plan = self._plans.get(channel)
+        if plan is None:
+            source = self._source
+            pages = source.sync_cost(channel)
+            if pages is None:
+                plan = _Plan(_LOOKUP, None)
+            elif source.strategy == "sync":
+                plan = _Plan(_UNDECIDED, 0)  # any miss starts the sync
+            else:
+                plan = _Plan(_UNDECIDED, pages)
+            self._plans[channel] = plan
+        return plan
+
+    def _start_sync(self, channel: str, plan: _Plan) -> None:
+        plan.mode = _SYNCING
+        plan.held, plan.buffer = plan.buffer, []
+        source = self._source
+        plan.sync = source._sync_executor().submit(source.sync, channel)
+
+    def _syncing(self) -> bool:
+        return any(plan.sync is not None for plan in self._plans.values())
+
+    def _synced(self, channel: str, plan: _Plan) -> None:
+        """The channel's sync ended: answer what it held, and go on by the cache."""
+        assert plan.sync is not None
+        future, plan.sync = plan.sync, None
+        held, plan.held = plan.held, []
+        plan.mode = _LOOKUP  # later misses (the mark gone already) are looked up
+        error = future.exception()
+        if error is not None:
+            if not isinstance(error, Exception):
+                raise error
+            log.warning("sync of %s failed (%s); its numbers are unchecked", channel, error)
+            self._ready.append(CheckOutcome(channel, held, error=error))
+            return
+        if not held:
+            return
+        hits, misses = self._source._from_cache(channel, held)
+        if hits:
+            self._source._count_hits(sum(len(outcome.numbers) for outcome in hits))
+            self._ready.extend(hits)
+        if misses:
+            # The sync could not vouch for absent numbers (see blockfilter.sync).
+            self._lookup(channel, misses)
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def _lookup(self, channel: str, numbers: list[str], *, ours: bool = False) -> None:
+        """Claim the numbers, lease them, and pack those that are ours into full requests.
+
+        ``ours``: numbers this stream must ask about itself whoever else is (what others
+        left unanswered); they are still leased, so that others can wait for us.
+        """
+        source = self._source
+        if ours:
+            mine = numbers
+        else:
+            _, mine, theirs = source._inflight.claim(channel, numbers)
+            deadline = time.monotonic() + source._lease_seconds()
+            for flight, waited in theirs.items():
+                self._awaiting.append((flight, channel, waited, deadline))
+        if source._shared_cache and mine:
+            lease_s = source._lease_seconds()
+            leased = mine
+            held = source._cache_call(
+                "lease", lambda: source.cache.acquire_leases(channel, leased, lease_s), None
+            )
+            if not ours and held is not None and len(held) < len(mine):
+                others = [n for n in mine if n not in held]
+                mine = [n for n in mine if n in held]
+                waiting = source._wait_executor().submit(source._wait_remote, channel, others)
+                self._remote[waiting] = channel
+        carry = self._plans[channel].carry
+        carry.extend(mine)
+        while len(carry) >= MAX_NUMBERS_PER_REQUEST:
+            self._submit(channel, carry[:MAX_NUMBERS_PER_REQUEST])
+            del carry[:MAX_NUMBERS_PER_REQUEST]
+
+    def _flush(self) -> None:
+        for channel, plan in self._plans.items():
+            while plan.carry:
+                self._submit(channel, plan.carry[:MAX_NUMBERS_PER_REQUEST])
+                del plan.carry[:MAX_NUMBERS_PER_REQUEST]
+
+    def _submit(self, channel: str, batch: list[str]) -> None:
+        while len(self._pending) >= self._window:
             done, self._pending = wait(self._pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
+            self._ready.extend(future.result() for future in done)
+        source = self._source
+        self._pending.add(source._executor().submit(source._fetch, channel, batch))
+
+    # -- what others answer --------------------------------------------------------------
+
+    def _poll(self) -> None:
+        """Take in, without waiting, whatever others answered and every sync that ended."""
+        for channel, plan in self._plans.items():
+            if plan.sync is not None and plan.sync.done():
+                self._synced(channel, plan)
+        if self._remote:
+            for future in [f for f in self._remote if f.done()]:
+                channel = self._remote.pop(future)
+                found, rest = future.result()
+                self._take_remote(channel, found, rest)
+        if self._awaiting:
+            still = []
+            now = time.monotonic()
+            for item in self._awaiting:
+                flight, channel, numbers, deadline = item
+                if flight.done.is_set():
+                    self._take_flight(channel, numbers, flight)
+                elif now >= deadline:
+                    # Its owner never answered (a stream abandoned mid-run): ask ourselves.
+                    self._lookup(channel, numbers, ours=True)
+                else:
+                    still.append(item)
+            self._awaiting = still
+
+    def _take_remote(self, channel: str, found: dict[str, CachedStatus], rest: list[str]) -> None:
+        source = self._source
+        if found:
+            by_time: dict[float, list[str]] = defaultdict(list)
+            for number, status in found.items():
+                by_time[status.fetched_at].append(number)
+            for at, group in by_time.items():
+                outcome = CheckOutcome(
+                    channel, group, frozenset(n for n in group if found[n].blocked), at
+                )
+                self._ready.append(outcome)
+                # Others in this process may be waiting on our claim of these numbers.
+                source._inflight.resolve(channel, group, outcome)
+            source._count_hits(len(found))
+        if rest:
+            # The other process gave up, or its lease ran out: ours to ask, still claimed.
+            self._lookup(channel, rest, ours=True)
+
+    def _take_flight(self, channel: str, numbers: list[str], flight: _Flight) -> None:
+        groups: dict[int, tuple[CheckOutcome, list[str]]] = {}
+        again: list[str] = []
+        for number in numbers:
+            outcome = flight.results.get(number)
+            if outcome is None or isinstance(outcome.error, RequestBudgetExhausted):
+                # Unanswered, or the other filter's own --max-requests ran out: not ours.
+                again.append(number)
+                continue
+            group = groups.get(id(outcome))
+            if group is None:
+                group = groups[id(outcome)] = (outcome, [])
+            group[1].append(number)
+        answered = 0
+        for outcome, members in groups.values():
+            if outcome.error is not None:
+                self._ready.append(CheckOutcome(channel, members, error=outcome.error))
+                continue
+            blocked = frozenset(n for n in members if n in outcome.blocked)
+            self._ready.append(CheckOutcome(channel, members, blocked, outcome.checked_at))
+            answered += len(members)
+        if answered:
+            self._source._count_hits(answered)
+        if again:
+            self._lookup(channel, again)
