@@ -58,11 +58,13 @@ class SecretFilter(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._secrets: set[str] = set()
+        # A tuple replaced whole: records are cleaned on many threads while a new Filter may
+        # add its key, and a set would change size under their iteration.
+        self._secrets: tuple[str, ...] = ()
 
     def add_secret(self, secret: str | None) -> None:
-        if secret:
-            self._secrets.add(secret)
+        if secret and secret not in self._secrets:
+            self._secrets = (*self._secrets, secret)
 
     def clean(self, text: str) -> str:
         return mask_numbers_in(redact(text, *self._secrets))
