@@ -1,0 +1,620 @@
+"""The collector: a Celery task that gathers messages sent one at a time into full batches.
+
+A pipeline that emits messages one by one (a transactional SMS per order, say) cannot call
+``blockfilter.filter_messages`` per message: every message would cost an API request of one
+number, where a request holds 100. ``blockfilter.collect(message)`` takes one message; the
+worker holds the messages it receives (celery-batches' :class:`~celery_batches.Batches`) and
+runs the filter on them together when
+
+* one channel has ``BLOCKFILTER_COLLECT_FLUSH_EVERY`` distinct numbers waiting (default 100:
+  one full API request; a request asks about one channel, so numbers are counted per channel
+  and only that channel's messages leave, with any unusable ones; the other channels keep
+  filling), or
+* the oldest message waiting has waited ``BLOCKFILTER_COLLECT_FLUSH_INTERVAL`` seconds
+  (default 1.0; looked at five times per interval, so none waits more than 1.2 intervals):
+  everything waiting leaves. Thin traffic still goes out within about a second, and steady
+  traffic is not cut into a partial batch every period, as Batches' plain timer would; or
+* ``BLOCKFILTER_COLLECT_MAX_BUFFER`` messages are waiting (default 1000; repeats of a few
+  numbers fill no request, but must not wait or pile up either).
+
+Each setting is read, in this order, from the worker app's ``conf`` in lower case
+(``app.conf.blockfilter_collect_flush_interval = 0.5``), the environment, then the default,
+when the worker starts. They are blockfilter's settings rather than ``Batches``'
+``flush_every``/``flush_interval`` task options because the task is the library's: a user
+cannot pass options to its decorator, and ``flush_every`` counts messages, not numbers.
+
+The results go to the hooks exactly as ``blockfilter.filter_messages`` hands them over (the
+same helpers): observers, then ``blockfilter_dispatch`` (``allowed``, ``rerouted``) and
+``blockfilter_suppressed`` (``blocked``, ``invalid``). Messages whose check failed
+(``deferred``), and a whole batch whose hook raised, are handed to a
+``blockfilter.filter_messages`` task published by the route the messages came by (so the
+collector's worker runs it), with a backoff and counted as its first retry: from there they
+follow that task's retries and end on the deferred queue once the retries are spent.
+Refused credentials are final at once (suppressed, parked on the deferred queue). A
+flush that fails for any other reason parks its messages on the deferred queue.
+
+Usage: route the task to a queue of its own and give that queue a worker of its own::
+
+    # pipeline.py
+    app.autodiscover_tasks(["blockfilter"], related_name="collector")  # or: import it
+    app.conf.task_routes = {"blockfilter.collect": {"queue": "blockfilter.collect"}}
+
+    # pipeline_collector.py: the collector worker's app
+    from pipeline import app
+    app.conf.worker_prefetch_multiplier = 0
+
+    app.send_task("blockfilter.collect", args=[message])      # or collect.delay(message)
+
+    celery -A pipeline_collector worker -Q blockfilter.collect -c 4
+
+Worker settings, and why:
+
+* Prefetch. The worker can only batch the messages the broker has given it, and with late
+  acknowledgement a message counts against the prefetch limit until its batch is done. So the
+  limit (``worker_prefetch_multiplier`` x concurrency) must hold a filling buffer plus the
+  batches being filtered: up to ``(concurrency + 1) x MAX_BUFFER`` messages, or no limit,
+  ``worker_prefetch_multiplier = 0`` (celery-batches' own advice). Set it in the app's conf:
+  on the command line Celery 5 reads ``--prefetch-multiplier=0`` as "not given" and keeps
+  the conf's value (a large multiplier, ``--prefetch-multiplier=500``, works there). Below
+  ``FLUSH_EVERY``, batches only ever leave on the timer; the worker logs a warning when its
+  first collect message arrives. No limit means the worker takes every message queued: mind
+  the backlog you let build up.
+* Its own queue. The prefetch setting is the worker's, for every queue it consumes: a
+  ``filter_messages`` campaign on the same unlimited worker would all be taken by one
+  worker. The hand-offs above are published to the collector's own route, so its worker
+  must also have ``blockfilter.filter_messages`` (importing this module imports it).
+* Pool. Batches are filtered in the pool (prefork by default, ``threads`` works too); the
+  buffering happens in the worker's main process, so a batch waits for a free pool slot.
+* Redis broker: a message stays unacknowledged while it waits and while its batch runs;
+  keep the transport's ``visibility_timeout`` well above ``FLUSH_INTERVAL`` plus a batch's
+  longest run, or Redis hands it to another worker meanwhile.
+
+Acknowledgement (``acks_late``). celery-batches acknowledges a late-acknowledged batch when
+its function returns, whatever happened in it. The collector acknowledges a batch only once
+its messages were handed to the hooks, handed off, or parked; a batch that raised (a broker
+that would not take the hand-off or the parking either) or whose pool process died is
+rejected and requeued, as ``acks_late`` + ``reject_on_worker_lost`` do for
+``filter_messages``. So delivery is at least once: a message may reach a hook again, with the
+same ``id``. A message that was received but whose batch has not run yet (the buffer) is not
+acknowledged: if the worker dies, the broker redelivers it.
+
+Batch fill is recorded per flush: the return value of each batch (also sent with Celery's
+``task_success`` signal) and an INFO log line give the messages, the distinct numbers per
+channel and the API requests made; :func:`collector_stats` adds them up for this process.
+Results are not stored (``ignore_result=True``): the hooks are the output. Send with
+``ignore_result=False`` and the verdict record of the message is stored as its result
+(except for a message handed off: its verdict is the ``filter_messages`` task's).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+from queue import Queue
+from typing import Any, Final
+
+from celery import shared_task
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
+
+from .config import Settings, load_settings
+from .errors import ConfigError
+from .messages import Parsed, parse_message
+from .plugins import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
+from .tasks import (
+    PARKED_CHECK_FAILED,
+    PARKED_TASK_FAILED,
+    TASK_NAME,
+    park_deferred,
+    retry_countdown,
+)
+
+log = logging.getLogger("blockfilter.collector")
+
+COLLECT_TASK_NAME: Final = "blockfilter.collect"
+#: The queue name the documentation suggests for the collector (the routing is the user's).
+COLLECT_QUEUE: Final = "blockfilter.collect"
+
+#: Numbers per API request: a batch never needs more of one channel.
+REQUEST_SIZE: Final = 100
+#: The flush timer looks at the oldest waiting message this many times per FLUSH_INTERVAL.
+TICKS_PER_INTERVAL: Final = 5
+
+Route = tuple[str, str]  # (channel, E.164 number)
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    """When the collector flushes a batch (see the module documentation)."""
+
+    #: distinct numbers waiting on one channel that flush that channel's messages
+    flush_every: int = REQUEST_SIZE
+    #: seconds after which everything waiting is flushed
+    flush_interval: float = 1.0
+    #: messages waiting that flush everything
+    max_buffer: int = 1000
+
+
+_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "flush_every": ("BLOCKFILTER_COLLECT_FLUSH_EVERY", int),
+    "flush_interval": ("BLOCKFILTER_COLLECT_FLUSH_INTERVAL", float),
+    "max_buffer": ("BLOCKFILTER_COLLECT_MAX_BUFFER", int),
+}
+
+
+def collect_settings(
+    conf: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> CollectSettings:
+    """The collector's settings: ``conf`` (lower-case keys), then the environment, then defaults.
+
+    :raises ConfigError: a value is not a positive number (naming the variable).
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, (variable, parse) in _SETTINGS.items():
+        raw = conf.get(variable.lower()) if conf is not None else None
+        if raw is None:
+            raw = env.get(variable)
+        if raw is None or raw == "":
+            continue
+        try:
+            value = parse(raw.strip()) if isinstance(raw, str) else parse(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{variable}: expected a number, got {raw!r}") from None
+        if not value > 0:
+            raise ConfigError(f"{variable}: must be > 0, got {raw!r}")
+        values[name] = value
+    return CollectSettings(**values)
+
+
+# -- what is waiting -------------------------------------------------------------------------
+
+
+class BatchFill:
+    """The distinct numbers waiting, per channel: says when a channel can fill a request."""
+
+    def __init__(self, flush_every: int = REQUEST_SIZE) -> None:
+        self.flush_every = flush_every
+        self._numbers: dict[str, set[str]] = defaultdict(set)
+
+    def add(self, route: Route | None) -> bool:
+        """Count a waiting message; true when its channel now has ``flush_every`` numbers.
+
+        ``route`` is ``None`` for a message that makes no request (it is invalid).
+        """
+        if route is None:
+            return False
+        numbers = self._numbers[route[0]]
+        numbers.add(route[1])
+        return len(numbers) >= self.flush_every
+
+    def waiting(self) -> dict[str, int]:
+        """Distinct numbers waiting, per channel."""
+        return {channel: len(numbers) for channel, numbers in self._numbers.items() if numbers}
+
+    def clear(self) -> None:
+        self._numbers.clear()
+
+
+def message_of(request: Any) -> Any:
+    """The message a ``collect`` request carries (``collect(message)`` or ``message=``)."""
+    args = getattr(request, "args", None) or ()
+    if args:
+        return args[0]
+    kwargs = getattr(request, "kwargs", None) or {}
+    return kwargs.get("message")
+
+
+def route_of(message: Any) -> Route | None:
+    """The (channel, number) the message will be checked on first, or ``None`` if invalid."""
+    parsed = parse_message(message)
+    return (parsed.channel, parsed.e164) if isinstance(parsed, Parsed) else None
+
+
+# -- batch fill, per process -----------------------------------------------------------------
+
+
+@dataclass
+class CollectorStats:
+    """Counters of the batches this process filtered (prefork: each pool process its own).
+
+    ``channel_batches`` counts (batch, channel) pairs with at least one number: each made at
+    least one first-round API request, so ``numbers / channel_batches`` is the mean fill of
+    those requests (100 when every batch was full).
+    """
+
+    batches: int = 0
+    messages: int = 0
+    numbers: int = 0
+    channel_batches: int = 0
+    requests: int = 0
+    numbers_by_channel: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(self, report: Mapping[str, Any]) -> None:
+        with self._lock:
+            self.batches += 1
+            self.messages += int(report["messages"])
+            numbers: Mapping[str, int] = report["numbers"]
+            self.numbers += sum(numbers.values())
+            self.channel_batches += sum(math.ceil(n / REQUEST_SIZE) for n in numbers.values())
+            self.requests += int(report["requests"])
+            self.numbers_by_channel.update(numbers)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "batches": self.batches,
+                "messages": self.messages,
+                "numbers": self.numbers,
+                "requests": self.requests,
+                "numbers_by_channel": dict(self.numbers_by_channel),
+                "mean_messages_per_batch": self.messages / self.batches if self.batches else 0.0,
+                "mean_fill": self.numbers / self.channel_batches if self.channel_batches else 0.0,
+            }
+
+    def reset(self) -> None:
+        with self._lock:
+            self.batches = self.messages = self.numbers = self.channel_batches = 0
+            self.requests = 0
+            self.numbers_by_channel = Counter()
+
+
+COLLECTOR_STATS = CollectorStats()
+
+
+def collector_stats() -> dict[str, Any]:
+    """This process's batch fill so far: batches, messages, numbers, requests, mean fill."""
+    return COLLECTOR_STATS.snapshot()
+
+
+# -- the task class --------------------------------------------------------------------------
+
+
+class _WatchedBuffer(Queue):  # type: ignore[type-arg]
+    """Batches' buffer, telling the collector about each message as it is buffered."""
+
+    def __init__(self, lock: threading.RLock, on_put: Callable[[Any], str | None]) -> None:
+        super().__init__()
+        self._collector_lock = lock
+        self._on_put = on_put
+        self.on_full: Callable[[str], None] = lambda channel: None
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        with self._collector_lock:
+            super().put(item, block, timeout)
+            full = self._on_put(item)
+        if full is not None:
+            self.on_full(full)
+
+    def put_back(self, item: Any) -> None:
+        """Put without counting (the collector counts what it puts back itself)."""
+        super().put(item)
+
+
+class CollectorTask(Batches):
+    """celery-batches' :class:`~celery_batches.Batches`, flushing per channel at full requests.
+
+    Batches buffers requests in the worker's main process and flushes on a count and a timer;
+    this class counts distinct numbers per channel as requests arrive, flushes a channel's
+    messages when they fill a request, and acknowledges a batch only once it was handled.
+    Relies on Batches' buffer attributes (``_buffer``, ``_pending``, ``_count``), hence the
+    ``<1`` pin on celery-batches.
+    """
+
+    abstract = True
+    # Batches' own triggers: its count becomes MAX_BUFFER, its timer a tick of a fifth of
+    # FLUSH_INTERVAL (set per worker in Strategy, from the settings).
+    flush_every = CollectSettings.max_buffer
+    flush_interval = CollectSettings.flush_interval / TICKS_PER_INTERVAL
+
+    def Strategy(self, task: Any, app: Any, consumer: Any) -> Callable[..., None]:  # noqa: N802
+        settings = collect_settings(app.conf)
+        self.flush_every = settings.max_buffer
+        # Batches' timer fires every flush_interval whatever the messages' age: at a steady
+        # rate it would cut a partial batch each period. Ticking more often and flushing only
+        # once the oldest message is FLUSH_INTERVAL old keeps steady traffic in full batches
+        # and still bounds the wait (at most FLUSH_INTERVAL and a tick).
+        self.flush_interval = settings.flush_interval / TICKS_PER_INTERVAL
+        self._lock = threading.RLock()
+        self._fill = BatchFill(settings.flush_every)
+        self._arrived: dict[int, float] = {}  # id(request) -> when it was buffered
+        buffer = _WatchedBuffer(self._lock, self._buffered)
+        buffer.on_full = self._flush_channel
+        # Batches' strategy binds the buffer's put() when it is built: swap it in first.
+        self._buffer = buffer
+        self._count = count(1)
+        # Every worker of the app builds this strategy, also those that never see a collect
+        # message: the settings are logged, and the prefetch checked, on the first message.
+        self._settings = settings
+        self._prefetch_limit = int(getattr(consumer, "initial_prefetch_count", 0) or 0)
+        self._first_seen = False
+        return super().Strategy(task, app, consumer)  # type: ignore[no-any-return]
+
+    # The methods below run in the worker's main process: the message handler and the flush
+    # timer (a thread of its own with transports that have no event loop), under self._lock.
+
+    def _buffered(self, request: Any) -> str | None:
+        """Count a request just buffered; the channel it filled, if any."""
+        if not self._first_seen:
+            self._first_seen = True
+            _describe(self._settings, self._prefetch_limit)
+        self._arrived[id(request)] = time.monotonic()
+        if request.eta is not None:
+            return None  # a later ETA: it waits in Batches' pending queue, not in a request
+        route = route_of(message_of(request))
+        return route[0] if route is not None and self._fill.add(route) else None
+
+    def _flush_channel(self, channel: str) -> None:
+        """Flush the messages of ``channel`` (and the invalid ones); the rest keep waiting."""
+        with self._lock:
+            taken: list[Any] = []
+            kept: list[tuple[Any, Route | None]] = []
+            while not self._buffer.empty():
+                request = self._buffer.get_nowait()
+                route = None if request.eta is not None else route_of(message_of(request))
+                if request.eta is None and (route is None or route[0] == channel):
+                    taken.append(request)
+                    self._arrived.pop(id(request), None)
+                else:
+                    kept.append((request, route))
+            self._fill.clear()
+            for request, route in kept:
+                self._buffer.put_back(request)
+                if request.eta is None:
+                    self._fill.add(route)
+            # Batches flushes everything when its count reaches MAX_BUFFER: count what waits.
+            self._count = count(len(kept) + self._pending.qsize() + 1)
+        if taken:
+            self.flush(taken)
+
+    def _do_flush(self) -> None:
+        """Batches' flush of everything: on MAX_BUFFER, or once the oldest message is due."""
+        with self._lock:
+            waiting = self._buffer.qsize()
+            oldest = min(self._arrived.values(), default=None)
+            due = (
+                waiting == 0  # Batches then looks at its ETA queue, or stops its timer
+                or waiting + self._pending.qsize() >= self.flush_every
+                or (
+                    oldest is not None
+                    and time.monotonic() - oldest >= self._settings.flush_interval
+                )
+            )
+            if not due:
+                return
+            self._fill.clear()
+            self._arrived.clear()
+            super()._do_flush()
+
+    def flush(self, requests: Sequence[Any]) -> Any:
+        """Run a batch in the pool; acknowledge it once handled, requeue it if that failed.
+
+        As :meth:`Batches.flush`, except that a late-acknowledged batch that raised (the
+        batch function returns ``None`` then) or whose process died is rejected with requeue
+        instead of acknowledged.
+        """
+        acks_late = [r for r in requests if r.task.acks_late]
+        acks_early = [r for r in requests if not r.task.acks_late]
+        # SimpleRequests pickle, for the prefork pool.
+        simple = ([SimpleRequest.from_request(r) for r in requests],)
+
+        def on_accepted(pid: int, time_accepted: float) -> None:
+            for request in acks_early:
+                request.acknowledge()
+
+        def on_return(result: Any) -> None:
+            if result is None:
+                _requeue(acks_late, "the batch failed")
+                return
+            for request in acks_late:
+                request.acknowledge()
+
+        def on_error(*_: Any) -> None:
+            _requeue(acks_late, "the process running the batch was lost")
+
+        return self._pool.apply_async(
+            apply_batches_task,
+            (self, simple, 0, None),
+            accept_callback=on_accepted,
+            callback=on_return,
+            error_callback=on_error,
+        )
+
+
+def _requeue(requests: Sequence[Any], why: str) -> None:
+    if requests:
+        log.warning("%s: %s; %d message(s) requeued", COLLECT_TASK_NAME, why, len(requests))
+    for request in requests:
+        request.reject(requeue=True)
+
+
+def _describe(settings: CollectSettings, limit: int) -> None:
+    """Log how this worker batches; warn when its prefetch limit cannot fill a batch."""
+    log.info(
+        "%s: a batch leaves at %d distinct numbers on a channel, %d messages, or after %.2f s",
+        COLLECT_TASK_NAME,
+        settings.flush_every,
+        settings.max_buffer,
+        settings.flush_interval,
+    )
+    if 0 < limit < settings.flush_every:
+        log.warning(
+            "%s: this worker prefetches at most %d messages, fewer than the %d numbers that "
+            "fill a batch: batches will only leave on the %.2f s timer. Run the collector's "
+            "queue on a worker with --prefetch-multiplier=0 (or a larger multiplier)",
+            COLLECT_TASK_NAME,
+            limit,
+            settings.flush_every,
+            settings.flush_interval,
+        )
+
+
+# -- the task --------------------------------------------------------------------------------
+
+
+@shared_task(
+    name=COLLECT_TASK_NAME,
+    base=CollectorTask,
+    bind=True,
+    acks_late=True,
+    ignore_result=True,
+)
+def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
+    """Filter a batch of collected messages and hand the results to the hooks.
+
+    Call it with one message: ``collect.delay(message)``; the worker calls it with the batch.
+
+    :param requests: the batch's requests (celery-batches' ``SimpleRequest``), one message
+        each, as ``args[0]`` or ``kwargs["message"]``.
+    :return: the batch's report: ``messages``, ``numbers`` (distinct numbers per channel),
+        ``requests`` (API requests made), ``handed_off``, ``parked`` and ``summary``.
+    """
+    started = time.monotonic()
+    messages = [message_of(request) for request in requests]
+    try:
+        settings = load_settings(celery_conf=self.app.conf)
+        pm = get_plugin_manager(settings)
+        with build_filter(settings, pm) as engine:
+            results = list(engine.run(messages))
+            summary = engine.summary.as_dict()
+    except Exception:
+        # Not about a check (bad settings, a broken source plugin, a bug): keep the batch.
+        # Should parking fail too, the exception leaves and the batch is requeued.
+        log.exception("%s: a batch of %d message(s) failed", COLLECT_TASK_NAME, len(messages))
+        parked = park_deferred(self.app, messages, reason=PARKED_TASK_FAILED)
+        return _report(messages, None, started, parked=parked)
+
+    deferred = [i for i, result in enumerate(results) if result["verdict"] == "deferred"]
+    refused = bool(summary.get("credentials_refused")) or any(
+        results[i].get("reason") == "credentials_refused" for i in deferred
+    )
+    # The collector is a message's first attempt, and a task always has a retry left
+    # (BLOCKFILTER_TASK_MAX_RETRIES >= 1): only refused credentials make a deferral final.
+    final = refused
+    handled_indexes = [i for i, r in enumerate(results) if final or r["verdict"] != "deferred"]
+    handled = [results[i] for i in handled_indexes]
+    handed_off: set[int] = set()
+    parked = 0
+    if deferred and final:
+        parked = park_deferred(
+            self.app, [messages[i] for i in deferred], reason=PARKED_CHECK_FAILED
+        )
+    elif deferred:
+        _hand_off(self, settings, requests, messages, deferred, "check failed")
+        handed_off.update(deferred)
+
+    if handled:
+        notify_verdicts(pm, handled)
+    try:
+        dispatch_results(pm, handled, deferred_final=True)
+    except Exception as exc:
+        # The hook specification: "Raise to have the batch retried", hence all of it.
+        log.warning(
+            "%s: a dispatch hook failed (%s); the batch goes to %s for a retry",
+            COLLECT_TASK_NAME,
+            type(exc).__name__,
+            TASK_NAME,
+        )
+        _hand_off(self, settings, requests, messages, handled_indexes, "hook failed")
+        handed_off.update(handled_indexes)
+
+    report = _report(messages, summary, started, handed_off=len(handed_off), parked=parked)
+    _store_results(self, requests, results, skip=handed_off)
+    return report
+
+
+def _hand_off(
+    task: Any,
+    settings: Settings,
+    requests: Sequence[SimpleRequest],
+    messages: Sequence[Any],
+    indexes: Sequence[int],
+    why: str,
+) -> None:
+    """Publish ``messages[indexes]`` as ``filter_messages`` tasks, as its first retry.
+
+    Each goes by the route its ``collect`` message came by (exchange and routing key), so the
+    collector's own worker runs it; a batch made by ``apply()`` (no route) goes by the app's
+    routing. ``retries=1`` makes the task count this as its first retry: a message is checked
+    at most ``1 + BLOCKFILTER_TASK_MAX_RETRIES`` times in all, as with ``filter_messages``.
+    """
+    by_route: dict[tuple[Any, Any], list[Any]] = defaultdict(list)
+    for index in indexes:
+        info = requests[index].delivery_info or {}
+        by_route[info.get("exchange"), info.get("routing_key")].append(messages[index])
+    countdown = retry_countdown(settings.task_retry_backoff, 0)
+    for (exchange, routing_key), batch in by_route.items():
+        options: dict[str, Any] = {}
+        if routing_key:
+            options = {"exchange": exchange or "", "routing_key": routing_key}
+        task.app.send_task(TASK_NAME, args=(batch,), countdown=countdown, retries=1, **options)
+    log.info(
+        "%s: %d message(s) handed to %s (%s), in %.1f s",
+        COLLECT_TASK_NAME,
+        len(indexes),
+        TASK_NAME,
+        why,
+        countdown,
+    )
+
+
+def _report(
+    messages: Sequence[Any],
+    summary: Mapping[str, Any] | None,
+    started: float,
+    *,
+    handed_off: int = 0,
+    parked: int = 0,
+) -> dict[str, Any]:
+    """The batch's report, recorded in :data:`COLLECTOR_STATS` and logged."""
+    numbers: dict[str, set[str]] = defaultdict(set)
+    for message in messages:
+        route = route_of(message)
+        if route is not None:
+            numbers[route[0]].add(route[1])
+    report: dict[str, Any] = {
+        "messages": len(messages),
+        "numbers": {channel: len(found) for channel, found in sorted(numbers.items())},
+        "requests": int(summary["requests"]) if summary else 0,
+        "handed_off": handed_off,
+        "parked": parked,
+        "elapsed_s": round(time.monotonic() - started, 3),
+        "summary": dict(summary) if summary else None,
+    }
+    COLLECTOR_STATS.record(report)
+    log.info(
+        "%s: batch of %d message(s), numbers %s, %d API request(s), %.3f s",
+        COLLECT_TASK_NAME,
+        report["messages"],
+        " ".join(f"{c}={n}" for c, n in report["numbers"].items()) or "none",
+        report["requests"],
+        report["elapsed_s"],
+    )
+    return report
+
+
+def _store_results(
+    task: Any,
+    requests: Sequence[SimpleRequest],
+    results: Sequence[Any],
+    *,
+    skip: set[int],
+) -> None:
+    """Store each verdict as its request's result, for senders that asked for results.
+
+    Messages handed off (``skip``) get their verdict from ``filter_messages``, under its id.
+    """
+    for index, (request, result) in enumerate(zip(requests, results, strict=True)):
+        if not request.ignore_result and index not in skip:
+            task.backend.mark_as_done(request.id, result, request=request)

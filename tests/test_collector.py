@@ -1,0 +1,389 @@
+"""The collector (``blockfilter.collect``): messages sent one at a time, filtered in full batches.
+
+Fast tests cover its settings and the per-channel count. The slow ones run a real ``celery
+worker`` process (prefork, unlimited prefetch as documented) on RabbitMQ against the
+simulator, send messages one task each, and check what reached the test plugin's hooks
+(recorded in Redis) and what the simulator was asked.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
+    sys.path.insert(0, str(ROOT))
+
+from blockfilter.collector import (  # noqa: E402
+    COLLECT_TASK_NAME,
+    BatchFill,
+    CollectSettings,
+    collect_settings,
+    route_of,
+)
+from blockfilter.errors import ConfigError  # noqa: E402
+from blockfilter.simulator import FaultRule  # noqa: E402
+from tests.celery_support.factory import make_app  # noqa: E402
+from tests.celery_support.harness import (  # noqa: E402
+    RETRY_ATTEMPTS,
+    Stack,
+    Worker,
+    install_plugin_dist,
+    require_broker,
+)
+
+# -- fast: settings and counting -------------------------------------------------------------
+
+
+def test_settings_come_from_conf_then_environment_then_defaults() -> None:
+    assert collect_settings({}, {}) == CollectSettings(100, 1.0, 1000)
+    env = {"BLOCKFILTER_COLLECT_FLUSH_INTERVAL": "2.5", "BLOCKFILTER_COLLECT_MAX_BUFFER": "50"}
+    conf = {"blockfilter_collect_flush_interval": 0.25, "blockfilter_collect_flush_every": "40"}
+    assert collect_settings(conf, env) == CollectSettings(40, 0.25, 50)
+    with pytest.raises(ConfigError, match="BLOCKFILTER_COLLECT_FLUSH_EVERY"):
+        collect_settings({}, {"BLOCKFILTER_COLLECT_FLUSH_EVERY": "0"})
+    with pytest.raises(ConfigError, match="BLOCKFILTER_COLLECT_FLUSH_INTERVAL"):
+        collect_settings({"blockfilter_collect_flush_interval": "soon"}, {})
+
+
+def test_batch_fill_counts_distinct_numbers_per_channel() -> None:
+    fill = BatchFill(flush_every=3)
+    sms = [("sms", f"+9198200000{i:02d}") for i in range(3)]
+    assert not fill.add(sms[0]) and not fill.add(sms[0]), "a repeat fills nothing"
+    assert not fill.add(("whatsapp", sms[1][1])) and not fill.add(None)
+    assert not fill.add(sms[1])
+    assert fill.waiting() == {"sms": 2, "whatsapp": 1}
+    assert fill.add(sms[2]), "the third distinct SMS number fills the request"
+    fill.clear()
+    assert fill.waiting() == {}
+
+
+def test_route_of_normalises_and_rejects() -> None:
+    assert route_of({"id": "1", "channel": "SMS", "to": "+91 98200 00001"}) == (
+        "sms",
+        "+919820000001",
+    )
+    assert route_of({"id": "2", "channel": "fax", "to": "+919820000001"}) is None
+    assert route_of("not a message") is None
+
+
+def test_registered_in_the_users_app_with_late_acks() -> None:
+    app = make_app(
+        broker="memory://", backend="cache+memory://", queue="q", deferred_queue="", keyprefix=""
+    )
+    task = app.tasks[COLLECT_TASK_NAME]
+    assert task.acks_late and task.ignore_result
+
+
+# -- slow: a real worker ---------------------------------------------------------------------
+
+COLLECTOR_APP = """\
+# The test app, configured as the collector's worker must be: unlimited prefetch.
+from tests.celery_support.app import app
+
+app.conf.worker_prefetch_multiplier = {prefetch}
+app.autodiscover_tasks(["blockfilter"], related_name="collector")
+"""
+
+
+class CollectorWorker(Worker):
+    """A worker process on the collector's app module (``-A collector_app``)."""
+
+    def start(self, timeout: float = 40.0) -> CollectorWorker:
+        import subprocess
+
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "collector_app",
+            "worker",
+            "--pool=prefork",
+            "-c",
+            "2",
+            "--without-heartbeat",
+            "--without-gossip",
+            "--without-mingle",
+            "-Q",
+            self.queue,
+            "-n",
+            f"{self.name}@localhost",
+            "--loglevel=INFO",
+        ]
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if " ready." in self.log_path.read_bytes()[offset:].decode(errors="replace"):
+                return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise AssertionError(f"worker did not start; its log:\n{self.log_text()[-4000:]}")
+
+
+class CollectorStack(Stack):
+    """A :class:`Stack` whose workers run the collector with the given settings."""
+
+    def start_collector(self, prefetch: int = 0, **settings: str) -> CollectorWorker:
+        app_dir = self.tmp / f"collector_app_{prefetch}"
+        app_dir.mkdir(exist_ok=True)
+        (app_dir / "collector_app.py").write_text(
+            COLLECTOR_APP.format(prefetch=prefetch), encoding="utf-8"
+        )
+        env = self.worker_env()
+        env["PYTHONPATH"] = f"{app_dir}:{env['PYTHONPATH']}"
+        env.update(settings)
+        index = len(self.workers)
+        worker = CollectorWorker(
+            env, self.queue, self.tmp / f"worker-{index}.log", f"bfcollect-{self.unique}-{index}"
+        )
+        self.workers.append(worker)
+        return worker.start()
+
+    def send_one_at_a_time(self, messages: list[dict[str, Any]]) -> float:
+        """One ``collect`` task per message, as a pipeline emits them; returns the seconds."""
+        started = time.monotonic()
+        with self.app.producer_or_acquire() as producer:
+            for message in messages:
+                self.app.send_task(COLLECT_TASK_NAME, args=[message], producer=producer)
+        return time.monotonic() - started
+
+    def log_text(self) -> str:
+        return "\n".join(w.log_text() for w in self.workers)
+
+
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return install_plugin_dist(tmp_path_factory.mktemp("plugins"))
+
+
+@pytest.fixture
+def stack(plugin_dir: Path, tmp_path: Path) -> Iterator[CollectorStack]:
+    world = CollectorStack("amqp", require_broker("amqp"), tmp_path, plugin_dir)
+    try:
+        yield world
+    finally:
+        world.close()
+
+
+def number(i: int) -> str:
+    return f"+91983{i:07d}"
+
+
+def make_campaign(size: int) -> tuple[list[dict[str, Any]], dict[str, set[str]]]:
+    """Messages on every channel, some sharing a number, some with fallbacks, a few invalid;
+    and the blocklist to load into the simulator."""
+    channels = ("sms", "whatsapp", "sms", "voice")
+    blocked: dict[str, set[str]] = defaultdict(set)
+    messages: list[dict[str, Any]] = []
+    for i in range(size):
+        channel = channels[i % len(channels)]
+        to = number(i - 4 if i % 40 == 4 else i)  # every 40th shares its number
+        message: dict[str, Any] = {
+            "id": f"c{i}",
+            "channel": channel.upper() if i % 11 == 0 else channel,
+            "to": to,
+            "payload": {"big": 2**70 + i, "text": "नमस्ते"},
+        }
+        if i % 5 == 0:
+            message["fallback"] = [c for c in ("whatsapp", "voice", "sms") if c != channel]
+        if i % 7 == 0:
+            blocked[channel].add(to)
+            if i % 14 == 0 and "fallback" in message:
+                blocked[message["fallback"][0]].add(to)
+        if i % 97 == 0:
+            message["to"] = "12"  # not a number
+        messages.append(message)
+    return messages, blocked
+
+
+def expected_outcome(
+    messages: list[dict[str, Any]], blocked: dict[str, set[str]]
+) -> Counter[tuple[str, str, str, str]]:
+    """(hook, id, verdict, final channel) per message, computed without the filter."""
+    outcome: Counter[tuple[str, str, str, str]] = Counter()
+    for m in messages:
+        channel = m["channel"].lower()
+        if m["to"] == "12":
+            outcome["suppressed", m["id"], "invalid", m["channel"]] += 1
+        elif m["to"] not in blocked[channel]:
+            outcome["dispatch", m["id"], "allowed", m["channel"]] += 1
+        else:
+            for fallback in m.get("fallback", []):
+                if m["to"] not in blocked[fallback]:
+                    outcome["dispatch", m["id"], "rerouted", fallback] += 1
+                    break
+            else:
+                outcome["suppressed", m["id"], "blocked", m["channel"]] += 1
+    return outcome
+
+
+def recorded(records: list[dict[str, Any]]) -> Counter[tuple[str, str, str, str]]:
+    return Counter((r["hook"], r["id"], r["verdict"], r["channel"]) for r in records)
+
+
+def load_blocklist(stack: Stack, blocked: dict[str, set[str]]) -> None:
+    for channel, numbers in blocked.items():
+        if numbers:
+            stack.simulator.block(channel, *numbers)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_thousand_messages_one_at_a_time_each_reach_one_hook_once(stack: CollectorStack) -> None:
+    messages, blocked = make_campaign(1000)
+    load_blocklist(stack, blocked)
+    stack.start_collector(BLOCKFILTER_COLLECT_FLUSH_INTERVAL="0.5")
+
+    stack.send_one_at_a_time(messages)
+    stack.wait_records(lambda rs: len(rs) >= len(messages), timeout=40, what="every message")
+    time.sleep(1.0)  # a timer tick more: nothing else may come
+    records = stack.records()
+    expected = expected_outcome(messages, blocked)
+    assert recorded(records) == expected
+    # Every field comes through untouched, a rerouted one says where it came from.
+    rerouted = next(m for m in messages if ("dispatch", m["id"], "rerouted", "voice") in expected)
+    got = next(r for r in records if r["id"] == rerouted["id"])["message"]
+    assert got["payload"] == rerouted["payload"]
+    assert got["original_channel"] == rerouted["channel"].lower()
+    # Batched: a few dozen requests for 1000 messages, none over the limit.
+    stats = stack.simulator.stats
+    assert stats.max_numbers_per_request == 100
+    assert stats.requests < 60, stats.requests_by_channel
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_under_load_requests_are_full(stack: CollectorStack) -> None:
+    interval = 3.0
+    sms = [{"id": f"s{i}", "channel": "sms", "to": number(i)} for i in range(1200)]
+    whatsapp = [{"id": f"w{i}", "channel": "whatsapp", "to": number(5000 + i)} for i in range(800)]
+    messages = [m for pair in zip(sms, whatsapp, strict=False) for m in pair] + sms[800:]
+    stack.start_collector(BLOCKFILTER_COLLECT_FLUSH_INTERVAL=str(interval))
+
+    took = stack.send_one_at_a_time(messages)
+    stack.wait_records(lambda rs: len(rs) >= len(messages), timeout=40, what="every message")
+    assert Counter(r["hook"] for r in stack.records()) == {"dispatch": 2000}
+
+    stats = stack.simulator.snapshot(records=True)
+    sizes = [size for _, _, size, _ in stats.records]
+    assert max(sizes) == 100 and sum(sizes) == 2000
+    # Each channel fills requests of 100; only a timer tick while sending leaves partial ones
+    # behind (one per channel per tick).
+    ticks = math.ceil(took / interval) + 1
+    assert len(sizes) <= 12 + 8 + 2 * ticks, sorted(sizes)
+    assert sum(sizes) / len(sizes) >= 80, sorted(sizes)
+    assert "blockfilter.collect: batch of 100 message(s)" in stack.log_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_thin_traffic_flushes_within_the_interval(stack: CollectorStack) -> None:
+    stack.start_collector(BLOCKFILTER_COLLECT_FLUSH_INTERVAL="0.5")
+    messages = [
+        {"id": "t1", "channel": "sms", "to": number(1)},
+        {"id": "t2", "channel": "sms", "to": number(2)},
+        {"id": "t3", "channel": "voice", "to": number(3)},
+    ]
+    stack.simulator.block("sms", number(2))
+    sent_at = time.monotonic()
+    stack.send_one_at_a_time(messages)
+    records = stack.wait_records(lambda rs: len(rs) >= 3, timeout=10, what="three messages")
+    waited = time.monotonic() - sent_at
+    assert waited < 3.0, f"a thin trickle waited {waited:.1f} s"
+    assert recorded(records) == {
+        ("dispatch", "t1", "allowed", "sms"): 1,
+        ("suppressed", "t2", "blocked", "sms"): 1,
+        ("dispatch", "t3", "allowed", "voice"): 1,
+    }
+    # One batch: one request per channel.
+    assert stack.simulator.stats.requests_by_channel == {"sms": 1, "voice": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_failed_checks_and_failed_hooks_are_retried_not_lost(stack: CollectorStack) -> None:
+    stack.start_collector(BLOCKFILTER_COLLECT_FLUSH_INTERVAL="0.3")
+
+    # The first SMS request fails (both client attempts): its numbers are handed to
+    # filter_messages, which checks them again after a backoff.
+    stack.simulator.set_faults([FaultRule("wa500", channel="sms", first=RETRY_ATTEMPTS)])
+    first = [{"id": f"a{i}", "channel": "sms", "to": number(100 + i)} for i in range(30)]
+    stack.send_one_at_a_time(first)
+    stack.wait_records(lambda rs: len(rs) >= 30, timeout=30, what="the retried ones")
+    time.sleep(0.8)
+    assert recorded(stack.records()) == Counter(
+        ("dispatch", m["id"], "allowed", "sms") for m in first
+    )
+    assert stack.simulator.stats.by_outcome.get("fault:wa500") == RETRY_ATTEMPTS
+    assert "handed to blockfilter.filter_messages (check failed)" in stack.log_text()
+
+    # The dispatch hook raises once: the whole batch is retried, and reaches it once.
+    stack.simulator.clear_faults()
+    stack.redis.set(stack.fail_key, 1)
+    stack.redis.delete(stack.record_key)
+    second = [{"id": f"b{i}", "channel": "voice", "to": number(200 + i)} for i in range(20)]
+    stack.send_one_at_a_time(second)
+    stack.wait_records(lambda rs: len(rs) >= 20, timeout=30, what="after the hook")
+    time.sleep(0.8)
+    assert recorded(stack.records()) == Counter(
+        ("dispatch", m["id"], "allowed", "voice") for m in second
+    )
+    assert "handed to blockfilter.filter_messages (hook failed)" in stack.log_text()
+    assert stack.settled_queue_length(stack.deferred_queue, 0) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_buffered_messages_survive_a_killed_worker(stack: CollectorStack) -> None:
+    # A long interval and too few numbers to fill a request: the messages wait in the buffer.
+    worker = stack.start_collector(BLOCKFILTER_COLLECT_FLUSH_INTERVAL="60")
+    messages = [{"id": f"k{i}", "channel": "sms", "to": number(300 + i)} for i in range(40)]
+    stack.send_one_at_a_time(messages)
+    assert stack.settled_queue_length(stack.queue, 0, timeout=10) == 0, "not all taken"
+    time.sleep(0.3)
+    assert stack.records() == []
+    worker.kill()  # SIGKILL: the buffer is gone, unacknowledged
+
+    stack.start_collector(BLOCKFILTER_COLLECT_FLUSH_INTERVAL="0.3")
+    stack.wait_records(lambda rs: len(rs) >= 40, timeout=30, what="the redelivered messages")
+    time.sleep(0.8)
+    assert recorded(stack.records()) == Counter(
+        ("dispatch", m["id"], "allowed", "sms") for m in messages
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_hold_a_batch_warns_and_still_delivers(
+    stack: CollectorStack,
+) -> None:
+    # The default prefetch (1 x 2 processes): at most 2 messages in hand, never 100.
+    stack.start_collector(prefetch=1, BLOCKFILTER_COLLECT_FLUSH_INTERVAL="0.2")
+    messages = [{"id": f"p{i}", "channel": "sms", "to": number(400 + i)} for i in range(10)]
+    stack.send_one_at_a_time(messages)
+    stack.wait_records(lambda rs: len(rs) >= 10, timeout=30, what="ten messages")
+    assert recorded(stack.records()) == Counter(
+        ("dispatch", m["id"], "allowed", "sms") for m in messages
+    )
+    assert "this worker prefetches at most 2 messages" in stack.log_text()
