@@ -184,6 +184,11 @@ class KaleyraSource:
         :func:`~blockfilter.ratelimit.build_limiter`).
     :param strategy: ``auto`` (the cheaper of lookup and sync, lookup while the list's size is
         unknown), ``lookup`` (never sync) or ``sync`` (page the whole list for any miss).
+    :param remember: ``False``: answers are not written to a ``memory://`` cache. For a
+        process that runs one campaign and ends (``blockfilter filter``): a run never asks
+        about a (channel, number) twice, and a million-number campaign would otherwise hold
+        some 220 MB of entries nobody reads. A shared (Redis) cache is always written: other
+        processes read it.
     """
 
     name = "kaleyra"
@@ -197,6 +202,7 @@ class KaleyraSource:
         max_requests: int | None = None,
         limiter: RequestLimiter | None = None,
         strategy: str = "auto",
+        remember: bool = True,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
@@ -210,6 +216,7 @@ class KaleyraSource:
         self.cache = cache if cache is not None else open_cache(settings)
         # Leases only mean something when other processes share the cache.
         self._shared_cache = not isinstance(self.cache, MemoryCache)
+        self._remember = remember
         self._inflight = _registry_for(self.cache)
         self._cache_ok = True
         self._requests_before = self.client.stats.requests
@@ -220,6 +227,16 @@ class KaleyraSource:
         self._waiters: ThreadPoolExecutor | None = None
         self._syncers: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
+
+    @property
+    def remember(self) -> bool:
+        """Whether answers are written to the cache (always, to a shared one); settable, so a
+        one-shot command can turn it off on a source it did not make."""
+        return self._remember or self._shared_cache
+
+    @remember.setter
+    def remember(self, value: bool) -> None:
+        self._remember = value
 
     # -- the cache, which the filter must survive losing -----------------------------------
 
@@ -462,18 +479,31 @@ class KaleyraSource:
 
     def _fetch(self, channel: str, batch: list[str]) -> CheckOutcome:
         outcome = self._ask(channel, batch)
-        if outcome.error is None:
+        stored = False
+        if outcome.error is None and self.remember:
             blocked_set = outcome.blocked
             clean = [n for n in batch if n not in blocked_set]
             at = outcome.checked_at or time.time()
-            self._cache_call(
-                "set", lambda: self.cache.set_many(channel, blocked_set, clean, at), None
+            stored = self._cache_call(
+                "set", lambda: self._store(channel, blocked_set, clean, at), False
             )
         # In this order: the answer is in the cache before anyone is told to read it.
         self._inflight.resolve(channel, batch, outcome)
-        if self._shared_cache:
+        if self._shared_cache and not stored:
+            # With the answers in the cache, the leases are moot (those waiting see the
+            # answers first, and the leases run out long before the answers do): giving them
+            # back would only cost a round trip per request. Without answers, others must
+            # know at once that they have to ask themselves.
             self._cache_call("release", lambda: self.cache.release_leases(channel, batch), None)
         return outcome
+
+    def _store(self, channel: str, blocked: frozenset[str], clean: list[str], at: float) -> bool:
+        """Write a request's answers; whether every one of them is now in the cache."""
+        self.cache.set_many(channel, blocked, clean, at)
+        settings = self.settings
+        return (not clean or settings.cache_ttl > 0) and (
+            not blocked or settings.cache_ttl_blocked > 0
+        )
 
     def _ask(self, channel: str, batch: list[str]) -> CheckOutcome:
         if self._refused is not None:
@@ -645,7 +675,7 @@ class _KaleyraStream:
         assert plan.sync is not None
         future, plan.sync = plan.sync, None
         held, plan.held = plan.held, []
-        plan.mode = _LOOKUP  # later misses (the mark gone already) are looked up
+        plan.mode = _LOOKUP
         error = future.exception()
         if error is not None:
             if not isinstance(error, Exception):
@@ -653,15 +683,21 @@ class _KaleyraStream:
             log.warning("sync of %s failed (%s); its numbers are unchecked", channel, error)
             self._ready.append(CheckOutcome(channel, held, error=error))
             return
-        if not held:
-            return
         hits, misses = self._source._from_cache(channel, held)
         if hits:
             self._source._count_hits(sum(len(outcome.numbers) for outcome in hits))
             self._ready.extend(hits)
         if misses:
-            # The sync could not vouch for absent numbers (see blockfilter.sync).
+            # The sync could not vouch for absent numbers (see blockfilter.sync): look them,
+            # and every later miss, up.
             self._lookup(channel, misses)
+        elif plan.pages is not None:
+            # The mark answers misses for the clean TTL; a campaign that outlasts it may need
+            # another sync, chosen as the first was.
+            result = future.result()
+            plan.mode = _UNDECIDED
+            if self._source.strategy != "sync":
+                plan.pages = sync_pages(result.size)
 
     # -- lookups -------------------------------------------------------------------------
 
