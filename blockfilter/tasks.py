@@ -447,3 +447,8 @@ def filter_campaign(
     else:
         signatures = [filter_messages.s(batch) for batch in batches]
     return cast(GroupResult, group(signatures).apply_async(**options))
+
+
+# Registered with the tasks above, so ``app.autodiscover_tasks(["blockfilter"])`` also finds
+# ``blockfilter.collect``; imported last because the collector uses this module's helpers.
+from . import collector  # noqa: E402,F401

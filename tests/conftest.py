@@ -11,6 +11,9 @@ import pytest
 
 from blockfilter.config import Settings, load_settings
 
+# Fails the session if any test's captured output or logs ever show a test API key.
+pytest_plugins = ["tests._secret_guard"]
+
 TEST_SID = "TESTSID"
 TEST_KEY = "test-key-0123456789"
 
