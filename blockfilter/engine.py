@@ -209,13 +209,16 @@ class _DuplicateIds:
         )
         self._hashes = array("q")
 
-    def pass_checker(self) -> Callable[[str], bool]:
-        """A fresh ``is_duplicate(id)`` for one pass over the messages, in input order."""
+    def pass_checker(self) -> Callable[[str], bool] | None:
+        """A fresh ``is_duplicate(id)`` for one pass over the messages, in input order;
+        ``None`` when no id can be a repeat (the common case: nothing to ask per message)."""
         suspects = self._suspects
+        if not suspects:
+            return None
         seen: set[str] = set()
 
         def is_duplicate(message_id: str) -> bool:
-            if not suspects or hash(message_id) not in suspects:
+            if hash(message_id) not in suspects:
                 return False
             if message_id in seen:
                 return True
@@ -359,10 +362,11 @@ class Filter:
         Each message's own bytes are kept as they were; the verdict fields are appended.
         """
         duplicates = _DuplicateIds()
-        open_lines = _without_bom(open_lines)
 
         def first_pass() -> Iterator[tuple[Any, Parsed | Invalid]]:
             for line_number, line in enumerate(open_lines(), 1):
+                if line_number == 1:
+                    line = _strip_bom(line)
                 decoded = _decode_line(line, line_number)
                 if decoded is None:
                     continue
@@ -375,11 +379,17 @@ class Filter:
         def replay() -> Iterator[tuple[Any, Parsed | Invalid]]:
             is_duplicate = duplicates.pass_checker()
             for line_number, line in enumerate(open_lines(), 1):
+                if line_number == 1:
+                    line = _strip_bom(line)
                 decoded = _decode_line(line, line_number)
                 if decoded is None:
                     continue
                 message, parsed = decoded
-                if isinstance(parsed, Parsed) and is_duplicate(parsed.id):
+                if (
+                    is_duplicate is not None
+                    and isinstance(parsed, Parsed)
+                    and is_duplicate(parsed.id)
+                ):
                     parsed = _DUPLICATE
                 yield (line, message), parsed
 
@@ -418,7 +428,9 @@ class Filter:
         """
         wanted: dict[str, set[int]] = defaultdict(set)
         fallback_wanted: dict[str, set[int]] = defaultdict(set)
-        for line_number, line in enumerate(_without_bom(open_lines)(), 1):
+        for line_number, line in enumerate(open_lines(), 1):
+            if line_number == 1:
+                line = _strip_bom(line)
             decoded = _decode_line(line, line_number)
             if decoded is None:
                 continue
@@ -630,18 +642,10 @@ MAX_LINE_BYTES = 1 << 20  # a message is small; a bigger line is malformed, not 
 _BOM = b"\xef\xbb\xbf"
 
 
-def _without_bom(open_lines: Callable[[], Iterable[bytes]]) -> Callable[[], Iterator[bytes]]:
-    """``open_lines`` with a UTF-8 byte order mark taken off the first line: spreadsheet
-    exports ("CSV UTF-8", "Unicode text") start with one, and it is not part of the JSON."""
-
-    def opened() -> Iterator[bytes]:
-        lines = iter(open_lines())
-        for first in lines:
-            yield first[3:] if first.startswith(_BOM) else first
-            break
-        yield from lines
-
-    return opened
+def _strip_bom(line: bytes) -> bytes:
+    """The first line without a UTF-8 byte order mark: spreadsheet exports ("CSV UTF-8",
+    "Unicode text") start with one, and it is not part of the JSON."""
+    return line[3:] if line.startswith(_BOM) else line
 
 
 class MalformedLine(dict):  # type: ignore[type-arg]
