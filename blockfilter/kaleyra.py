@@ -137,18 +137,32 @@ class _InFlight:
                 flight.done.set()
         return flight, mine, theirs
 
-    def resolve(self, channel: str, numbers: Iterable[str], outcome: CheckOutcome) -> None:
-        """The answer for claimed numbers is known (and cached): wake those waiting for it."""
+    def answer(self, channel: str, numbers: Iterable[str], outcome: CheckOutcome) -> None:
+        """The answer for claimed numbers is known: wake those waiting for it. The claims stay
+        until :meth:`forget`, so that a newcomer waits for the answer instead of asking again
+        while it is on its way into the cache."""
         claims = self._claims
         with self.lock:
             for number in numbers:
-                flight = claims.pop((channel, number), None)
-                if flight is None:
+                flight = claims.get((channel, number))
+                if flight is None or number in flight.results:
                     continue
                 flight.results[number] = outcome
                 flight.left -= 1
                 if flight.left <= 0:
                     flight.done.set()
+
+    def forget(self, channel: str, numbers: Iterable[str]) -> None:
+        """The answer is in the cache (or could not be put there): drop the claims."""
+        claims = self._claims
+        with self.lock:
+            for number in numbers:
+                claims.pop((channel, number), None)
+
+    def resolve(self, channel: str, numbers: Sequence[str], outcome: CheckOutcome) -> None:
+        """:meth:`answer` and :meth:`forget` at once, for answers already in the cache."""
+        self.answer(channel, numbers, outcome)
+        self.forget(channel, numbers)
 
 
 _REGISTRIES: weakref.WeakKeyDictionary[Any, _InFlight] = weakref.WeakKeyDictionary()
@@ -226,6 +240,8 @@ class KaleyraSource:
         self._pool: ThreadPoolExecutor | None = None
         self._waiters: ThreadPoolExecutor | None = None
         self._syncers: ThreadPoolExecutor | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: set[Future[None]] = set()
         self._lock = threading.Lock()
 
     @property
@@ -479,23 +495,58 @@ class KaleyraSource:
 
     def _fetch(self, channel: str, batch: list[str]) -> CheckOutcome:
         outcome = self._ask(channel, batch)
-        stored = False
-        if outcome.error is None and self.remember:
-            blocked_set = outcome.blocked
-            clean = [n for n in batch if n not in blocked_set]
-            at = outcome.checked_at or time.time()
-            stored = self._cache_call(
-                "set", lambda: self._store(channel, blocked_set, clean, at), False
-            )
-        # In this order: the answer is in the cache before anyone is told to read it.
-        self._inflight.resolve(channel, batch, outcome)
-        if self._shared_cache and not stored:
-            # With the answers in the cache, the leases are moot (those waiting see the
-            # answers first, and the leases run out long before the answers do): giving them
-            # back would only cost a round trip per request. Without answers, others must
-            # know at once that they have to ask themselves.
-            self._cache_call("release", lambda: self.cache.release_leases(channel, batch), None)
+        self._inflight.answer(channel, batch, outcome)
+        if self._shared_cache and self._write_later(channel, batch, outcome):
+            return outcome
+        self._write(channel, batch, outcome)
         return outcome
+
+    def _write_later(self, channel: str, batch: list[str], outcome: CheckOutcome) -> bool:
+        """Hand the cache write to the writer thread, so this request thread goes back to
+        asking at once (a Redis write costs a millisecond or two of a request's cycle); or
+        ``False`` when the writer is behind, and the caller writes itself."""
+        with self._lock:
+            if len(self._writes) >= self.settings.concurrency * 4:
+                return False
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="blockfilter-write"
+                )
+            future = self._writer.submit(self._write, channel, batch, outcome)
+            self._writes.add(future)
+        future.add_done_callback(self._written)
+        return True
+
+    def _written(self, future: Future[None]) -> None:
+        with self._lock:
+            self._writes.discard(future)
+
+    def flush_writes(self) -> None:
+        """Wait until every answer received so far is in the cache (or given up on)."""
+        with self._lock:
+            pending = list(self._writes)
+        wait(pending)
+
+    def _write(self, channel: str, batch: list[str], outcome: CheckOutcome) -> None:
+        stored = False
+        try:
+            if outcome.error is None and self.remember:
+                blocked_set = outcome.blocked
+                clean = [n for n in batch if n not in blocked_set]
+                at = outcome.checked_at or time.time()
+                stored = self._cache_call(
+                    "set", lambda: self._store(channel, blocked_set, clean, at), False
+                )
+            if self._shared_cache and not stored:
+                # With the answers in the cache, the leases are moot (those waiting see the
+                # answers first, and the leases run out long before the answers do): giving
+                # them back would only cost a round trip per request. Without answers, others
+                # must know at once that they have to ask themselves.
+                self._cache_call("release", lambda: self.cache.release_leases(channel, batch), None)
+        except Exception:  # a bug here must not lose the answer, which is already given
+            log.exception("writing %d answers on %s to the cache failed", len(batch), channel)
+        finally:
+            self._inflight.forget(channel, batch)
 
     def _store(self, channel: str, blocked: frozenset[str], clean: list[str], at: float) -> bool:
         """Write a request's answers; whether every one of them is now in the cache."""
@@ -548,9 +599,12 @@ class KaleyraSource:
         with self._lock:
             pools = [self._pool, self._waiters, self._syncers]
             self._pool = self._waiters = self._syncers = None
+            writer, self._writer = self._writer, None
         for pool in pools:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        if writer is not None:
+            writer.shutdown(wait=True)  # answers already paid for are not thrown away
 
     def __repr__(self) -> str:
         return f"KaleyraSource({self.client!r}, strategy={self.strategy!r})"
@@ -635,6 +689,9 @@ class _KaleyraStream:
             yield from self.completed()
             if not (self._pending or self._remote or self._awaiting or self._syncing()):
                 if not any(plan.carry for plan in self._plans.values()):
+                    # Every answer in the cache before the run ends: the next run, here or
+                    # in another process, must find them.
+                    self._source.flush_writes()
                     return
                 continue
             waitables: list[Future[Any]] = [*self._pending, *self._remote]

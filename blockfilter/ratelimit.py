@@ -66,6 +66,8 @@ REDIS_SOCKET_TIMEOUT = 2.0
 # later land less than a second apart, and Kaleyra's second holds R + 1. It costs 2% of the
 # rate at 1 s windows.
 HEADROOM = 0.02
+# How stale this process's view of the fleet-wide pause may be, in seconds.
+PAUSE_RECHECK = 0.1
 # A thread that found the window full sleeps until the oldest entry leaves it, plus a little
 # jitter so the processes of a fleet do not all ask Redis in the same millisecond.
 _WAKE_JITTER = 0.003
@@ -153,6 +155,9 @@ class RateLimiter:
         self._pause_script: Any = None
         self._local: MovingWindowRateLimiter | None = None
         self._local_paused_until = 0.0
+        self._shared_paused_until = 0.0
+        self._pause_read_at = -math.inf
+        self._pause_lock = threading.Lock()
         self._redis_broken_until = 0.0
         self._setup_lock = threading.Lock()
         # Threads wanting a slot take turns; see the module docs.
@@ -172,6 +177,11 @@ class RateLimiter:
 
     def acquire(self) -> None:
         """Wait until a request may be sent: the fleet is not paused and the window has room."""
+        if self._item is None:
+            # No window, only the pause: nothing to take turns for.
+            while (paused := self._paused_for()) > 0:
+                self._sleep(paused)
+            return
         with self._turn:
             while True:
                 paused = self._paused_for()
@@ -224,15 +234,20 @@ class RateLimiter:
         return self._paused_for()
 
     def _paused_for(self) -> float:
-        local = self._local_paused_until - self._clock()
-        shared = 0.0
-        if self._use_redis():
-            try:
-                ms = int(self._redis.pttl(self._pause_key()))
-                shared = ms / 1000 if ms > 0 else 0.0
-            except Exception as exc:  # noqa: BLE001
-                self._redis_failed("pause", exc)
-        return max(local, shared, 0.0)
+        now = self._clock()
+        if self._use_redis() and now - self._pause_read_at >= PAUSE_RECHECK:
+            # Asked of Redis at most every PAUSE_RECHECK seconds: a round trip per request
+            # would cost more than a pause (a Retry-After of a second or more) is noticed late.
+            # One thread asks; the others wait for its answer rather than go on without one.
+            with self._pause_lock:
+                if now - self._pause_read_at >= PAUSE_RECHECK:
+                    try:
+                        ms = int(self._redis.pttl(self._pause_key()))
+                        self._shared_paused_until = now + ms / 1000 if ms > 0 else 0.0
+                    except Exception as exc:  # noqa: BLE001
+                        self._redis_failed("pause", exc)
+                    self._pause_read_at = now
+        return max(self._local_paused_until - now, self._shared_paused_until - now, 0.0)
 
     # -- the window ----------------------------------------------------------------------
 

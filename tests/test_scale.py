@@ -344,12 +344,12 @@ def test_auto_strategy_syncs_when_the_campaign_outgrows_the_list(
     pool = make_numbers(1500, seed=8)
     blocked = set(pool[:150])
     simulator.block("sms", *blocked)
-    # A clean status is trusted for a second: after that the sync mark still tells the
+    # A clean status is trusted for two seconds: after that the sync mark still tells the
     # list's size, but no longer answers for absent numbers.
-    settings = settings_for(simulator, cache_ttl=1.0)
+    settings = settings_for(simulator, cache_ttl=2.0)
     source = redis_source(settings, namespace)
     assert source.sync("sms").size == 150
-    time.sleep(1.05)
+    time.sleep(2.05)
 
     # 1000 numbers: 10 lookups against a sync of 2 pages.
     campaign = pool[200:1200]
@@ -361,7 +361,7 @@ def test_auto_strategy_syncs_when_the_campaign_outgrows_the_list(
 
     # 150 new numbers once the mark is stale again: 2 lookups against a sync of 2 pages: the
     # tie goes to lookups. The blocklisted numbers are still in the cache, fresh.
-    time.sleep(1.05)
+    time.sleep(2.05)
     small = pool[1300:1450]
     assert source.estimate_requests({"sms": small + pool[:150]}) == 2
     simulator.reset_stats()
@@ -389,13 +389,13 @@ def test_a_forced_sync_answers_a_cold_campaign(simulator: Simulator) -> None:
 def test_expired_entries_are_looked_up_again(simulator: Simulator, namespace: str) -> None:
     pool = make_numbers(250, seed=10)
     simulator.block("sms", *pool[:30])
-    settings = settings_for(simulator, cache_ttl=0.5, cache_ttl_blocked=0.5)
+    settings = settings_for(simulator, cache_ttl=1.0, cache_ttl_blocked=1.0)
     source = redis_source(settings, namespace)
     run(source, pool)
     assert simulator.stats.requests == 3
     run(source, pool)
     assert simulator.stats.requests == 3  # all fresh: answered by the cache
-    time.sleep(0.6)
+    time.sleep(1.1)
     assert source.estimate_requests({"sms": pool}) == 3
     run(source, pool)
     assert (simulator.stats.requests, simulator.stats.numbers_asked) == (6, 500)
@@ -405,7 +405,7 @@ def test_expired_entries_are_looked_up_again(simulator: Simulator, namespace: st
 def test_a_sync_mark_answers_only_for_the_clean_ttl(simulator: Simulator, namespace: str) -> None:
     pool = make_numbers(300, seed=11)
     simulator.block("sms", *pool[:10])
-    settings = settings_for(simulator, cache_ttl=0.5, cache_ttl_blocked=60.0)
+    settings = settings_for(simulator, cache_ttl=1.0, cache_ttl_blocked=60.0)
     source = redis_source(settings, namespace, strategy="lookup")
     source.sync("sms")
     simulator.reset_stats()
@@ -413,7 +413,7 @@ def test_a_sync_mark_answers_only_for_the_clean_ttl(simulator: Simulator, namesp
     assert simulator.stats.requests == 0
     # A number blocklisted since the sync is caught once the clean TTL is over.
     simulator.block("sms", pool[20])
-    time.sleep(0.6)
+    time.sleep(1.1)
     assert run(source, pool)[pool[20]] == "blocked"
     # The blocklisted entries of the sync are still fresh; only the 290 others are asked.
     assert (simulator.stats.requests, simulator.stats.numbers_asked) == (3, 290)
