@@ -43,6 +43,8 @@ from .sync import SyncProgress, SyncResult, sync_channel, sync_pages
 log = logging.getLogger("blockfilter.kaleyra")
 
 MAX_NUMBERS_PER_REQUEST = 100
+# Seconds a status cache that failed is left alone before it is tried again.
+CACHE_RETRY_AFTER_S = 5.0
 # How many cache entries one round trip asks for: big enough to amortise a Redis round trip,
 # small enough that a million-number campaign does not hold them all at once.
 _CACHE_CHUNK = 10_000
@@ -232,7 +234,9 @@ class KaleyraSource:
         self._shared_cache = not isinstance(self.cache, MemoryCache)
         self._remember = remember
         self._inflight = _registry_for(self.cache)
-        self._cache_ok = True
+        # While the cache is down (monotonic time until which it is left alone): a worker
+        # lives long, so a Redis blip must not turn the shared cache off for good.
+        self._cache_down_until = 0.0
         self._requests_before = self.client.stats.requests
         self._cache_hits = 0
         self._refused: CredentialsRefused | None = None
@@ -256,6 +260,10 @@ class KaleyraSource:
 
     # -- the cache, which the filter must survive losing -----------------------------------
 
+    @property
+    def _cache_ok(self) -> bool:
+        return time.monotonic() >= self._cache_down_until
+
     def _cache_call(self, what: str, call: Callable[[], T], default: T) -> T:
         if not self._cache_ok:
             return default
@@ -263,9 +271,18 @@ class KaleyraSource:
             return call()
         except CacheUnavailable as exc:
             # Going on without the cache costs requests, never correctness: every number it
-            # would have answered is asked of the API instead.
-            self._cache_ok = False
-            log.warning("status cache unavailable (%s); going on without it: %s", what, exc)
+            # would have answered is asked of the API instead. It is tried again after a
+            # while; the threads that fail together report it once.
+            with self._lock:
+                first = self._cache_ok
+                self._cache_down_until = time.monotonic() + CACHE_RETRY_AFTER_S
+            if first:
+                log.warning(
+                    "status cache unavailable (%s); going on without it for %.0f s: %s",
+                    what,
+                    CACHE_RETRY_AFTER_S,
+                    exc,
+                )
             return default
 
     def fresh_sync(self, channel: str) -> SyncInfo | None:

@@ -291,14 +291,6 @@ def test_filter_goes_on_when_the_cache_goes_away_mid_run(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "blockfilter/kaleyra.py KaleyraSource._cache_call: every thread whose cache call was "
-        "in flight when the cache went away logs the warning (check-then-set of _cache_ok "
-        "without the lock)"
-    ),
-)
 def test_a_cache_that_goes_away_is_reported_once(
     simulator: Simulator,
     cache_server: PrivateRedis,
@@ -377,15 +369,6 @@ def test_cli_filter_with_the_cache_down_exits_0(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "blockfilter/kaleyra.py KaleyraSource._cache_call: once a cache call fails, "
-        "_cache_ok stays False for the source's life, and a worker's source is shared for "
-        "the process's life (builtin._SharedSources): a Redis blip turns the shared cache "
-        "off in that worker until it restarts"
-    ),
-)
 def test_a_long_lived_process_uses_the_cache_again_once_it_is_back(
     simulator: Simulator, cache_server: PrivateRedis
 ) -> None:
