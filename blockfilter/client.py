@@ -50,6 +50,7 @@ from .errors import (
     TransientUpstreamError,
     UpstreamError,
 )
+from .redact import guard_library_logs
 
 __all__ = [
     "MAX_NUMBERS_PER_REQUEST",
@@ -196,6 +197,8 @@ class KaleyraClient:
         rng: random.Random | None = None,
     ) -> None:
         self._sid, self._api_key = settings.require_credentials()
+        # urllib3's own debug lines carry the request URL: mask its numbers, guard the key.
+        guard_library_logs(self._api_key)
         self.settings = settings
         self.limiter = limiter
         self._sleep = sleep
