@@ -178,7 +178,7 @@ def test_without_redis_each_process_paces_itself() -> None:
 
 
 def test_the_source_builds_its_limiter_from_the_settings(simulator: Simulator) -> None:
-    base = {"sid": "S", "api_key": "k", "base_url": simulator.base_url}
+    base = {"sid": "S", "api_key": "test-key-0123456789", "base_url": simulator.base_url}
     paced = KaleyraSource(load_settings(environ={}, rate_limit=5.0, **base))
     assert isinstance(paced.client.limiter, RateLimiter)
     assert (paced.client.limiter.rate, paced.client.limiter.shared) == (5.0, False)
