@@ -379,9 +379,10 @@ class RedisCache:
     """A cache in Redis, shared by every worker of a fleet.
 
     Keys: ``bf:s:<channel>:<hash>`` (status, value ``1:<fetched_at>`` or ``0:<fetched_at>``,
-    expiring by ``PX``), ``bf:l:<hash>`` (lease, value a per-process token), ``bf:y:<channel>``
-    (sync mark). ``<hash>`` is the first 32 hex digits of HMAC-SHA256(secret, channel + ":" +
-    number). The client is made on first use and made again in a forked child (a connection
+    expiring by ``PX``), ``bf:l:<hash>`` (lease, value a per-process token),
+    ``bf:y:<channel>:<hash>`` (sync mark, keyed by the secret so accounts never share one).
+    ``<hash>`` is the first 32 hex digits of HMAC-SHA256(secret, channel + ":" + number).
+    The client is made on first use and made again in a forked child (a connection
     shared across processes mixes up replies).
 
     Use a server whose ``maxmemory-policy`` is ``noeviction`` (or with room to spare) if you use
@@ -493,7 +494,9 @@ class RedisCache:
         return f"{self.namespace}bf:l:{self._hash(channel, number)}"
 
     def _sync_key(self, channel: str) -> str:
-        return f"{self.namespace}bf:y:{channel}"
+        # Keyed like the entries (by the secret, so by the account): one account's sync mark
+        # must never make another account's unlisted numbers read as clean.
+        return f"{self.namespace}bf:y:{channel}:{self._hash(channel, '#sync')}"
 
     # -- statuses ----------------------------------------------------------------------
 

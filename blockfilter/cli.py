@@ -305,6 +305,13 @@ def cmd_filter(args: argparse.Namespace) -> int:
             settings, pm, on_error=args.on_error, max_requests=args.max_requests, progress=progress
         ) as engine,
     ):
+        from .kaleyra import KaleyraSource
+
+        for source in engine.sources:
+            if isinstance(source, KaleyraSource):
+                # A one-shot run never reads back a memory:// cache; the engine already holds
+                # every answer once. (A shared Redis cache is written all the same.)
+                source.remember = False
         if args.estimate:
             low, high = engine.estimate(open_lines)
             shown = str(low) if low == high else f"{low} to {high}"

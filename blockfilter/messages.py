@@ -55,9 +55,9 @@ def channel_of(message: Any) -> str:
 
 
 # Campaigns repeat numbers, and a run reads each message more than once: remembering the last
-# few hundred thousand (channel, to, region, fallback) answers makes the second read nearly
+# fifty thousand (channel, to, region, fallback) answers makes the second read nearly
 # free. Bounded, so a campaign of a million distinct numbers does not keep them all.
-_ROUTES_MEMO_LIMIT = 200_000
+_ROUTES_MEMO_LIMIT = 50_000
 _routes: dict[tuple[Any, ...], tuple[str, str, tuple[str, ...], int] | Invalid] = {}
 
 

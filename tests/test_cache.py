@@ -288,7 +288,7 @@ def test_redis_needs_a_secret() -> None:
 
 # -- Redis -------------------------------------------------------------------------------
 
-KEY_PATTERN = re.compile(r"bf:(s:sms:[0-9a-f]{32}|l:[0-9a-f]{32}|y:sms)")
+KEY_PATTERN = re.compile(r"bf:(s:sms:[0-9a-f]{32}|l:[0-9a-f]{32}|y:sms:[0-9a-f]{32})")
 
 
 @needs_redis
