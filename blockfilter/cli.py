@@ -320,10 +320,13 @@ def cmd_filter(args: argparse.Namespace) -> int:
         # Scrubbing a file sends nothing: observers see the verdicts, dispatch never runs.
         observe = _Observers(pm)
         with _atomic_output(args.out) as out:
-            for line in engine.run_lines(open_lines):
-                out.write(line)
-                observe(line)
-            observe.flush()
+            if observe.enabled:
+                for line in engine.run_lines(open_lines):
+                    out.write(line)
+                    observe(line)
+                observe.flush()
+            else:
+                out.writelines(engine.run_lines(open_lines))
         progress.close()
         summary = engine.summary.as_dict()
     if args.summary_json:
@@ -343,14 +346,14 @@ class _Observers:
 
     def __init__(self, pm: Any) -> None:
         self._pm = pm
-        self._enabled = bool(pm.hook.blockfilter_verdicts.get_hookimpls())
+        self.enabled = bool(pm.hook.blockfilter_verdicts.get_hookimpls())
         from .engine import load_record  # however deep the record nests
 
         self._load = load_record
         self._batch: list[dict[str, Any]] = []
 
     def __call__(self, line: bytes) -> None:
-        if self._enabled:
+        if self.enabled:
             self._batch.append(self._load(line))
             if len(self._batch) >= self.BATCH:
                 self.flush()

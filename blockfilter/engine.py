@@ -690,6 +690,10 @@ def _render_line(
     if type(message) is MalformedLine:
         return orjson.dumps({**message, **fields}) + b"\n"
     if "original_channel" not in fields and VERDICT_FIELDS.isdisjoint(message):
+        if encoded is not None and line.endswith(b"}\n"):
+            # The usual line. ``encoded`` is only given for a valid message, never an empty
+            # object, so the comma is always due.
+            return line[:-2] + b"," + encoded + b"\n"
         body = line.rstrip()
         if body.endswith(b"}"):
             head = body[:-1].rstrip()
