@@ -71,7 +71,12 @@ def requests_and_concurrency(distinct: int, concurrency: int) -> dict[str, float
         elapsed = time.monotonic() - started
         stats = sim.stats
     lower_bound = math.ceil(distinct / 100) + math.ceil(len(blocked) / 100)
-    ideal = math.ceil(distinct / 100 / concurrency) * 0.1 + math.ceil(len(blocked) / 100) * 0.1
+    # Each round's requests go concurrency at a time, one latency a wave.
+    primary_requests = math.ceil(distinct / 100)
+    fallback_requests = math.ceil(len(blocked) / 100)
+    ideal = (
+        math.ceil(primary_requests / concurrency) + math.ceil(fallback_requests / concurrency)
+    ) * 0.1
     return {
         "requests": stats.requests,
         "lower_bound": lower_bound,
