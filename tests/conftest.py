@@ -38,6 +38,12 @@ def fast_settings(base_url: str, **overrides: object) -> Settings:
     return load_settings(environ={}, **values)
 
 
+def clean_environ() -> dict[str, str]:
+    """This process's environment without any KALEYRA_* or BLOCKFILTER_* variable: the
+    starting point of every subprocess a test runs, so the machine's settings never leak in."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+
+
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=1):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 
 from blockfilter.simulator import FaultRule, Simulator
-from tests.conftest import TEST_KEY, TEST_SID
+from tests.conftest import TEST_KEY, TEST_SID, clean_environ
 
 
 def numbers(count: int, seed: int = 1) -> list[str]:
@@ -32,7 +31,7 @@ def simulator():
 
 
 def cli_env(sim: Simulator, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+    env = clean_environ()
     env.update(
         KALEYRA_SID=TEST_SID,
         KALEYRA_API_KEY=TEST_KEY,
@@ -213,7 +212,7 @@ def test_the_key_never_shows_even_at_debug(simulator: Simulator, tmp_path: Path)
 
 def test_missing_credentials_is_one_clear_line(tmp_path: Path) -> None:
     campaign = write_campaign(tmp_path / "c.jsonl", [])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+    env = clean_environ()
     done = blockfilter("filter", str(campaign), env=env)
     assert done.returncode == 2
     assert done.stderr.decode().strip().splitlines() == [
@@ -295,7 +294,7 @@ def test_the_simulator_command_prints_its_url_when_ready(tmp_path: Path) -> None
     blocked = tmp_path / "blocked.txt"
     (number,) = numbers(1)
     blocked.write_text(f"sms,{number}\n")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+    env = clean_environ()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -325,7 +324,7 @@ def test_the_simulator_command_prints_its_url_when_ready(tmp_path: Path) -> None
 
 
 def test_plugins_lists_the_built_ins_with_versions_and_hooks() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+    env = clean_environ()
     done = subprocess.run(
         [sys.executable, "-m", "blockfilter", "plugins"], capture_output=True, env=env, timeout=60
     )

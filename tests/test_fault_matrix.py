@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -30,7 +29,7 @@ import pytest
 from blockfilter.cli import format_summary
 from blockfilter.config import CHANNELS
 from blockfilter.simulator import FAULT_KINDS, FaultRule, Simulator
-from tests.conftest import TEST_KEY, TEST_SID
+from tests.conftest import TEST_KEY, TEST_SID, clean_environ
 from tests.test_cli import numbers, write_campaign
 
 ATTEMPTS = 3
@@ -133,7 +132,7 @@ def campaign_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def matrix_env(sim: Simulator, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+    env = clean_environ()
     env.update(
         KALEYRA_SID=TEST_SID,
         KALEYRA_API_KEY=TEST_KEY,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -51,6 +50,7 @@ from tests.celery_support.private_servers import (  # noqa: E402
     rabbit_unavailable_reason,
 )
 from tests.celery_support.tuned import TunedStack  # noqa: E402
+from tests.conftest import clean_environ  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -334,7 +334,7 @@ def test_cli_filter_with_the_cache_down_exits_0(
     cache_server.kill()
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(m) + "\n" for m in campaign.messages), encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+    env = clean_environ()
     env.update(
         KALEYRA_SID=TEST_SID,
         KALEYRA_API_KEY=TEST_KEY,

@@ -13,7 +13,6 @@ key a test made there is deleted afterwards.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import socket
@@ -36,6 +35,7 @@ from blockfilter.kaleyra import KaleyraSource
 from blockfilter.ratelimit import RateLimiter
 from blockfilter.simulator import Simulator
 from blockfilter.sync import sync_pages
+from tests.conftest import clean_environ
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 #: The Redis database the command-line tests use (see the module docs).
@@ -114,7 +114,7 @@ def cli_redis() -> Iterator[redis.Redis]:
 
 def cli_env(sim: Simulator, **extra: str) -> dict[str, str]:
     """A user's environment: this simulator, an account of the test's own, a Redis cache."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+    env = clean_environ()
     env.update(
         KALEYRA_SID=f"T{uuid.uuid4().hex[:12]}",
         KALEYRA_API_KEY="test-key-0123456789",

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import ssl
@@ -31,7 +30,7 @@ from blockfilter.errors import UpstreamError
 from blockfilter.kaleyra import KaleyraSource
 from blockfilter.redact import SECRET_FILTER, guard_library_logs, mask_number
 from blockfilter.simulator import FaultRule, Simulator
-from tests.conftest import fast_settings
+from tests.conftest import clean_environ, fast_settings
 from tests.test_cli import numbers, records, write_campaign
 
 SID = "SECRETSSID"
@@ -55,7 +54,7 @@ def _clean_simulator(sim: Simulator) -> Iterator[None]:
 
 
 def env_for(sim: Simulator, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+    env = clean_environ()
     env.update(
         KALEYRA_SID=SID,
         KALEYRA_API_KEY=KEY,
@@ -151,7 +150,7 @@ def test_the_key_never_shows_in_any_command_output(sim: Simulator, tmp_path: Pat
 
 
 def test_the_simulator_command_never_prints_the_key(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+    env = clean_environ()
     env.update(KALEYRA_SID=SID, KALEYRA_API_KEY=KEY)
     process = subprocess.Popen(
         [sys.executable, "-m", "blockfilter", "-vv", "simulator", "--port", "0"],
@@ -449,7 +448,7 @@ def test_a_tls_failure_defers_in_the_command_line(
     https_server: tuple[str, Path], tmp_path: Path
 ) -> None:
     base_url, cert = https_server
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+    env = clean_environ()
     env.pop("REQUESTS_CA_BUNDLE", None)
     env.update(
         KALEYRA_SID=SID,

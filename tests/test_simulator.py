@@ -27,6 +27,7 @@ from blockfilter.simulator import (
     Simulator,
     parse_fault_spec,
 )
+from tests.conftest import clean_environ
 
 SID = "SIDTEST01"
 KEY = "sim-key-0123456789abcdef"
@@ -673,7 +674,7 @@ def test_stop_closes_pooled_connections(http: requests.Session) -> None:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
+    env = clean_environ()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env.update(extra)
     return env
