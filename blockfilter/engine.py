@@ -6,32 +6,46 @@ How a run goes (the same for the Python API, the command line and the Celery tas
    (channel, number) pairs to look up.
 2. **Check**: ask the sources (Kaleyra, through the cache, plus any a plugin adds) about every
    pair at once, so requests are full (100 numbers) and run concurrently.
-3. **Fallbacks**: read the messages again; for those blocklisted on their channel, collect the
-   first fallback channel whose status is not known yet and check those in one more round
-   (repeated only while a fallback was itself blocklisted).
+3. **Fallbacks**: go over the messages again (over JSON Lines, over their distinct routes);
+   for those blocklisted on their channel, collect the first fallback channel whose status is
+   not known yet and check those in one more round (repeated only while a fallback was itself
+   blocklisted).
 4. **Verdicts**: read the messages a last time and give each its verdict.
 
 Reading the input several times is what keeps memory in proportion to the distinct numbers
 rather than to the messages: the command line re-reads its (spooled) file instead of holding it.
+Over JSON Lines, the first pass also writes down what each line holds (a
+:class:`~blockfilter.jsonlines.LinePlan`), so the later passes splice each verdict onto the
+line's own bytes without decoding the line again.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 import time
-from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Final, TypeVar, cast
+from types import MappingProxyType
+from typing import Any, Final, cast
 
 import orjson
 
 from .config import CHANNELS, Settings, load_settings
 from .errors import CredentialsRefused, RequestBudgetExhausted
+from .jsonlines import (
+    BLANK,
+    PAST_END,
+    LinePlan,
+    MalformedLine,
+    decode_again,
+    decode_line,
+    read_pass,
+    reencode,
+    render_line,
+    splice,
+)
 from .messages import VERDICT_FIELDS, Invalid, Parsed, channel_of, parse_message
 from .redact import guard_library_logs
 from .sources import BlocklistSource, CheckOutcome, CheckStream, open_stream
@@ -187,65 +201,37 @@ class _IsoTimes:
         return text
 
 
-class _DuplicateIds:
-    """Finds repeated ids with 8 bytes a message instead of a set of every id.
-
-    The first pass records each id's hash; hashes seen twice are *suspects*, and only ids with
-    a suspect hash are remembered (exactly) in later passes, so a hash collision can never turn
-    a unique id into a duplicate.
-    """
-
-    def __init__(self) -> None:
-        self._hashes = array("q")
-        self._suspects: frozenset[int] = frozenset()
-
-    def note(self, message_id: str) -> None:
-        self._hashes.append(hash(message_id))
-
-    def close_first_pass(self) -> None:
-        ordered = sorted(self._hashes)
-        self._suspects = frozenset(
-            ordered[i] for i in range(1, len(ordered)) if ordered[i] == ordered[i - 1]
-        )
-        self._hashes = array("q")
-
-    def pass_checker(self) -> Callable[[str], bool] | None:
-        """A fresh ``is_duplicate(id)`` for one pass over the messages, in input order;
-        ``None`` when no id can be a repeat (the common case: nothing to ask per message)."""
-        suspects = self._suspects
-        if not suspects:
-            return None
-        seen: set[str] = set()
-
-        def is_duplicate(message_id: str) -> bool:
-            if hash(message_id) not in suspects:
-                return False
-            if message_id in seen:
-                return True
-            seen.add(message_id)
-            return False
-
-        return is_duplicate
-
-
 _DUPLICATE = Invalid("duplicate_id", "an earlier message in this run has the same id")
 _NOT_AN_OBJECT = Invalid("malformed_line", "a message is a JSON object")
 
 Replay = Callable[[], Iterator[tuple[Any, "Parsed | Invalid"]]]
 
-_DECIDED_LIMIT = 100_000
+# What a message-independent fallback policy is shown in place of a message.
+_NO_MESSAGE: Mapping[str, Any] = MappingProxyType({})
 
 
-class _Decided:
-    """A verdict decided once for every message of one route, with its encoded fields."""
+class _Shared:
+    """A verdict shared by every line of one route, encoded once."""
 
-    __slots__ = ("count_key", "encoded", "fields")
+    __slots__ = ("count_key", "_fields", "_tail")
 
     def __init__(self, fields: dict[str, Any], channel: str) -> None:
-        self.fields = fields
         self.count_key = (fields["verdict"], channel)
-        # The fields as JSON without the opening brace: what a line gets appended.
-        self.encoded = orjson.dumps(fields)[1:]
+        self._fields = fields
+        # What the usual line's closing brace and newline give way to; None when a field of
+        # the line must be replaced (a reroute changes the channel).
+        self._tail = (
+            None if "original_channel" in fields else b"," + orjson.dumps(fields)[1:] + b"\n"
+        )
+
+    def render(self, line: bytes) -> bytes:
+        """``line``, a routed line (a valid message without verdict fields), with the verdict."""
+        tail = self._tail
+        if tail is None:
+            return reencode(line, self._fields)
+        if line.endswith(b"}\n"):  # it has an id: never "{}"
+            return line[:-2] + tail
+        return splice(line, tail[1:-1])
 
 
 class Filter:
@@ -344,7 +330,7 @@ class Filter:
 
         started = time.monotonic()
         before = self._source_counters()
-        table = self._resolve(replay)
+        table = self._resolve(replay(), replay)
         for message, p in replay():
             fields, channel = self._verdict(message, p, table)
             self.summary.count(fields["verdict"], channel)
@@ -361,64 +347,101 @@ class Filter:
         becomes an ``invalid`` record (``malformed_line``) whose ``id`` is its line number.
         Each message's own bytes are kept as they were; the verdict fields are appended.
         """
-        duplicates = _DuplicateIds()
+        # With a policy that looks only at the parsed message, every line of a route shares
+        # one verdict: a route's later lines are then neither shown to _resolve nor decoded
+        # again, and its verdict is decided and encoded once.
+        share = getattr(self.fallback_policy, "message_independent", False)
+        plan = LinePlan(share_verdicts=share)
+        try:
+            yield from self._run_planned(open_lines, plan)
+        finally:
+            plan.close()
 
+    def _run_planned(
+        self, open_lines: Callable[[], Iterable[bytes]], plan: LinePlan
+    ) -> Iterator[bytes]:
         def first_pass() -> Iterator[tuple[Any, Parsed | Invalid]]:
-            for line_number, line in enumerate(open_lines(), 1):
-                if line_number == 1:
-                    line = _strip_bom(line)
-                decoded = _decode_line(line, line_number)
-                if decoded is None:
-                    continue
-                message, parsed = decoded
-                if isinstance(parsed, Parsed):
-                    duplicates.note(parsed.id)
-                yield message, parsed
-            duplicates.close_first_pass()
+            read = plan.read
+            for line_number, line in enumerate(read_pass(open_lines), 1):
+                item = read(line, line_number)
+                if item is not None:
+                    yield item
+            plan.finish_first_pass()
 
-        def replay() -> Iterator[tuple[Any, Parsed | Invalid]]:
-            is_duplicate = duplicates.pass_checker()
-            for line_number, line in enumerate(open_lines(), 1):
-                if line_number == 1:
-                    line = _strip_bom(line)
-                decoded = _decode_line(line, line_number)
-                if decoded is None:
+        def look_again(every_line: bool) -> Iterator[tuple[Any, Parsed | Invalid]]:
+            """The messages decoded again: every one, or those of lines without a route."""
+            is_duplicate = plan.ids.pass_checker()
+            lines_read = 0
+            for lines_read, line, code in plan.lines(read_pass(open_lines)):
+                if code == BLANK or (code >= 0 and not every_line):
                     continue
-                message, parsed = decoded
-                if (
-                    is_duplicate is not None
-                    and isinstance(parsed, Parsed)
-                    and is_duplicate(parsed.id)
-                ):
+                if code == PAST_END:
+                    break
+                message, parsed = decode_again(line, lines_read)
+                if is_duplicate is not None and type(parsed) is Parsed and is_duplicate(parsed.id):
                     parsed = _DUPLICATE
-                yield (line, message), parsed
+                yield message, parsed
+            plan.check_line_count(lines_read)
+
+        def fallback_candidates() -> Iterator[tuple[Any, Parsed | Invalid]]:
+            if not plan.share_verdicts:
+                yield from look_again(every_line=True)
+                return
+            for route in plan.routes:
+                yield _NO_MESSAGE, route
+            if plan.valid_unrouted:
+                yield from look_again(every_line=False)
 
         started = time.monotonic()
         before = self._source_counters()
-        table = self._resolve(replay, first_pass)
-        counts = self.summary.counts
-        # Messages that share a channel, number and fallback list share a verdict; with a
-        # policy that looks at nothing else, decide and encode it once (bounded: a campaign of
-        # a million distinct numbers does not keep a million verdicts).
-        reuse = getattr(self.fallback_policy, "message_independent", False)
-        decided: dict[tuple[str, int, tuple[str, ...]], _Decided] = {}
-        for emitted, ((line, message), parsed) in enumerate(replay(), 1):
-            if reuse and isinstance(parsed, Parsed):
-                route = (parsed.channel, parsed.key, parsed.fallback)
-                known = decided.get(route)
-                if known is None:
-                    if len(decided) >= _DECIDED_LIMIT:
-                        decided.clear()
-                    known = decided[route] = _Decided(*self._verdict(message, parsed, table))
-                counts[known.count_key] += 1
-                yield _render_line(line, message, known.fields, known.encoded)
-            else:
-                fields, channel = self._verdict(message, parsed, table)
-                counts[fields["verdict"], channel] += 1
-                yield _render_line(line, message, fields)
-            if self._progress is not None and emitted % 1000 == 0:
-                self._progress("verdicts", 1000, None)
+        table = self._resolve(first_pass(), fallback_candidates)
+        yield from self._verdict_lines(open_lines, plan, table)
         self._finish(before, started)
+
+    def _verdict_lines(
+        self, open_lines: Callable[[], Iterable[bytes]], plan: LinePlan, table: StatusTable
+    ) -> Iterator[bytes]:
+        """The last pass: each line with its verdict spliced on."""
+        progress = self._progress
+        routes = plan.routes
+        shared: list[_Shared | None] = [None] * len(routes)
+        route_lines = [0] * len(routes)  # lines given each route's shared verdict
+        share = plan.share_verdicts
+        is_duplicate = plan.ids.pass_checker()
+        loads = orjson.loads
+        lines_read = 0
+        for lines_read, line, code in plan.lines(read_pass(open_lines)):
+            if progress is not None and lines_read % 1000 == 0:
+                progress("verdicts", 1000, None)
+            # A routed line is a valid message without verdict fields. Its id is only looked
+            # at when some id of the run was seen twice.
+            if (
+                code >= 0
+                and share
+                and (is_duplicate is None or not is_duplicate(loads(line)["id"]))
+            ):
+                verdict = shared[code]
+                if verdict is None:
+                    verdict = shared[code] = _Shared(
+                        *self._verdict(_NO_MESSAGE, routes[code], table)
+                    )
+                route_lines[code] += 1
+                yield verdict.render(line)
+            elif code == BLANK:
+                continue
+            elif code == PAST_END:
+                break
+            else:
+                message, parsed = decode_again(line, lines_read)
+                if is_duplicate is not None and type(parsed) is Parsed and is_duplicate(parsed.id):
+                    parsed = _DUPLICATE
+                fields, channel = self._verdict(message, parsed, table)
+                self.summary.count(fields["verdict"], channel)
+                yield render_line(line, message, fields)
+        plan.check_line_count(lines_read)
+        for verdict, lines in zip(shared, route_lines, strict=True):
+            if verdict is not None:
+                self.summary.counts[verdict.count_key] += lines
 
     def estimate(self, open_lines: Callable[[], Iterable[bytes]]) -> tuple[int, int]:
         """How many API requests :meth:`run_lines` would make: ``(at least, at most)``.
@@ -428,10 +451,8 @@ class Filter:
         """
         wanted: dict[str, set[int]] = defaultdict(set)
         fallback_wanted: dict[str, set[int]] = defaultdict(set)
-        for line_number, line in enumerate(open_lines(), 1):
-            if line_number == 1:
-                line = _strip_bom(line)
-            decoded = _decode_line(line, line_number)
+        for line_number, line in enumerate(read_pass(open_lines), 1):
+            decoded = decode_line(line, line_number)
             if decoded is None:
                 continue
             message, parsed = decoded
@@ -466,7 +487,14 @@ class Filter:
         self.summary.cache_hits += cache_hits - before[1]
         self.summary.elapsed_s += time.monotonic() - started
 
-    def _resolve(self, replay: Replay, first_pass: Replay | None = None) -> StatusTable:
+    def _resolve(
+        self,
+        first_pass: Iterable[tuple[Any, Parsed | Invalid]],
+        fallback_candidates: Replay,
+    ) -> StatusTable:
+        """What the sources say of every message's number, then of the fallback channels of
+        the blocklisted ones. ``first_pass`` gives every message (or at least one of each
+        route); ``fallback_candidates`` gives them again for each fallback round."""
         table = StatusTable()
         streams = [open_stream(source) for source in self.sources]
         # Numbers go to the sources while the input is still being read, so requests are in
@@ -475,7 +503,7 @@ class Filter:
         fresh: dict[str, list[str]] = {channel: [] for channel in CHANNELS}
         has_fallbacks = False
         policy = self.fallback_policy
-        for message, parsed in (first_pass or replay)():
+        for message, parsed in first_pass:
             if not isinstance(parsed, Parsed):
                 continue
             keys = seen[parsed.channel]
@@ -498,7 +526,7 @@ class Filter:
         # rounds as there are channels, since a known status is never asked again.
         while has_fallbacks:
             wanted: dict[str, set[int]] = defaultdict(set)
-            for message, parsed in replay():
+            for message, parsed in fallback_candidates():
                 if isinstance(parsed, Parsed):
                     fallback = self._next_fallback_to_check(message, parsed, table)
                     if fallback is not None:
@@ -632,105 +660,3 @@ class Filter:
 
 def _as_numbers(wanted: Mapping[str, set[int]]) -> dict[str, list[str]]:
     return {channel: [f"+{key}" for key in keys] for channel, keys in wanted.items() if keys}
-
-
-# -- JSON Lines ------------------------------------------------------------------------------
-
-MAX_LINE_BYTES = 1 << 20  # a message is small; a bigger line is malformed, not a memory hazard
-
-
-_BOM = b"\xef\xbb\xbf"
-
-
-def _strip_bom(line: bytes) -> bytes:
-    """The first line without a UTF-8 byte order mark: spreadsheet exports ("CSV UTF-8",
-    "Unicode text") start with one, and it is not part of the JSON."""
-    return line[3:] if line.startswith(_BOM) else line
-
-
-class MalformedLine(dict):  # type: ignore[type-arg]
-    """Stands in for a line that is not a JSON object: its record is ``{"id": "<line>"}``."""
-
-    def __init__(self, line_number: int) -> None:
-        super().__init__(id=str(line_number))
-
-
-def _decode_line(line: bytes, line_number: int) -> tuple[Any, Parsed | Invalid] | None:
-    """Decode one input line; ``None`` for a blank line."""
-    if len(line) > MAX_LINE_BYTES:
-        return MalformedLine(line_number), Invalid(
-            "malformed_line", f"line {line_number} is longer than {MAX_LINE_BYTES} bytes"
-        )
-    try:
-        message = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        if not line.strip():
-            return None
-        return MalformedLine(line_number), Invalid(
-            "malformed_line", f"line {line_number} is not JSON: {str(exc)[:120]}"
-        )
-    if type(message) is not dict:
-        return MalformedLine(line_number), Invalid(
-            "malformed_line", f"line {line_number} is not a JSON object"
-        )
-    return message, parse_message(message)
-
-
-def _render_line(
-    line: bytes, message: dict[str, Any], fields: dict[str, Any], encoded: bytes | None = None
-) -> bytes:
-    """The output line: the input's own bytes with the verdict fields appended.
-
-    Splicing instead of re-encoding keeps every field exactly as given (big integers, number
-    spelling, unicode escapes) and is faster. When a field must be *replaced* (a reroute
-    changes ``channel``; an input that already has verdict fields), the line is re-encoded
-    with the standard library, which keeps integers of any size. ``encoded`` is
-    ``orjson.dumps(fields)[1:]`` when the caller has it already.
-    """
-    if type(message) is MalformedLine:
-        return orjson.dumps({**message, **fields}) + b"\n"
-    if "original_channel" not in fields and VERDICT_FIELDS.isdisjoint(message):
-        if encoded is not None and line.endswith(b"}\n"):
-            # The usual line. ``encoded`` is only given for a valid message, never an empty
-            # object, so the comma is always due.
-            return line[:-2] + b"," + encoded + b"\n"
-        body = line.rstrip()
-        if body.endswith(b"}"):
-            head = body[:-1].rstrip()
-            if encoded is None:
-                encoded = orjson.dumps(fields)[1:]
-            separator = b"" if head.endswith(b"{") else b","
-            return head + separator + encoded + b"\n"
-    return _with_room_to_recurse(_reencode, line, fields)
-
-
-def load_record(line: bytes) -> Any:
-    """Decode an output line with the standard library (integers of any size), however
-    deep it nests: the input was accepted by orjson, so at most 1024 levels."""
-    return _with_room_to_recurse(json.loads, line)
-
-
-_ORJSON_MAX_DEPTH = 1024
-_T = TypeVar("_T")
-
-
-def _with_room_to_recurse(call: Callable[..., _T], *args: Any) -> _T:
-    try:
-        return call(*args)
-    except RecursionError:
-        # orjson took the line, so it nests at most 1024 deep; the standard library needs a
-        # deeper recursion limit than the default for that. Raised for this one call only.
-        limit = sys.getrecursionlimit()
-        sys.setrecursionlimit(limit + 4 * _ORJSON_MAX_DEPTH)
-        try:
-            return call(*args)
-        finally:
-            sys.setrecursionlimit(limit)
-
-
-def _reencode(line: bytes, fields: dict[str, Any]) -> bytes:
-    original = json.loads(line)
-    for name in VERDICT_FIELDS:
-        original.pop(name, None)
-    original.update(fields)
-    return json.dumps(original, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"

@@ -22,6 +22,14 @@ class ConfigError(BlockfilterError):
     """A setting is missing or wrong. The message names the variable and says what to do."""
 
 
+class InputChanged(BlockfilterError):
+    """The input read on a later pass of a run is not the one read on the first.
+
+    The filter reads its input more than once and trusts what the first pass learnt of each
+    line; a file edited during a run would get verdicts meant for other lines.
+    """
+
+
 class UpstreamError(BlockfilterError):
     """The blocklist API could not answer a request.
 

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from blockfilter import messages as messages_module
 from blockfilter.config import CHANNELS, load_settings
-from blockfilter.engine import MAX_LINE_BYTES, Filter
+from blockfilter.engine import Filter
+from blockfilter.jsonlines import MAX_LINE_BYTES
 from blockfilter.messages import VERDICT_FIELDS, Invalid, Parsed, parse_message
 from blockfilter.numbers import InvalidNumber, normalize
 from blockfilter.simulator import Simulator

@@ -1,0 +1,240 @@
+"""Reading JSON Lines: the plan the first pass makes, so later passes need not decode lines
+again, must never change a verdict.
+
+The oracle is :meth:`Filter.run`, which holds the decoded messages in memory and has no plan:
+for any file, ``run_lines`` must give each line the verdict ``run`` gives its message, with
+every plan size (routes spilling past the route limit, codes spilling to disk) and with a
+fallback policy that looks at the whole message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blockfilter import cli, jsonlines
+from blockfilter.engine import Filter
+from blockfilter.errors import InputChanged
+from blockfilter.jsonlines import LinePlan
+from blockfilter.messages import Parsed
+from blockfilter.simulator import Simulator
+from tests.conftest import TEST_KEY, TEST_SID
+from tests.test_cli import cli_env
+from tests.test_hostile_input import VALID, any_messages, good_messages, make_filter
+
+# -- run_lines against run ---------------------------------------------------------------------
+
+line_endings = st.sampled_from([b"\n", b"\r\n", b"  \n"])
+spacings = st.sampled_from([(", ", ": "), (",", ":")])
+
+
+@st.composite
+def campaign_files(draw: st.DrawFn) -> list[bytes]:
+    """Lines as exporters write them: mostly good messages from a small pool (so routes,
+    numbers and ids repeat), some odd ones, junk, blank lines, mixed endings, maybe a BOM."""
+    pool = draw(st.lists(good_messages, min_size=1, max_size=6))
+    lines: list[bytes] = []
+    for _ in range(draw(st.integers(min_value=0, max_value=30))):
+        kind = draw(st.sampled_from(["pool", "pool", "pool", "any", "junk", "blank"]))
+        if kind == "junk":
+            lines.append(draw(st.sampled_from([b"{not json", b"[1, 2]", b"1e400", b"{}", b'"x"'])))
+        elif kind == "blank":
+            lines.append(draw(st.sampled_from([b"", b"   "])))
+        else:
+            if kind == "pool":
+                message = dict(draw(st.sampled_from(pool)))
+                if draw(st.booleans()):  # a fresh id, or the pool's (a duplicate)
+                    message["id"] = f"n{len(lines)}"
+            else:
+                message = draw(any_messages)
+            separators = draw(spacings)
+            lines.append(json.dumps(message, separators=separators).encode())
+        lines[-1] += draw(line_endings)
+    if lines and draw(st.booleans()):
+        lines[-1] = lines[-1].rstrip(b"\r\n")  # no newline at the end of the file
+    if lines and draw(st.booleans()):
+        lines[0] = b"\xef\xbb\xbf" + lines[0]
+    return lines
+
+
+def oracle(lines: list[bytes], **options: Any) -> list[dict[str, Any]]:
+    """What ``Filter.run`` says of the same messages."""
+    messages: list[Any] = []
+    for line in lines:
+        line = line.removeprefix(b"\xef\xbb\xbf")
+        if not line.strip():
+            continue
+        try:
+            orjson.loads(line)  # what run_lines accepts
+        except orjson.JSONDecodeError:
+            messages.append(None)  # run() gives it malformed_line, as run_lines does
+        else:
+            messages.append(json.loads(line))  # integers of any size, as run_lines keeps them
+    return list(make_filter(**options).run(messages))
+
+
+VERDICT_VIEW = ("verdict", "reason", "e164", "channel", "original_channel")
+
+
+def view(record: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What a user checks of a record, except the ids run() makes up for malformed lines."""
+    shown = tuple(record.get(name) for name in VERDICT_VIEW)
+    if record.get("reason") == "malformed_line":
+        return shown
+    carried = {k: v for k, v in record.items() if k not in VERDICT_VIEW and k != "checked_at"}
+    return (*shown, json.dumps(carried, sort_keys=True))
+
+
+def vip_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
+    """A policy that looks at the whole message (so verdicts cannot be shared by route)."""
+    assert parsed.id == message["id"], "the policy was shown another message's parse"
+    return parsed.fallback if message.get("payload") is None else parsed.fallback[:1]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lines=campaign_files(),
+    route_limit=st.sampled_from([jsonlines.ROUTE_LIMIT, 1, 0]),
+    chunk=st.sampled_from([LinePlan._CHUNK, 3]),
+    whole_message_policy=st.booleans(),
+)
+def test_run_lines_gives_each_line_the_verdict_run_gives_its_message(
+    lines: list[bytes], route_limit: int, chunk: int, whole_message_policy: bool
+) -> None:
+    options: dict[str, Any] = {"fallback_policy": vip_fallbacks} if whole_message_policy else {}
+    expected = oracle(lines, **options)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jsonlines, "ROUTE_LIMIT", route_limit)
+        patch.setattr(LinePlan, "_CHUNK", chunk)
+        engine = make_filter(**options)
+        out = list(engine.run_lines(lambda: iter(lines)))
+    got = [json.loads(line) for line in out]
+    assert all(line.endswith(b"\n") and line.count(b"\n") == 1 for line in out)
+    assert [view(r) for r in got] == [view(r) for r in expected]
+    summary = engine.summary.as_dict()
+    assert summary["total"] == len(got)
+    assert summary["verdicts"] == dict(_count(r["verdict"] for r in got))
+
+
+def _count(values: Iterator[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def test_repeated_routes_are_decided_once_and_asked_once() -> None:
+    """A campaign of 30,000 lines over 3 numbers: 3 numbers asked, every line right."""
+    asked: list[str] = []
+
+    def lookup(channel: str, numbers: list[str]) -> set[str]:
+        asked.extend(numbers)
+        return {VALID[1]}
+
+    from blockfilter.config import load_settings
+    from blockfilter.sources import FunctionSource
+
+    lines = [
+        json.dumps({"id": f"m{i}", "channel": "sms", "to": VALID[i % 3]}).encode() + b"\n"
+        for i in range(30_000)
+    ]
+    engine = Filter(load_settings(environ={}), sources=[FunctionSource("one", lookup)])
+    out = [json.loads(line) for line in engine.run_lines(lambda: iter(lines))]
+    assert sorted(asked) == sorted(VALID[:3])
+    assert [r["id"] for r in out] == [f"m{i}" for i in range(30_000)]
+    assert [r["verdict"] for r in out[:3]] == ["allowed", "blocked", "allowed"]
+    assert engine.summary.verdicts == {"allowed": 20_000, "blocked": 10_000}
+
+
+# -- an input that changes under the filter ---------------------------------------------------
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    with Simulator(sid=TEST_SID, api_key=TEST_KEY) as simulator:
+        yield simulator
+
+
+def test_an_input_with_other_lines_on_a_later_pass_is_an_error() -> None:
+    first = [json.dumps({"id": str(i), "channel": "sms", "to": VALID[0]}).encode() for i in (1, 2)]
+    for later in (first[:1], [*first, first[0]]):
+        passes = iter([first, later])
+        with pytest.raises(InputChanged, match="changed while it was being filtered"):
+            list(make_filter().run_lines(lambda: iter(next(passes))))  # noqa: B023
+
+
+def test_a_file_edited_during_a_run_stops_it_and_writes_nothing(
+    sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The command line checks the file is the same on every pass, so a line edited in place
+    (same number of lines) cannot get the verdict meant for what was there before."""
+    from blockfilter import hookimpl
+    from blockfilter.plugins import get_plugin_manager, reset_plugin_manager
+
+    for name, value in cli_env(sim).items():
+        if name.startswith(("KALEYRA_", "BLOCKFILTER_")):
+            monkeypatch.setenv(name, value)
+    path = tmp_path / "campaign.jsonl"
+    path.write_text(
+        json.dumps({"id": "1", "channel": "sms", "to": VALID[0]})
+        + "\n"
+        + json.dumps({"id": "2", "channel": "sms", "to": VALID[1]})
+        + "\n"
+    )
+
+    class EditsTheFile:
+        @hookimpl
+        def blockfilter_blocklisted(self, channel: str, numbers: list[str]) -> list[str]:
+            text = path.read_text()
+            path.write_text(text.replace(VALID[1], VALID[2]))  # same lines, another number
+            return []
+
+    reset_plugin_manager()
+    try:
+        get_plugin_manager().register(EditsTheFile())
+        code = cli.main(["filter", str(path), "--quiet", "--out", str(tmp_path / "out.jsonl")])
+    finally:
+        reset_plugin_manager()
+    assert code == cli.EXIT_ERROR
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+# -- splitting a file into lines ----------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.sampled_from([b"\n", b"{}", b"ab", b"x" * 7, b"\r", b"\r\n", b"y" * 13]), max_size=40
+    ),
+    block=st.integers(min_value=1, max_value=16),
+    max_line=st.integers(min_value=1, max_value=12),
+)
+def test_line_blocks_give_the_lines_readline_gives(
+    pieces: list[bytes], block: int, max_line: int
+) -> None:
+    """Every line up to the limit byte for byte, in order; each longer one as one line over
+    the limit (so it is ``malformed_line``), never longer than the limit plus a block."""
+    import io
+
+    content = b"".join(pieces)
+    expected = [
+        line if len(line) <= max_line else b"LONG" for line in io.BytesIO(content).readlines()
+    ]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "_BLOCK_BYTES", block)
+        patch.setattr(jsonlines, "MAX_LINE_BYTES", max_line)
+        got = [
+            line
+            for blocked in cli._line_blocks(io.BytesIO(content))
+            for line in io.BytesIO(blocked)
+        ]
+    assert all(len(line) <= max_line + block for line in got)
+    assert [line if len(line) <= max_line else b"LONG" for line in got] == expected
