@@ -158,8 +158,8 @@ class Bench:
     def env(self, concurrency: int, **extra: str) -> dict[str, str]:
         """A fresh account and cache secret: nothing learnt by an earlier scenario is seen.
 
-        The sync mark (``bf:y:<channel>``) is not keyed by account or secret, so the marks an
-        earlier scenario left are deleted too."""
+        The sync marks an earlier scenario left are deleted too, so the one a scenario ages
+        is the only one in Redis."""
         clear_sync_marks()
         env = {
             k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))
@@ -391,9 +391,12 @@ def plot(runs: list[Run], path: Path) -> None:
 def age_sync_mark(channel: str, seconds: float) -> None:
     """Make the channel's sync mark look ``seconds`` older (its value is ``synced_at:size``)."""
     client = redis.Redis.from_url(REDIS_URL)
-    key = f"bf:y:{channel}"
+    # The key ends with a hash of the account's cache secret (one per campaign here).
+    keys = list(client.scan_iter(match=f"*bf:y:{channel}:*"))
+    assert len(keys) == 1, f"one sync mark to age, not {len(keys)}"
+    (key,) = keys
     raw = client.get(key)
-    assert raw is not None, "no sync mark to age"
+    assert raw is not None, "the sync mark expired"
     at, _, size = raw.partition(b":")
     client.set(key, f"{float(at) - seconds!r}:{int(size)}", px=client.pttl(key))
     client.close()
@@ -401,7 +404,7 @@ def age_sync_mark(channel: str, seconds: float) -> None:
 
 def clear_sync_marks() -> None:
     client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match="bf:y:*"):
+    for key in client.scan_iter(match="*bf:y:*"):
         client.delete(key)
     client.close()
 

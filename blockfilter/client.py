@@ -351,18 +351,27 @@ class KaleyraClient:
         that is an exact multiple of ``page_size`` costs one last, empty page. The list may
         change while it is paged: a number may then be missed or seen twice.
         """
+        offset = 0
+        while True:
+            page = self.blocklist_page(channel, offset, page_size)
+            yield from page
+            if len(page) < page_size:
+                return
+            offset += page_size
+
+    def blocklist_page(
+        self, channel: str, offset: int, page_size: int = MAX_PAGE_SIZE
+    ) -> list[str]:
+        """One page of the blocklist of ``channel``: up to ``page_size`` numbers from
+        ``offset`` (one logical request, within the retry budget). A page shorter than
+        ``page_size`` is the last; pages can be fetched concurrently."""
         channel = _channel(channel)
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size}")
-        offset = 0
-        while True:
-            query = f"limit={page_size}&offset={offset}&channel={channel}"
-            data = self._request(query, _Shape(channel, 0, offset))
-            for entry in data:
-                yield entry["mobile"]
-            if len(data) < page_size:
-                return
-            offset += page_size
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        query = f"limit={page_size}&offset={offset}&channel={channel}"
+        return [entry["mobile"] for entry in self._request(query, _Shape(channel, 0, offset))]
 
     # -- one logical request: the retry budget -------------------------------------------------
 

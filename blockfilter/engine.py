@@ -58,6 +58,11 @@ FAILED_CREDENTIALS: Final = "credentials_refused"
 FAILED_BUDGET: Final = "request_budget"
 
 CLEAN, BLOCKED, FAILED = 0, 1, 2
+# The status of a number handed to the sources and not answered (yet): unchecked.
+ASKED: Final = (FAILED, FAILED_CHECK)
+# Which status a later answer of another source may replace: blocklisted anywhere wins, then
+# a failure (unchecked), then clean.
+_RANK = {CLEAN: 0, FAILED: 1, BLOCKED: 2}
 
 # Distinct numbers handed to the sources at a time during the first pass: enough for a few
 # full requests and one cache round trip, few enough that the first request leaves early.
@@ -89,43 +94,50 @@ def _key(e164: str) -> int:
 class StatusTable:
     """What the run has learnt, per channel and number: clean, blocklisted or unchecked.
 
+    One dict a channel, from a number's key to its status ``(kind, value)``; every number of
+    one answer shares one status tuple, so a million numbers cost their keys and dict slots
+    and little else. A number handed to the sources is marked :data:`ASKED` first (so it is
+    never handed over twice), which reads as unchecked until an answer replaces it: a source
+    that skips a number leaves it unchecked (fail closed), and it is not asked again.
+
     Sources are joined here: blocklisted anywhere wins; otherwise a failure anywhere leaves the
-    number unchecked (fail closed); a clean status keeps the oldest time any source gave.
+    number unchecked; a clean or blocklisted status keeps the oldest time any source gave.
     """
 
     def __init__(self) -> None:
-        self._clean: dict[str, dict[int, float]] = {c: {} for c in CHANNELS}
-        self._blocked: dict[str, dict[int, float]] = {c: {} for c in CHANNELS}
-        self._failed: dict[str, dict[int, str]] = {c: {} for c in CHANNELS}
+        self._status: dict[str, dict[int, tuple[int, Any]]] = {c: {} for c in CHANNELS}
+
+    def want(self, channel: str, key: int) -> bool:
+        """Mark a number as asked; false if it was asked (or known) already."""
+        statuses = self._status[channel]
+        if key in statuses:
+            return False
+        statuses[key] = ASKED
+        return True
 
     def record(self, outcome: CheckOutcome) -> None:
-        channel = outcome.channel
+        statuses = self._status[outcome.channel]
         if outcome.error is not None:
-            reason = _failure_reason(outcome.error)
-            failed = self._failed[channel]
+            failed = (FAILED, _failure_reason(outcome.error))
             for number in outcome.numbers:
-                failed[_key(number)] = reason
+                key = _key(number)
+                if statuses.get(key, ASKED)[0] != BLOCKED:
+                    statuses[key] = failed
             return
         checked_at = outcome.checked_at if outcome.checked_at is not None else time.time()
-        clean, blocked = self._clean[channel], self._blocked[channel]
+        clean, blocked = (CLEAN, checked_at), (BLOCKED, checked_at)
         for number in outcome.numbers:
             key = _key(number)
-            table = blocked if number in outcome.blocked else clean
-            previous = table.get(key)
-            if previous is None or checked_at < previous:
-                table[key] = checked_at
+            new = blocked if number in outcome.blocked else clean
+            old = statuses.get(key, ASKED)
+            if old is ASKED or _RANK[new[0]] > _RANK[old[0]]:
+                statuses[key] = new
+            elif new[0] == old[0] and checked_at < old[1]:
+                statuses[key] = new  # the same answer, learnt earlier
 
     def lookup(self, channel: str, key: int) -> tuple[int, Any] | None:
-        checked_at = self._blocked[channel].get(key)
-        if checked_at is not None:
-            return BLOCKED, checked_at
-        reason = self._failed[channel].get(key)
-        if reason is not None:
-            return FAILED, reason
-        checked_at = self._clean[channel].get(key)
-        if checked_at is not None:
-            return CLEAN, checked_at
-        return None
+        """The number's status; ``None`` if it was never asked."""
+        return self._status[channel].get(key)
 
 
 def _failure_reason(error: BaseException) -> str:
@@ -499,16 +511,14 @@ class Filter:
         streams = [open_stream(source) for source in self.sources]
         # Numbers go to the sources while the input is still being read, so requests are in
         # flight during the first pass instead of after it.
-        seen: dict[str, set[int]] = {channel: set() for channel in CHANNELS}
         fresh: dict[str, list[str]] = {channel: [] for channel in CHANNELS}
         has_fallbacks = False
         policy = self.fallback_policy
+        want = table.want
         for message, parsed in first_pass:
             if not isinstance(parsed, Parsed):
                 continue
-            keys = seen[parsed.channel]
-            if parsed.key not in keys:
-                keys.add(parsed.key)
+            if want(parsed.channel, parsed.key):
                 batch = fresh[parsed.channel]
                 batch.append(parsed.e164)
                 if len(batch) >= _STREAM_CHUNK:
@@ -516,14 +526,13 @@ class Filter:
                     fresh[parsed.channel] = []
             if not has_fallbacks and policy(message, parsed):
                 has_fallbacks = True
-        del seen
         for channel, batch in fresh.items():
             if batch:
                 self._feed(streams, table, channel, batch)
         self._drain(streams, table)
         # Each round asks, for every message still blocklisted everywhere known, its next
         # fallback channel. Rounds end when nothing is left to ask; there are at most as many
-        # rounds as there are channels, since a known status is never asked again.
+        # rounds as there are channels, since a number is never asked twice on a channel.
         while has_fallbacks:
             wanted: dict[str, set[int]] = defaultdict(set)
             for message, parsed in fallback_candidates():
@@ -572,8 +581,10 @@ class Filter:
 
     def _check(self, table: StatusTable, wanted: Mapping[str, set[int]]) -> None:
         streams = [open_stream(source) for source in self.sources]
-        for channel, numbers in _as_numbers(wanted).items():
-            self._feed(streams, table, channel, numbers)
+        for channel, keys in wanted.items():
+            numbers = [f"+{key}" for key in keys if table.want(channel, key)]
+            if numbers:
+                self._feed(streams, table, channel, numbers)
         self._drain(streams, table)
 
     # -- verdicts --------------------------------------------------------------------------

@@ -247,7 +247,17 @@ class LinePlan:
                 message = orjson.loads(line)
             except orjson.JSONDecodeError:
                 pass
-        if type(message) is dict and VERDICT_FIELDS.isdisjoint(message):
+        if type(message) is dict:
+            return self._read_object(message)
+        decoded = decode_line(line, line_number)  # blank, not JSON, too long, or not an object
+        if decoded is None:
+            codes.append(BLANK)
+            return None
+        return decoded[0], self._unrouted(decoded[1])
+
+    def _read_object(self, message: dict[str, Any]) -> tuple[Any, Parsed | Invalid] | None:
+        codes = self._codes
+        if VERDICT_FIELDS.isdisjoint(message):
             get = message.get
             message_id, to, fallback = get("id"), get("to"), get("fallback")
             # parse_message's memo makes the same type tests: equal keys, equal answers.
@@ -281,11 +291,7 @@ class LinePlan:
                     self._id_hashes.append(hash(message_id))
                     return message, parsed
                 return message, self._unrouted(parsed)
-        decoded = decode_line(line, line_number)
-        if decoded is None:
-            codes.append(BLANK)
-            return None
-        return decoded[0], self._unrouted(decoded[1])
+        return message, self._unrouted(parse_message(message))
 
     def _unrouted(self, parsed: Parsed | Invalid) -> Parsed | Invalid:
         self._codes.append(LOOK_AGAIN)

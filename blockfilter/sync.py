@@ -32,10 +32,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
 
 from .cache import CacheUnavailable, MemoryCache, StatusCache, SyncInfo
-from .client import MAX_PAGE_SIZE, KaleyraClient, _Shape
+from .client import MAX_PAGE_SIZE, KaleyraClient
 from .config import CHANNELS
 from .numbers import InvalidNumber, normalize
 
@@ -100,15 +99,10 @@ class _Pager:
 
     def fetch(self, index: int) -> int:
         """Fetch page ``index``, cache its numbers; returns how many entries it held."""
-        offset = index * MAX_PAGE_SIZE
-        query = f"limit={MAX_PAGE_SIZE}&offset={offset}&channel={self.channel}"
-        # client.iter_blocklist pages one after the other from offset 0; a concurrent sync needs
-        # one page at a given offset, within the same retry budget and rate limit.
-        data: list[dict[str, Any]] = self.client._request(query, _Shape(self.channel, 0, offset))
+        data = self.client.blocklist_page(self.channel, index * MAX_PAGE_SIZE)
         numbers: list[str] = []
         unmatchable = 0
-        for entry in data:
-            raw = entry["mobile"]
+        for raw in data:
             if not _PLUS_DIGITS.match(raw):
                 unmatchable += 1
                 continue

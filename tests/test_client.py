@@ -409,6 +409,20 @@ def test_iter_blocklist_rejects_pages_the_api_refuses(make_client) -> None:
     client = make_client()
     with pytest.raises(ValueError):
         list(client.iter_blocklist("sms", page_size=101))
+    with pytest.raises(ValueError, match="offset"):
+        client.blocklist_page("sms", -100)
+
+
+def test_blocklist_page_fetches_one_page_at_an_offset(sim: Simulator, make_client) -> None:
+    """What a concurrent sync asks: any page, in any order, each one request."""
+    sim.unblock("sms", BLOCKED)
+    listed = numbers(250, start=5000)
+    sim.block("sms", *listed)
+    client = make_client()
+    pages = [client.blocklist_page("sms", offset) for offset in (200, 0, 100, 300)]
+    assert [len(page) for page in pages] == [50, 100, 100, 0]
+    assert sorted(pages[1] + pages[2] + pages[0]) == listed
+    assert sim.stats.requests == 4
 
 
 # -- retries and their budget ------------------------------------------------------------------

@@ -7,13 +7,15 @@ functions so each rule of the contract can be pinned down exactly.
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
 
 from blockfilter.config import load_settings
 from blockfilter.engine import Filter
-from blockfilter.sources import FunctionSource
+from blockfilter.sources import CheckOutcome, FunctionSource, SourceStats
 
 A = "+919812345678"
 B = "+919812345679"
@@ -73,6 +75,47 @@ def test_national_format_with_region_and_spaces() -> None:
     assert [r["e164"] for r in results] == [A, A]
     assert [r["verdict"] for r in results] == ["blocked", "blocked"]
     assert results[0]["to"] == "098123 45678"  # the given field is carried through untouched
+
+
+class SkipsSome:
+    """A plugin source that breaks its contract: it never answers for some (channel, number)
+    pairs, neither clean nor with an error."""
+
+    name = "skips-some"
+
+    def __init__(self, blocked: dict[str, set[str]], skipped: set[tuple[str, str]]) -> None:
+        self.blocked, self.skipped = blocked, skipped
+        self.asked: list[tuple[str, str]] = []
+
+    def check_many(self, wanted: Mapping[str, Sequence[str]]) -> Iterator[CheckOutcome]:
+        for channel, numbers in wanted.items():
+            self.asked.extend((channel, n) for n in numbers)
+            answered = [n for n in numbers if (channel, n) not in self.skipped]
+            listed = frozenset(n for n in answered if n in self.blocked.get(channel, set()))
+            yield CheckOutcome(channel, answered, listed, time.time())
+
+    def stats(self) -> SourceStats:
+        return SourceStats()
+
+
+@pytest.mark.timeout(20)
+def test_a_number_a_source_skips_is_unchecked_and_asked_once() -> None:
+    source = SkipsSome({"sms": {A, B}}, skipped={("sms", C), ("whatsapp", A)})
+    messages = [
+        msg("1", A, fallback=["whatsapp", "voice"]),  # its first fallback goes unanswered
+        msg("2", B, fallback=["whatsapp"]),
+        msg("3", C, fallback=["whatsapp"]),  # its own channel goes unanswered
+    ]
+    engine = Filter(load_settings(environ={}), sources=[source])
+    results = list(engine.run(messages))
+    assert [(r["verdict"], r.get("reason"), r["channel"]) for r in results] == [
+        ("deferred", "check_failed", "sms"),  # fail closed: not rerouted to voice either
+        ("rerouted", None, "whatsapp"),
+        ("deferred", "check_failed", "sms"),
+    ]
+    assert sorted(source.asked) == sorted(
+        [("sms", A), ("sms", B), ("sms", C), ("whatsapp", A), ("whatsapp", B)]
+    )
 
 
 def test_reroute_takes_the_first_fallback_that_is_not_blocklisted() -> None:
