@@ -104,11 +104,16 @@ def reencode(line: bytes, fields: dict[str, Any]) -> bytes:
     return _with_room_to_recurse(_reencode, line, fields)
 
 
+# What may come right before an object's closing brace when it holds no field: the usual
+# path would put a comma after the opening brace.
+_NO_VALUE_BEFORE = frozenset({b"{", b" ", b"\t", b"\r", b"\n", b""})
+
+
 def splice(line: bytes, encoded: bytes) -> bytes:
-    """``line`` (a JSON object with at least one field... or none) with ``encoded`` (verdict
-    fields as JSON, without the opening brace) appended before its closing brace."""
-    if line.endswith(b"}\n") and not line.startswith(b"{}"):
-        return line[:-2] + b"," + encoded + b"\n"  # the usual line
+    """``line`` (a JSON object, maybe an empty one) with ``encoded`` (verdict fields as JSON,
+    without the opening brace) appended before its closing brace."""
+    if line.endswith(b"}\n") and line[-3:-2] not in _NO_VALUE_BEFORE:
+        return line[:-2] + b"," + encoded + b"\n"  # the usual line: a value, then "}"
     head = line.rstrip()[:-1].rstrip()  # orjson took it as an object: it ends with "}"
     separator = b"" if head.endswith(b"{") else b","
     return head + separator + encoded + b"\n"

@@ -44,7 +44,8 @@ def campaign_files(draw: st.DrawFn) -> list[bytes]:
     for _ in range(draw(st.integers(min_value=0, max_value=30))):
         kind = draw(st.sampled_from(["pool", "pool", "pool", "any", "junk", "blank"]))
         if kind == "junk":
-            lines.append(draw(st.sampled_from([b"{not json", b"[1, 2]", b"1e400", b"{}", b'"x"'])))
+            junk = [b"{not json", b"[1, 2]", b"1e400", b"{}", b"{ }", b"{\t}", b'"x"']
+            lines.append(draw(st.sampled_from(junk)))
         elif kind == "blank":
             lines.append(draw(st.sampled_from([b"", b"   "])))
         else:
