@@ -329,8 +329,6 @@ class MemoryCache:
 
 # -- redis:// ------------------------------------------------------------------------------
 
-# Deletes each lease only if it still holds our token: a lease that expired and was taken by
-# another worker must not be released by us.
 # One call a chunk instead of one command a number: with redis-py, building and parsing a
 # command costs more CPU than Redis spends on it, and a cold campaign of 10^5 numbers would
 # otherwise spend seconds of its own time on them (time its requests wait for the GIL).
@@ -354,6 +352,8 @@ end
 return #KEYS
 """
 
+# Deletes each lease only if it still holds our token: a lease that expired and was taken by
+# another worker must not be released by us.
 _RELEASE_SCRIPT = """
 local released = 0
 for i, key in ipairs(KEYS) do

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import os
@@ -18,7 +17,6 @@ import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from itertools import chain
 from typing import IO, Any
 
 from . import __version__
@@ -207,6 +205,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _line_opener(path: str) -> Callable[[], Iterator[bytes]]:
     """Opens ``path`` anew for each pass of the filter, and makes sure each pass reads the
     file the first one read: same file, size and modification time, before and after."""
+    from .jsonlines import file_lines
+
     first_seen: tuple[int, ...] | None = None
 
     def identity(handle: IO[bytes]) -> tuple[int, ...]:
@@ -223,49 +223,10 @@ def _line_opener(path: str) -> Callable[[], Iterator[bytes]]:
             if first_seen is None:
                 first_seen = identity(handle)
             check(handle)
-            # Splitting blocks of whole lines in C, instead of a readline call a line, is a
-            # good share of the time a pass takes.
-            yield from chain.from_iterable(map(io.BytesIO, _line_blocks(handle)))
+            yield from file_lines(handle)
             check(handle)
 
     return open_lines
-
-
-_BLOCK_BYTES = 1 << 20
-
-
-def _line_blocks(handle: IO[bytes]) -> Iterator[bytes]:
-    """The content of ``handle`` in blocks of whole lines; a line longer than
-    ``MAX_LINE_BYTES`` may come cut short after that many bytes, as a block of its own.
-
-    A longer line is malformed whatever it holds, so only its length matters: reading it
-    whole would cost its size in memory (a 1 GB line, 1 GB) for a verdict known at 1 MiB.
-    """
-    from .jsonlines import MAX_LINE_BYTES
-
-    pending = b""  # the start of a line whose end has not been read yet
-    skipping = False  # in the rest of a long line that was cut short
-    while True:
-        block = handle.read(_BLOCK_BYTES)
-        if not block:
-            if pending:
-                yield pending  # the last line, without a newline
-            return
-        if skipping:
-            end = block.find(b"\n")
-            if end < 0:
-                continue
-            block, skipping = block[end + 1 :], False
-        data = pending + block if pending else block
-        cut = data.rfind(b"\n") + 1
-        if cut:
-            yield data[:cut]  # its lines are at most MAX_LINE_BYTES + a block long
-            data = data[cut:]
-        if len(data) > MAX_LINE_BYTES:
-            yield data[: MAX_LINE_BYTES + 1]
-            pending, skipping = b"", True
-        else:
-            pending = data
 
 
 @contextlib.contextmanager

@@ -389,10 +389,7 @@ class Filter:
                     continue
                 if code == PAST_END:
                     break
-                message, parsed = decode_again(line, lines_read)
-                if is_duplicate is not None and type(parsed) is Parsed and is_duplicate(parsed.id):
-                    parsed = _DUPLICATE
-                yield message, parsed
+                yield _decode_again(line, lines_read, is_duplicate)
             plan.check_line_count(lines_read)
 
         def fallback_candidates() -> Iterator[tuple[Any, Parsed | Invalid]]:
@@ -444,9 +441,7 @@ class Filter:
             elif code == PAST_END:
                 break
             else:
-                message, parsed = decode_again(line, lines_read)
-                if is_duplicate is not None and type(parsed) is Parsed and is_duplicate(parsed.id):
-                    parsed = _DUPLICATE
+                message, parsed = _decode_again(line, lines_read, is_duplicate)
                 fields, channel = self._verdict(message, parsed, table)
                 self.summary.count(fields["verdict"], channel)
                 yield render_line(line, message, fields)
@@ -667,6 +662,17 @@ class Filter:
             "checked_at": None,
             "reason": "unchecked",
         }, parsed.channel
+
+
+def _decode_again(
+    line: bytes, line_number: int, is_duplicate: Callable[[str], bool] | None
+) -> tuple[Any, Parsed | Invalid]:
+    """A line a later pass decodes again; a valid message whose id came earlier in the pass
+    is a duplicate (``is_duplicate`` is that pass's checker)."""
+    message, parsed = decode_again(line, line_number)
+    if is_duplicate is not None and type(parsed) is Parsed and is_duplicate(parsed.id):
+        return message, _DUPLICATE
+    return message, parsed
 
 
 def _as_numbers(wanted: Mapping[str, set[int]]) -> dict[str, list[str]]:

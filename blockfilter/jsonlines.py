@@ -10,6 +10,7 @@ verdict pass then splices a route's verdict onto the line's own bytes without de
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from itertools import chain, count, repeat
-from typing import Any, Final, TypeVar
+from typing import IO, Any, Final, TypeVar
 
 import orjson
 
@@ -61,6 +62,48 @@ def decode_line(line: bytes, line_number: int) -> tuple[Any, Parsed | Invalid] |
             "malformed_line", f"line {line_number} is not a JSON object"
         )
     return message, parse_message(message)
+
+
+_BLOCK_BYTES = 1 << 20
+
+
+def file_lines(handle: IO[bytes]) -> Iterator[bytes]:
+    """The lines of a binary file, each at most ``MAX_LINE_BYTES`` + a block long: a longer
+    line is cut short to ``MAX_LINE_BYTES + 1`` bytes (malformed whatever it holds, so only
+    its length matters; reading a 1 GB line whole would cost 1 GB of memory).
+
+    Blocks of whole lines are split in C: a ``readline`` call a line is a good share of
+    the time a pass takes.
+    """
+    return chain.from_iterable(map(io.BytesIO, _line_blocks(handle)))
+
+
+def _line_blocks(handle: IO[bytes]) -> Iterator[bytes]:
+    """The content of ``handle`` in blocks of whole lines; a line cut short comes as a block
+    of its own."""
+    pending = b""  # the start of a line whose end has not been read yet
+    skipping = False  # in the rest of a long line that was cut short
+    while True:
+        block = handle.read(_BLOCK_BYTES)
+        if not block:
+            if pending:
+                yield pending  # the last line, without a newline
+            return
+        if skipping:
+            end = block.find(b"\n")
+            if end < 0:
+                continue
+            block, skipping = block[end + 1 :], False
+        data = pending + block if pending else block
+        cut = data.rfind(b"\n") + 1
+        if cut:
+            yield data[:cut]  # its lines are at most MAX_LINE_BYTES + a block long
+            data = data[cut:]
+        if len(data) > MAX_LINE_BYTES:
+            yield data[: MAX_LINE_BYTES + 1]
+            pending, skipping = b"", True
+        else:
+            pending = data
 
 
 def read_pass(open_lines: Callable[[], Iterable[bytes]]) -> Iterator[bytes]:
@@ -230,7 +273,7 @@ class LinePlan:
         )
         self.ids = DuplicateIds()
         self._id_hashes = self.ids.first_pass_hashes
-        self.line_count = 0
+        self.line_count = 0  # known once the first pass is over
         # Valid messages on lines coded LOOK_AGAIN: a later pass must decode those lines.
         self.valid_unrouted = 0
 
@@ -245,7 +288,6 @@ class LinePlan:
         if len(codes) >= self._CHUNK:
             self._spool.write(codes.tobytes())
             codes = self._codes = array("i")
-        self.line_count = line_number
         message: Any = None
         if len(line) <= MAX_LINE_BYTES:
             try:  # noqa: SIM105 (contextlib.suppress costs more than the decode, here)
@@ -306,6 +348,7 @@ class LinePlan:
         return parsed
 
     def finish_first_pass(self) -> None:
+        self.line_count = self._spool.tell() // self._codes.itemsize + len(self._codes)
         self.ids.close_first_pass()
         self._route_ids.clear()  # only the first pass numbers routes
 

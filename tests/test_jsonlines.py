@@ -230,12 +230,8 @@ def test_line_blocks_give_the_lines_readline_gives(
         line if len(line) <= max_line else b"LONG" for line in io.BytesIO(content).readlines()
     ]
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "_BLOCK_BYTES", block)
+        patch.setattr(jsonlines, "_BLOCK_BYTES", block)
         patch.setattr(jsonlines, "MAX_LINE_BYTES", max_line)
-        got = [
-            line
-            for blocked in cli._line_blocks(io.BytesIO(content))
-            for line in io.BytesIO(blocked)
-        ]
+        got = list(jsonlines.file_lines(io.BytesIO(content)))
     assert all(len(line) <= max_line + block for line in got)
     assert [line if len(line) <= max_line else b"LONG" for line in got] == expected
