@@ -17,7 +17,7 @@ with a Redis cache, in these ways:
 * **sync, then filter**: ``blockfilter sync --channel sms`` (its size unknown, so pages go out
   in rounds of 1, 2, 4...) and then the campaign, answered by the cache without a lookup.
   Lower bound: the pages of the list, size // 100 + 1.
-* **auto, size known**: a cold cache whose sync mark is too old to answer for clean numbers
+* **auto, size known**: a cold cache whose snapshot is too old to answer for clean numbers
   but still tells the list's size (``BLOCKFILTER_CACHE_TTL=1``, a second's wait): the filter
   picks the cheaper strategy itself. Lower bound: min(lookups, pages).
 * at 10**5 messages, **cold, rate limit**: ``BLOCKFILTER_RATE_LIMIT``, whose bound is
@@ -151,7 +151,7 @@ class Bench:
     def env(self, concurrency: int, **extra: str) -> dict[str, str]:
         """A fresh account and cache secret: nothing learnt by an earlier scenario is seen.
 
-        The sync marks an earlier scenario left are deleted too, so the one a scenario ages
+        The snapshots an earlier scenario left are deleted too, so the one a scenario ages
         is the only one in Redis."""
         clear_sync_marks()
         env = {
@@ -382,22 +382,23 @@ def plot(runs: list[Run], path: Path) -> None:
 
 
 def age_sync_mark(channel: str, seconds: float) -> None:
-    """Make the channel's sync mark look ``seconds`` older (its value is ``synced_at:size``)."""
+    """Make the channel's snapshot look ``seconds`` older (its meta field ``#`` is
+    ``<synced_at> <members> <listed>``)."""
     client = redis.Redis.from_url(REDIS_URL)
     # The key ends with a hash of the account's cache secret (one per campaign here).
-    keys = list(client.scan_iter(match=f"*bf:y:{channel}:*"))
-    assert len(keys) == 1, f"one sync mark to age, not {len(keys)}"
+    keys = list(client.scan_iter(match=f"*bf:n:{channel}:*"))
+    assert len(keys) == 1, f"one snapshot to age, not {len(keys)}"
     (key,) = keys
-    raw = client.get(key)
-    assert raw is not None, "the sync mark expired"
-    at, _, size = raw.partition(b":")
-    client.set(key, f"{float(at) - seconds!r}:{int(size)}", px=client.pttl(key))
+    raw = client.hget(key, "#")
+    assert raw is not None, "the snapshot expired"
+    at, members, listed = raw.split(b" ")
+    client.hset(key, "#", f"{float(at) - seconds:.6f} {int(members)} {int(listed)}")
     client.close()
 
 
 def clear_sync_marks() -> None:
     client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(match="*bf:y:*"):
+    for key in client.scan_iter(match="*bf:n:*"):
         client.delete(key)
     client.close()
 

@@ -96,3 +96,8 @@ class RetryBudgetExhausted(TransientUpstreamError):
 
 class RequestBudgetExhausted(BlockfilterError):
     """``--max-requests`` was reached: the remaining numbers are left unchecked on purpose."""
+
+
+class SyncAborted(FinalUpstreamError):
+    """A full-list sync stopped before the list ended: the upstream repeated a page, or paged
+    past every bound (pages, time). Nothing it read is put in place; lookups answer instead."""

@@ -2,8 +2,9 @@
 
 For each channel a campaign needs, numbers go through these steps:
 
-1. **The cache** answers what it knows, and a *sync mark* younger than the clean TTL answers
-   every number absent from it as clean (see :mod:`blockfilter.sync`).
+1. **The cache** answers what it can prove: fresh entries, and the channel's snapshot (a
+   synced whole list) while it is whole and young enough (see :mod:`blockfilter.cache`). A
+   failed read answers nothing: its numbers go on to the next steps.
 2. **The strategy**: looking the misses up costs ``ceil(misses / 100)`` requests; paging the
    whole blocklist into the cache costs ``size // 100 + 1`` pages, ``size`` being what the last
    sync found. The cheaper one is used (ties go to lookups, which give fresher answers). With
@@ -32,13 +33,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Final, TypeVar
 
-from .cache import CachedStatus, CacheUnavailable, MemoryCache, StatusCache, SyncInfo, open_cache
+from .cache import CachedStatus, CacheUnavailable, Clock, MemoryCache, StatusCache, open_cache
 from .client import KaleyraClient, RequestLimiter
 from .config import CHANNELS, Settings
-from .errors import CredentialsRefused, RequestBudgetExhausted
+from .errors import ConfigError, CredentialsRefused, RequestBudgetExhausted
 from .ratelimit import build_limiter
 from .sources import CheckOutcome, SourceStats
-from .sync import SyncProgress, SyncResult, sync_channel, sync_pages
+from .sync import SyncProgress, SyncResult, check_eviction_policy, sync_channel, sync_pages
 
 log = logging.getLogger("blockfilter.kaleyra")
 
@@ -59,6 +60,9 @@ _SYNC_LEASE = "#sync"
 _POLL = 0.02
 
 STRATEGIES: Final = ("auto", "lookup", "sync")
+
+# Caches whose eviction policy was reported, so a long-lived process says it once.
+_POLICY_REPORTED: set[str] = set()
 
 T = TypeVar("T")
 
@@ -205,6 +209,8 @@ class KaleyraSource:
         about a (channel, number) twice, and a million-number campaign would otherwise hold
         some 220 MB of entries nobody reads. A shared (Redis) cache is always written: other
         processes read it.
+    :param clock: epoch seconds now, for the times answers are stamped with (tests inject one);
+        handed to the cache it opens.
     """
 
     name = "kaleyra"
@@ -219,6 +225,7 @@ class KaleyraSource:
         limiter: RequestLimiter | None = None,
         strategy: str = "auto",
         remember: bool = True,
+        clock: Clock | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
@@ -229,7 +236,8 @@ class KaleyraSource:
         if max_requests is not None:
             limiter = RequestBudget(max_requests, then=limiter)
         self.client = client or KaleyraClient(settings, limiter=limiter)
-        self.cache = cache if cache is not None else open_cache(settings)
+        self.clock: Clock = clock or time.time
+        self.cache = cache if cache is not None else open_cache(settings, clock=clock)
         # Leases only mean something when other processes share the cache.
         self._shared_cache = not isinstance(self.cache, MemoryCache)
         self._remember = remember
@@ -241,6 +249,7 @@ class KaleyraSource:
         self._cache_hits = 0
         self._refused: CredentialsRefused | None = None
         self._sizes: dict[str, int] = {}  # list sizes learnt from syncs, per channel
+        self._sync_safe: bool | None = None  # whether the cache keeps a snapshot once written
         self._pool: ThreadPoolExecutor | None = None
         self._waiters: ThreadPoolExecutor | None = None
         self._syncers: ThreadPoolExecutor | None = None
@@ -285,30 +294,19 @@ class KaleyraSource:
                 )
             return default
 
-    def fresh_sync(self, channel: str) -> SyncInfo | None:
-        """The channel's sync mark if absent numbers may be read as clean now: the mark holds
-        and is younger than ``BLOCKFILTER_CACHE_TTL`` (a clean status is never trusted longer,
-        however it was learnt)."""
-        mark = self._cache_call("sync", lambda: self.cache.get_sync(channel), None)
-        if mark is None:
-            return None
-        self._sizes[channel] = mark.size
-        if time.time() - mark.synced_at >= self.settings.cache_ttl:
-            return None
-        return mark
-
     def known_size(self, channel: str) -> int | None:
         """The channel's blocklist size as the last sync found it, if any sync is known."""
-        mark = self._cache_call("sync", lambda: self.cache.get_sync(channel), None)
-        if mark is not None:
-            self._sizes[channel] = mark.size
-            return mark.size
+        snapshot = self._cache_call("snapshot", lambda: self.cache.snapshot_info(channel), None)
+        if snapshot is not None:
+            self._sizes[channel] = snapshot.size
+            return snapshot.size
         return self._sizes.get(channel)
 
     def _from_cache(
         self, channel: str, numbers: Sequence[str]
     ) -> tuple[list[CheckOutcome], list[str]]:
-        mark = self.fresh_sync(channel)
+        """(what the cache proves, the misses). Every number of a chunk whose read fails is a
+        miss: nothing read earlier (a snapshot seen a moment ago) stands in for it."""
         hits: dict[float, list[str]] = defaultdict(list)
         hits_blocked: dict[float, set[str]] = defaultdict(set)
         misses: list[str] = []
@@ -318,11 +316,7 @@ class KaleyraSource:
             for number in chunk:
                 status = found.get(number)
                 if status is None:
-                    if mark is None:
-                        misses.append(number)
-                    else:
-                        # Absent from a synced list: clean as of the sync.
-                        hits[mark.synced_at].append(number)
+                    misses.append(number)
                     continue
                 # Entries fetched together share a timestamp: one outcome per fetch keeps
                 # checked_at exact without an object per number.
@@ -345,10 +339,30 @@ class KaleyraSource:
     # -- the strategy ------------------------------------------------------------------------
 
     def can_sync(self) -> bool:
-        """Whether a sync can answer anything: the cache works and keeps both kinds."""
+        """Whether a sync can answer anything: the cache works, keeps both kinds, and keeps a
+        snapshot once written (its eviction policy)."""
         return (
-            self._cache_ok and self.settings.cache_ttl > 0 and self.settings.cache_ttl_blocked > 0
+            self._cache_ok
+            and self.settings.cache_ttl > 0
+            and self.settings.cache_ttl_blocked > 0
+            and self._keeps_snapshots()
         )
+
+    def _keeps_snapshots(self) -> bool:
+        if self._sync_safe is None:
+            try:
+                check_eviction_policy(self.cache)
+            except CacheUnavailable:
+                return False  # asked again next time
+            except ConfigError as exc:
+                self._sync_safe = False
+                where = repr(self.cache)
+                if where not in _POLICY_REPORTED:
+                    _POLICY_REPORTED.add(where)
+                    log.warning("not syncing whole lists: %s; numbers are looked up", exc)
+            else:
+                self._sync_safe = True
+        return self._sync_safe
 
     def sync_cost(self, channel: str) -> int | None:
         """Pages a sync of ``channel`` would take, or ``None`` when the strategy would never
@@ -425,7 +439,7 @@ class KaleyraSource:
 
     def _sync_across_processes(self, channel: str, progress: SyncProgress | None) -> SyncResult:
         cache = self.cache
-        before = self._cache_call("sync", lambda: cache.get_sync(channel), None)
+        before = self._cache_call("snapshot", lambda: cache.snapshot_info(channel), None)
         lease_s = self._sync_lease_seconds()
         deadline = time.monotonic() + lease_s
         while self._shared_cache:
@@ -434,7 +448,7 @@ class KaleyraSource:
             )
             # Another process may be paging this list right now, or have just finished (and
             # let go of the lease): its mark then answers for us.
-            mark = self._cache_call("sync", lambda: cache.get_sync(channel), None)
+            mark = self._cache_call("snapshot", lambda: cache.snapshot_info(channel), None)
             if mark is not None and (before is None or mark.synced_at > before.synced_at):
                 if held:
                     self._cache_call(
@@ -550,7 +564,7 @@ class KaleyraSource:
             if outcome.error is None and self.remember:
                 blocked_set = outcome.blocked
                 clean = [n for n in batch if n not in blocked_set]
-                at = outcome.checked_at or time.time()
+                at = outcome.checked_at or self.clock()
                 stored = self._cache_call(
                     "set", lambda: self._store(channel, blocked_set, clean, at), False
                 )
@@ -584,7 +598,7 @@ class KaleyraSource:
             return CheckOutcome(channel, batch, error=exc)
         except Exception as exc:  # every failure marks the batch unchecked; the filter decides
             return CheckOutcome(channel, batch, error=exc)
-        return CheckOutcome(channel, batch, frozenset(blocked), time.time())
+        return CheckOutcome(channel, batch, frozenset(blocked), self.clock())
 
     def _wait_remote(
         self, channel: str, numbers: list[str]
@@ -754,8 +768,10 @@ class _KaleyraStream:
         if error is not None:
             if not isinstance(error, Exception):
                 raise error
-            log.warning("sync of %s failed (%s); its numbers are unchecked", channel, error)
-            self._ready.append(CheckOutcome(channel, held, error=error))
+            # A failed sync leaves no snapshot: what it would have answered is looked up (a
+            # refused account or a spent request budget then fails those lookups in turn).
+            log.warning("sync of %s failed (%s); its numbers are looked up", channel, error)
+            self._lookup(channel, held)
             return
         hits, misses = self._source._from_cache(channel, held)
         if hits:

@@ -115,8 +115,8 @@ def make_redis(namespace: str) -> Iterator[Callable[..., RedisCache]]:
         pytest.skip(f"no Redis server at {REDIS_HOST}:{REDIS_PORT}")
     made: list[RedisCache] = []
 
-    def factory(**overrides: Any) -> RedisCache:
-        cache = RedisCache(make_settings(**overrides), namespace=namespace)
+    def factory(*, clock: Callable[[], float] | None = None, **overrides: Any) -> RedisCache:
+        cache = RedisCache(make_settings(**overrides), namespace=namespace, clock=clock)
         made.append(cache)
         return cache
 
@@ -184,27 +184,97 @@ def test_ttl_zero_caches_nothing_of_that_kind(make_cache: CacheFactory) -> None:
     assert cache.get_many("sms", [A]) == {}
 
 
-def test_sync_info_round_trip(make_cache: CacheFactory) -> None:
+def write_snapshot(cache: StatusCache, channel: str, numbers: list[str]) -> float:
+    writer = cache.begin_snapshot(channel)
+    writer.add(numbers)
+    assert writer.commit(len(numbers)) is True
+    return writer.synced_at
+
+
+def test_snapshot_round_trip(make_cache: CacheFactory) -> None:
     cache = make_cache(cache_ttl_blocked=3600.0)
-    assert cache.get_sync("sms") is None
-    synced_at = time.time()
-    cache.set_sync("sms", synced_at, 42, ttl=60)
-    assert cache.get_sync("sms") == SyncInfo(synced_at=synced_at, size=42)
-    assert cache.get_sync("voice") is None
-    cache.clear_sync("sms")
-    assert cache.get_sync("sms") is None
+    assert cache.snapshot_info("sms") is None
+    synced_at = write_snapshot(cache, "sms", [A, B])
+    assert abs(synced_at - time.time()) < 5
+    assert cache.snapshot_info("sms") == SyncInfo(synced_at=synced_at, size=2)
+    # Listed numbers are blocked, every other one clean, as of the sync's start.
+    assert cache.get_many("sms", [A, B, C]) == {
+        A: CachedStatus(True, synced_at),
+        B: CachedStatus(True, synced_at),
+        C: CachedStatus(False, synced_at),
+    }
+    assert cache.snapshot_info("voice") is None
+    assert cache.get_many("voice", [A]) == {}
+    cache.clear_snapshot("sms")
+    assert cache.snapshot_info("sms") is None
+    assert cache.get_many("sms", [A, C]) == {}
 
 
-def test_sync_mark_never_outlives_the_blocked_entries(make_cache: CacheFactory) -> None:
-    cache = make_cache(cache_ttl_blocked=600.0)
-    # Asked to hold for an hour, but the blocklisted entries it vouches for are gone after
-    # 600 s from synced_at, which is already past.
-    cache.set_sync("sms", time.time() - 601, 3, ttl=3600)
-    assert cache.get_sync("sms") is None
-    cache.set_sync("sms", time.time() - 599.8, 3, ttl=3600)
-    assert cache.get_sync("sms") is not None
-    time.sleep(0.3)
-    assert cache.get_sync("sms") is None
+def test_an_empty_list_is_a_snapshot_too(make_cache: CacheFactory) -> None:
+    cache = make_cache()
+    synced_at = write_snapshot(cache, "sms", [])
+    assert cache.snapshot_info("sms") == SyncInfo(synced_at, 0)
+    assert cache.get_many("sms", [A]) == {A: CachedStatus(False, synced_at)}
+
+
+def test_a_snapshot_answers_each_kind_for_its_ttl(make_cache: CacheFactory) -> None:
+    cache = make_cache(cache_ttl=0.3, cache_ttl_blocked=0.8)
+    write_snapshot(cache, "sms", [A])
+    assert set(cache.get_many("sms", [A, B])) == {A, B}
+    time.sleep(0.45)
+    # Clean answers are trusted for the clean TTL only: B is unknown again, A still blocked.
+    assert {n: s.blocked for n, s in cache.get_many("sms", [A, B]).items()} == {A: True}
+    time.sleep(0.5)
+    assert cache.get_many("sms", [A, B]) == {}
+
+
+def test_a_newer_lookup_beats_the_snapshot_and_a_tie_is_blocked(make_cache: CacheFactory) -> None:
+    cache = make_cache()
+    synced_at = write_snapshot(cache, "sms", [A])
+    # Looked up after the sync: A was unblocked since, B blocked since.
+    later = synced_at + 0.5
+    cache.set_many("sms", blocked=[B], clean=[A], fetched_at=later)
+    found = cache.get_many("sms", [A, B])
+    assert found == {A: CachedStatus(False, later), B: CachedStatus(True, later)}
+    # Answers older than the snapshot lose to it.
+    cache.set_many("sms", blocked=[], clean=[C], fetched_at=synced_at - 30)
+    write_snapshot(cache, "sms", [C])
+    assert cache.get_many("sms", [C])[C].blocked is True
+
+
+def test_entry_writes_never_shorten_a_snapshot(make_cache: CacheFactory) -> None:
+    # A worker that caches nothing of either kind (TTL 0) deletes entries as it writes; it
+    # must not take the synced list's blocked numbers with them.
+    cache = make_cache()
+    forgetful = make_cache(cache_ttl=0.0, cache_ttl_blocked=0.0)
+    write_snapshot(cache, "sms", [A, B])
+    forgetful.set_many("sms", blocked=[A], clean=[B], fetched_at=time.time())
+    assert {n: s.blocked for n, s in cache.get_many("sms", [A, B, C]).items()} == {
+        A: True,
+        B: True,
+        C: False,
+    }
+
+
+def test_a_replaced_snapshot_answers_by_the_new_list(make_cache: CacheFactory) -> None:
+    cache = make_cache()
+    write_snapshot(cache, "sms", [A, B])
+    write_snapshot(cache, "sms", [C])
+    assert {n: s.blocked for n, s in cache.get_many("sms", [A, B, C]).items()} == {
+        A: False,
+        B: False,
+        C: True,
+    }
+
+
+def test_an_aborted_snapshot_leaves_the_last_one(make_cache: CacheFactory) -> None:
+    cache = make_cache()
+    synced_at = write_snapshot(cache, "sms", [A])
+    writer = cache.begin_snapshot("sms")
+    writer.add([B])
+    writer.abort()
+    assert cache.snapshot_info("sms") == SyncInfo(synced_at, 1)
+    assert {n: s.blocked for n, s in cache.get_many("sms", [A, B]).items()} == {A: True, B: False}
 
 
 def test_hundred_thousand_entries_are_quick(make_cache: CacheFactory) -> None:
@@ -246,15 +316,38 @@ def test_memory_cache_is_bounded_and_evicts_oldest() -> None:
     assert set(found) == {"+911000000001", "+911000000003", "+911000000004"}
 
 
-def test_memory_cache_evicting_a_blocked_entry_voids_the_sync() -> None:
+def test_memory_cache_evicting_entries_leaves_the_snapshot_whole() -> None:
     cache = MemoryCache(make_settings(cache_url="memory://"), max_entries=2)
+    synced_at = write_snapshot(cache, "sms", [A, B])
     now = time.time()
-    cache.set_many("sms", blocked=[A, B], clean=[], fetched_at=now)
-    cache.set_sync("sms", now, 2, ttl=600)
-    assert cache.get_sync("sms") == SyncInfo(now, 2)
-    # A third entry pushes A out: "absent means clean" would now be a lie about A.
-    cache.set_many("sms", blocked=[], clean=[C], fetched_at=now)
-    assert cache.get_sync("sms") is None
+    cache.set_many("sms", blocked=[], clean=["+911000000001", "+911000000002"], fetched_at=now)
+    cache.set_many("sms", blocked=[], clean=["+911000000003"], fetched_at=now)
+    assert len(cache) == 2
+    assert cache.snapshot_info("sms") == SyncInfo(synced_at, 2)
+    assert {n: s.blocked for n, s in cache.get_many("sms", [A, B]).items()} == {A: True, B: True}
+
+
+def test_memory_cache_distrusts_answers_from_its_future() -> None:
+    now = [1_000_000.0]
+    cache = MemoryCache(make_settings(cache_url="memory://"), clock=lambda: now[0])
+    cache.set_many("sms", blocked=[], clean=[A], fetched_at=now[0] + 0.5)
+    cache.set_many("sms", blocked=[], clean=[B], fetched_at=now[0] + 30)
+    # Half a second is jitter; thirty seconds is a clock that went back: B is not trusted.
+    assert set(cache.get_many("sms", [A, B])) == {A}
+
+
+def test_memory_snapshot_ages_by_the_injected_clock() -> None:
+    now = [1_000_000.0]
+    settings = make_settings(cache_url="memory://", cache_ttl=600.0, cache_ttl_blocked=3600.0)
+    cache = MemoryCache(settings, clock=lambda: now[0])
+    write_snapshot(cache, "sms", [A])
+    now[0] += 599
+    assert set(cache.get_many("sms", [A, B])) == {A, B}
+    now[0] += 2
+    assert set(cache.get_many("sms", [A, B])) == {A}
+    now[0] += 3000
+    assert cache.get_many("sms", [A, B]) == {}
+    assert cache.snapshot_info("sms") is None
 
 
 def test_memory_leases_are_always_granted() -> None:
@@ -288,7 +381,7 @@ def test_redis_needs_a_secret() -> None:
 
 # -- Redis -------------------------------------------------------------------------------
 
-KEY_PATTERN = re.compile(r"bf:(s:sms:[0-9a-f]{32}|l:[0-9a-f]{32}|y:sms:[0-9a-f]{32})")
+KEY_PATTERN = re.compile(r"bf:(s:sms:[0-9a-f]{32}|l:[0-9a-f]{32}|n:sms:[0-9a-f]{32})")
 
 
 @needs_redis
@@ -299,7 +392,7 @@ def test_no_plain_number_in_redis(
     numbers = [A, B, C]
     cache.set_many("sms", blocked=[A], clean=[B, C], fetched_at=time.time())
     cache.acquire_leases("sms", numbers, seconds=30)
-    cache.set_sync("sms", time.time(), 1, ttl=60)
+    write_snapshot(cache, "sms", numbers)
 
     # A set: SCAN may return a key twice while the server rehashes.
     keys: set[bytes] = set(raw_redis.scan_iter(match=f"{namespace}*"))
@@ -307,9 +400,13 @@ def test_no_plain_number_in_redis(
     for key in keys:
         name = key.decode()[len(namespace) :]
         assert KEY_PATTERN.fullmatch(name), name
-        value: Any = raw_redis.get(key)
+        value: Any
+        if raw_redis.type(key) == b"hash":
+            value = b"".join(k + v for k, v in raw_redis.hgetall(key).items())
+        else:
+            value = raw_redis.get(key)
         assert value is not None
-        text = name + value.decode()
+        text = name + value.decode("latin-1")
         for number in numbers:
             assert number not in text and number[1:] not in text
             assert number[-8:] not in text
@@ -454,6 +551,83 @@ def test_wait_for_gives_up_at_the_timeout(make_redis: Callable[..., RedisCache])
     assert 0.25 < elapsed < 1.5
 
 
+@needs_redis
+def test_a_snapshot_that_lost_pages_while_written_is_not_put_in_place(
+    make_redis: Callable[..., RedisCache], raw_redis: redis.Redis, namespace: str
+) -> None:
+    cache = make_redis()
+    synced_at = write_snapshot(cache, "sms", [C])
+    writer = cache.begin_snapshot("sms")
+    writer.add([A])
+    # What a restart without persistence, or an eviction, does to the pages written so far.
+    for key in raw_redis.scan_iter(match=f"{namespace}bf:w:*"):
+        raw_redis.delete(key)
+    writer.add([B])
+    assert writer.commit(2) is False
+    # The last whole list still answers; nothing of the half-written one does.
+    assert cache.snapshot_info("sms") == SyncInfo(synced_at, 1)
+    assert {n: s.blocked for n, s in cache.get_many("sms", [A, B, C]).items()} == {
+        A: False,
+        B: False,
+        C: True,
+    }
+    assert list(raw_redis.scan_iter(match=f"{namespace}bf:w:*")) == []
+
+
+@needs_redis
+def test_a_snapshot_missing_a_member_answers_nothing(
+    make_redis: Callable[..., RedisCache], raw_redis: redis.Redis, namespace: str
+) -> None:
+    cache = make_redis()
+    write_snapshot(cache, "sms", [A, B])
+    (key,) = raw_redis.scan_iter(match=f"{namespace}bf:n:*")
+    member = next(field for field in raw_redis.hkeys(key) if field != b"#")
+    raw_redis.hdel(key, member)
+    assert cache.snapshot_info("sms") is None
+    assert cache.get_many("sms", [A, B, C]) == {}
+
+
+@needs_redis
+def test_snapshot_and_entries_age_by_the_servers_clock_not_the_workers(
+    make_redis: Callable[..., RedisCache],
+) -> None:
+    ahead = make_redis(cache_ttl=0.5, cache_ttl_blocked=0.5, clock=lambda: time.time() + 3600)
+    behind = make_redis(cache_ttl=0.5, cache_ttl_blocked=0.5, clock=lambda: time.time() - 3600)
+    write_snapshot(ahead, "sms", [A])
+    # Each worker stamps its answers by its own clock; only how old they were counts.
+    ahead.set_many("sms", blocked=[], clean=[B], fetched_at=ahead.clock())
+    behind.set_many("sms", blocked=[], clean=[C], fetched_at=behind.clock())
+    for reader in (ahead, behind):
+        assert set(reader.get_many("sms", [A, B, C, "+919812345681"])) == {
+            A,
+            B,
+            C,
+            "+919812345681",
+        }
+    time.sleep(0.7)
+    for reader in (ahead, behind):
+        assert reader.get_many("sms", [A, B, C, "+919812345681"]) == {}
+
+
+@needs_redis
+def test_entries_of_an_older_version_are_not_trusted(
+    make_redis: Callable[..., RedisCache], raw_redis: redis.Redis, namespace: str
+) -> None:
+    cache = make_redis()
+    cache.set_many("sms", blocked=[], clean=[A], fetched_at=time.time())
+    (key,) = raw_redis.scan_iter(match=f"{namespace}bf:s:*")
+    raw_redis.set(key, f"0:{time.time()!r}".encode(), px=60_000)  # no server stamp
+    assert cache.get_many("sms", [A]) == {}
+
+
+@needs_redis
+def test_eviction_policy_is_read_from_the_server(
+    make_redis: Callable[..., RedisCache], raw_redis: redis.Redis
+) -> None:
+    policy = raw_redis.config_get("maxmemory-policy")["maxmemory-policy"]
+    assert make_redis().eviction_policy() == policy
+
+
 # -- Redis away ------------------------------------------------------------------------------
 
 
@@ -464,9 +638,10 @@ def _every_call(cache: StatusCache) -> list[Callable[[], object]]:
         lambda: cache.acquire_leases("sms", [A], 5),
         lambda: cache.release_leases("sms", [A]),
         lambda: cache.wait_for("sms", [A], 1),
-        lambda: cache.set_sync("sms", time.time(), 1, 60),
-        lambda: cache.get_sync("sms"),
-        lambda: cache.clear_sync("sms"),
+        lambda: cache.begin_snapshot("sms"),
+        lambda: cache.snapshot_info("sms"),
+        lambda: cache.clear_snapshot("sms"),
+        lambda: cache.eviction_policy(),
     ]
 
 
