@@ -476,9 +476,10 @@ return #KEYS
 
 # Reads entries and the channel's snapshot in one atomic step, with the server's clock: a
 # snapshot half-read, or read at another moment than the entries, could not be proven whole.
-# KEYS[1]: the snapshot; KEYS[2..]: status keys; ARGV: the numbers' fields in the snapshot.
-# Returns the server time, the snapshot's meta and field count (nil, 0 without one), a string
-# of '1'/'0' (listed or not, one a number; nil without a snapshot) and the entries.
+# KEYS[1]: the snapshot; KEYS[2..]: status keys, whose last 32 characters (the number's
+# hash) are the number's field in the snapshot, so nothing else needs sending. Returns the
+# server time, the snapshot's meta and field count (nil, 0 without one), a string of '1'/'0'
+# (listed or not, one a number; nil without a snapshot) and the entries.
 _GET_SCRIPT = """
 local t = redis.call('TIME')
 local meta = redis.call('HGET', KEYS[1], '#')
@@ -487,8 +488,10 @@ local listed = false
 if meta then
   count = redis.call('HLEN', KEYS[1])
   local bits = {}
-  for s = 1, #ARGV, 1000 do
-    local got = redis.call('HMGET', KEYS[1], unpack(ARGV, s, math.min(s + 999, #ARGV)))
+  for s = 2, #KEYS, 1000 do
+    local fields = {}
+    for i = s, math.min(s + 999, #KEYS) do fields[#fields + 1] = string.sub(KEYS[i], -32) end
+    local got = redis.call('HMGET', KEYS[1], unpack(fields))
     for i = 1, #got do bits[#bits + 1] = got[i] and '1' or '0' end
   end
   listed = table.concat(bits)
@@ -605,13 +608,13 @@ class _RedisSnapshotWriter:
         self._cache = cache
         self._channel = channel
         self._staging = cache._staging_key(channel)
-        self._fields: set[bytes] = set()
+        self._fields: set[str] = set()
         with cache._guard("snapshot"):
             self.synced_at = _server_now(*cache._redis().time())
 
     def add(self, numbers: Collection[str]) -> None:
         cache = self._cache
-        fields = [cache._digest(self._channel, number) for number in numbers]
+        fields = [cache._hash(self._channel, number) for number in numbers]
         if not fields:
             return
         with cache._guard("snapshot"):
@@ -652,9 +655,9 @@ class RedisCache:
     ``bf:n:<channel>:<hash>`` (the channel's snapshot: a hash whose fields are the numbers'
     keyed hashes and whose field ``#`` holds the sync time, member count and listed size),
     ``bf:w:<channel>:<token>`` (a snapshot being written). ``<hash>`` is the first 32 hex
-    digits of HMAC-SHA256(secret, channel + ":" + number); snapshot fields are the same 16
-    bytes. The client is made on first use and made again in a forked child (a connection
-    shared across processes mixes up replies).
+    digits of HMAC-SHA256(secret, channel + ":" + number), the snapshot's fields too. The
+    client is made on first use and made again in a forked child (a connection shared across
+    processes mixes up replies).
 
     Eviction cannot make a snapshot lie: it removes a snapshot whole (one key), and a read
     proves the rest whole by its field count. ``blockfilter sync`` still wants a server whose
@@ -762,7 +765,7 @@ class RedisCache:
                 f"{type(exc).__name__}{': ' + detail if detail else ''}"
             ) from exc
 
-    def _digest(self, channel: str, number: str) -> bytes:
+    def _hash(self, channel: str, number: str) -> str:
         base = self._hmac_by_channel.get(channel)
         if base is None:
             base = self._hmac_base.copy()
@@ -770,18 +773,18 @@ class RedisCache:
             self._hmac_by_channel[channel] = base
         digest = base.copy()
         digest.update(number.encode())
-        return bytes(digest.digest()[:16])
+        return str(digest.hexdigest()[:32])
 
     def _status_key(self, channel: str, number: str) -> str:
-        return f"{self.namespace}bf:s:{channel}:{self._digest(channel, number).hex()}"
+        return f"{self.namespace}bf:s:{channel}:{self._hash(channel, number)}"
 
     def _lease_key(self, channel: str, number: str) -> str:
-        return f"{self.namespace}bf:l:{self._digest(channel, number).hex()}"
+        return f"{self.namespace}bf:l:{self._hash(channel, number)}"
 
     def _snapshot_key(self, channel: str) -> str:
         # Keyed like the entries (by the secret, so by the account): one account's snapshot
         # must never make another account's unlisted numbers read as clean.
-        return f"{self.namespace}bf:n:{channel}:{self._digest(channel, '#snapshot').hex()}"
+        return f"{self.namespace}bf:n:{channel}:{self._hash(channel, '#snapshot')}"
 
     def _staging_key(self, channel: str) -> str:
         return f"{self.namespace}bf:w:{channel}:{secrets.token_hex(16)}"
@@ -797,11 +800,8 @@ class RedisCache:
         with self._guard("get"):
             self._redis()
             for chunk in _chunks(_unique(numbers), self.chunk_size):
-                fields = [self._digest(channel, n) for n in chunk]
-                keys = [prefix + field.hex() for field in fields]
-                seconds, micros, meta, count, listed, raws = self._get(
-                    keys=[snapshot_key, *keys], args=fields
-                )
+                keys = [snapshot_key, *(prefix + self._hash(channel, n) for n in chunk)]
+                seconds, micros, meta, count, listed, raws = self._get(keys=keys)
                 now = _server_now(seconds, micros)
                 whole = _decode_meta(meta, int(count))
                 in_list = out_of_list = None
