@@ -116,7 +116,7 @@ class _Pager:
         progress: SyncProgress | None,
         expected_pages: int | None,
         max_pages: int,
-        deadline: float,
+        max_seconds: float,
     ) -> None:
         self.client = client
         self.writer = writer
@@ -124,7 +124,8 @@ class _Pager:
         self.progress = progress
         self.expected_pages = expected_pages
         self.max_pages = max_pages
-        self.deadline = deadline
+        self.max_seconds = max_seconds
+        self.deadline = time.monotonic() + max_seconds
         self.lock = threading.Lock()
         self.size = 0
         self.pages = 0
@@ -144,7 +145,7 @@ class _Pager:
             )
         if time.monotonic() > self.deadline:
             raise SyncAborted(
-                f"sync of {self.channel}: the list did not end within {MAX_SYNC_SECONDS:.0f} s",
+                f"sync of {self.channel}: the list did not end within {self.max_seconds:g} s",
                 code="runaway_paging",
             )
         data = self.client.blocklist_page(self.channel, index * MAX_PAGE_SIZE)
@@ -199,6 +200,7 @@ def sync_channel(
     concurrency: int | None = None,
     progress: SyncProgress | None = None,
     max_pages: int | None = None,
+    max_seconds: float = MAX_SYNC_SECONDS,
 ) -> SyncResult:
     """Page ``channel``'s whole blocklist into a snapshot in ``cache``.
 
@@ -212,6 +214,7 @@ def sync_channel(
     :param progress: ``progress(pages_done, pages_expected)`` after every page.
     :param max_pages: the most pages to read (default :data:`MAX_SYNC_PAGES`, or twice the
         known size's pages plus some slack).
+    :param max_seconds: the longest the sync may take (default :data:`MAX_SYNC_SECONDS`).
     :raises ValueError: an unknown channel.
     :raises ConfigError: the cache may evict (see :func:`check_eviction_policy`).
     :raises UpstreamError: a page failed (credentials refused, retries spent), or the upstream
@@ -235,9 +238,7 @@ def sync_channel(
     # blocklisted while the pages were read may have been missed, and is caught when the
     # snapshot's clean answers expire.
     writer = cache.begin_snapshot(channel)
-    pager = _Pager(
-        client, writer, channel, progress, expected_pages, max_pages, started + MAX_SYNC_SECONDS
-    )
+    pager = _Pager(client, writer, channel, progress, expected_pages, max_pages, max_seconds)
     own_pool = executor is None
     pool = executor or ThreadPoolExecutor(max_workers=width, thread_name_prefix="blockfilter-sync")
     committed = False
