@@ -17,7 +17,10 @@ the budget is spent, wrapped in :class:`~blockfilter.errors.RetryBudgetExhausted
 Answers are matched by number, not by string: an entry written another way (no ``+``,
 spaces, national format) is read as every number it can mean, and an entry that means none of
 the numbers asked makes the whole answer a transient ``bad_answer``, never "not blocklisted".
-Such an answer is logged as one warning a minute, with counts and no number.
+A body is read one way or not at all: one that is not strict UTF-8 JSON, or that holds a
+repeated key, ``NaN``, an absurd number or nesting deeper than Python recurses, is a transient
+``bad_body``. What the upstream answered wrongly (those two, redirects, which are never
+followed, a ``204``, an unknown status) is logged as one warning per problem a minute.
 
 The API key is sent in the ``api-key`` header and nowhere else: it is never logged, never put
 into an exception message, never shown by ``repr``. Phone numbers are never put into exception
@@ -82,6 +85,8 @@ _TRANSIENT_CODES = frozenset({"WA500", "CNT195", "WA202"})
 _MAX_BODY_BYTES = 4 * 1024 * 1024
 _READ_CHUNK = 64 * 1024
 _NUMBER = re.compile(r"^\+[0-9]{1,15}$")
+# No field of an answer needs a longer integer; a longer one is not Kaleyra's answer.
+_MAX_INTEGER_DIGITS = 64
 # A problem already logged is not logged again for this long (per client), so a broken
 # upstream costs one line a minute, not one per request.
 _REPEAT_WARNING_AFTER_S = 60.0
@@ -187,7 +192,7 @@ def _transient(
 
 
 class _Untrusted(TransientUpstreamError):
-    """A 200 that is no answer to trust (``bad_answer``): retried like any
+    """A 200 that is no answer to trust (``bad_body``, ``bad_answer``): retried like any
     transient failure. ``problem`` names what is wrong without counts, so that the warning
     is logged once per kind of wrong, not once per request."""
 
@@ -630,11 +635,74 @@ def _match_answer(data: _Data, asked: Sequence[str], shape: _Shape) -> set[str]:
 
 def _problem(error: UpstreamError) -> tuple[object, ...] | None:
     """What a failed attempt is logged as (at most once a minute per problem), or ``None``
-    when the failure is not logged here: passing failures (5xx, timeouts) are logged by the
-    retry loop. What is left is an answer that cannot be trusted."""
+    when the failure is not logged here: refused credentials are reported by the callers, and
+    passing failures (5xx, timeouts) by the retry loop. What is left is the upstream answering
+    what no retry of ours can make right, or what cannot be trusted."""
     if isinstance(error, _Untrusted):
         return (error.code, error.problem)
+    if isinstance(error, FinalUpstreamError) and not isinstance(error, CredentialsRefused):
+        return (error.code, error.status)
     return None
+
+
+class _BadBody(ValueError):
+    """The body is not an answer; the text says why (never what it held)."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _BadBody(f"a {name} literal")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INTEGER_DIGITS:
+        raise _BadBody(f"an integer of more than {_MAX_INTEGER_DIGITS} digits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadBody("a number too large for a float")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Parsers disagree on which copy of a repeated key counts: no copy is trusted.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _BadBody("a repeated key")
+    return result
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_keys,
+    parse_constant=_refuse_constant,
+    parse_int=_bounded_int,
+    parse_float=_finite_float,
+)
+
+
+def _decode(body: bytes) -> tuple[Any, str | None]:
+    """The JSON value of a body, or ``None`` and why it is not one.
+
+    Strict UTF-8, as RFC 8259 requires between systems; a leading BOM is ignored, as it
+    allows. Anything else that is odd fails the body rather than being read one way: a
+    repeated key, ``NaN``, integers too long to be meant, nesting deeper than Python recurses.
+    """
+    if not body:
+        return None, "empty"
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    try:
+        return _DECODER.decode(text), None
+    except _BadBody as exc:
+        return None, f"JSON with {exc}"
+    except RecursionError:
+        return None, "nested too deeply"
+    except ValueError:
+        return None, "not JSON"
 
 
 def _interpret(status: int, retry_after_header: str | None, body: bytes, shape: _Shape) -> _Data:
@@ -642,11 +710,7 @@ def _interpret(status: int, retry_after_header: str | None, body: bytes, shape: 
 
     Kaleyra's own code decides first (it is the more specific), the HTTP status second.
     """
-    payload: Any
-    try:
-        payload = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        payload = None
+    payload, undecodable = _decode(body)
     code = payload.get("code") if isinstance(payload, dict) else None
     code = code if isinstance(code, str) else None
     where = shape.describe()
@@ -702,9 +766,23 @@ def _interpret(status: int, retry_after_header: str | None, body: bytes, shape: 
             status=status,
             code=code or f"http_{status}",
         )
+    if 300 <= status < 400:
+        raise FinalUpstreamError(
+            f"Kaleyra answered {http}, a redirect, for {where}; redirects are not followed "
+            "(they would carry the API key elsewhere): check KALEYRA_BASE_URL",
+            status=status,
+            code=f"http_{status}",
+        )
+    if status == 204:
+        raise FinalUpstreamError(
+            f"Kaleyra answered {http} (no content) for {where}: that is no answer, "
+            "so the numbers stay unchecked",
+            status=status,
+            code="http_204",
+        )
     if status != 200:
-        # Unknown 4xx (404: a wrong base URL), a redirect, anything else: retrying the same
-        # request will get the same answer.
+        # Unknown 4xx (404: a wrong base URL), anything else: retrying the same request will
+        # get the same answer.
         raise FinalUpstreamError(
             f"Kaleyra answered {http}" + (f" ({code})" if code else "") + f" for {where}",
             status=status,
@@ -714,8 +792,13 @@ def _interpret(status: int, retry_after_header: str | None, body: bytes, shape: 
     if not isinstance(data, list) or not all(
         isinstance(entry, dict) and isinstance(entry.get("mobile"), str) for entry in data
     ):
-        what = "not JSON" if payload is None else "JSON of an unexpected shape"
-        raise _transient(f"Kaleyra's answer was {what} ({http}) for {where}", "bad_body", status)
+        what = undecodable or "JSON of an unexpected shape"
+        raise _Untrusted(
+            f"Kaleyra's answer was {what} ({http}) for {where}",
+            code="bad_body",
+            status=status,
+            problem=what,
+        )
     if code not in (None, "CNT196"):
         log.debug("Kaleyra answered 200 with code %s and a valid list; accepted", code)
     return data

@@ -6,6 +6,9 @@
   ever ``allowed``.
 * An answer naming a number never asked is no answer to these numbers: the batch is retried,
   then deferred (exit 4), with one warning that names no number.
+* A body that cannot be decoded (nested 100,000 deep, not UTF-8, ``NaN``, a repeated key...)
+  is a transient ``bad_body``: retried, then deferred, with a log line and no traceback.
+* A redirect or a ``204`` defers its numbers with one warning, and the redirect is not followed.
 
 Every case runs through the real command line (a subprocess) or through ``Filter`` and
 ``KaleyraClient`` in process, over real HTTP.
@@ -27,17 +30,22 @@ import pytest
 
 from blockfilter import Filter
 from blockfilter.client import KaleyraClient
-from blockfilter.errors import RetryBudgetExhausted
+from blockfilter.errors import FinalUpstreamError, RetryBudgetExhausted
 from tests.conftest import TEST_KEY, TEST_SID, clean_environ, fast_settings
 from tests.hostile_upstream import (
+    AnswerFunction,
     HostileUpstream,
+    Trickle,
     always,
     as_written,
     blocklist,
     dashed,
+    deep_body,
     kaleyra_body,
     national,
+    no_content,
     no_plus,
+    redirect,
     spaced,
 )
 
@@ -292,4 +300,142 @@ def test_check_fails_cleanly_when_an_entry_was_never_asked(hostile_upstream: Sta
     assert "the check failed" in done.stderr and "bad_answer" in done.stderr
     assert "Traceback" not in done.stderr
     assert_nothing_secret_in(done.stderr)
+    assert len(upstream.requests) == ATTEMPTS
+
+
+# -- bodies that cannot be decoded -------------------------------------------------------------
+
+BLOCKED = SMS_BLOCKED[0]
+CLEAN = POOL[1]
+assert CLEAN not in SMS_BLOCKED
+
+
+def _entry(mobile: str) -> str:
+    return f'{{"mobile":"{mobile}","channel_type":"3"}}'
+
+
+BAD_BODIES: dict[str, bytes] = {
+    "nested_100000_deep": deep_body(100_000),
+    "data_nested_100000_deep": deep_body(100_000, "data"),
+    "entry_nested_100000_deep": deep_body(100_000, "entry", mobile=BLOCKED),
+    "not_utf8": kaleyra_body([BLOCKED]).replace(b'"3"', b'"\xe9"'),
+    "utf16": kaleyra_body([BLOCKED]).decode().encode("utf-16"),
+    "nan": b'{"code":"CNT196","data":[],"error":{"retry":NaN}}',
+    "infinity": b'{"code":"CNT196","data":[],"error":{"retry":-Infinity}}',
+    "huge_integer": b'{"code":"CNT196","data":[],"error":{"n":' + b"7" * 100_000 + b"}}",
+    "huge_float": b'{"code":"CNT196","data":[],"error":{"n":1e999999}}',
+    # Which copy counts differs between parsers; Python's json takes the last (nothing
+    # blocklisted, CLEAN blocklisted instead of BLOCKED).
+    "repeated_data": (
+        f'{{"code":"CNT196","data":[{_entry(BLOCKED)}],"data":[],"error":{{}}}}'
+    ).encode(),
+    "repeated_mobile": (
+        f'{{"code":"CNT196","data":[{{"mobile":"{BLOCKED}","mobile":"{CLEAN}"}}],"error":{{}}}}'
+    ).encode(),
+    "repeated_code": b'{"code":"CNT195","code":"CNT196","data":[],"error":{}}',
+    "empty": b"",
+    "truncated": kaleyra_body([BLOCKED])[:-5],
+}
+
+
+@pytest.mark.parametrize("body", BAD_BODIES.values(), ids=BAD_BODIES.keys())
+def test_a_body_that_cannot_be_decoded_is_retried_then_deferred_with_a_warning(
+    hostile_upstream: Start, caplog: pytest.LogCaptureFixture, body: bytes
+) -> None:
+    upstream = hostile_upstream(always(200, body, {"Content-Type": "application/json"}))
+    client = KaleyraClient(fast_settings(upstream.base_url))
+    logs = caplog.at_level(logging.WARNING, logger="blockfilter.client")
+    with client, logs, pytest.raises(RetryBudgetExhausted) as caught:
+        client.blocked_batch("sms", [BLOCKED, CLEAN])
+    assert caught.value.code == "bad_body"
+    assert len(upstream.requests) == ATTEMPTS
+    assert any("Kaleyra's answer was" in r.getMessage() for r in caplog.records), caplog.text
+    assert_nothing_secret_in(caplog.text)
+
+    messages = [
+        {"id": "b", "channel": "sms", "to": BLOCKED},
+        {"id": "c", "channel": "sms", "to": CLEAN},
+    ]
+    with Filter(fast_settings(upstream.base_url)) as engine:
+        results = list(engine.run(messages))
+    assert [(r["id"], r["verdict"]) for r in results] == [("b", "deferred"), ("c", "deferred")]
+
+
+def test_a_leading_bom_is_ignored(hostile_upstream: Start) -> None:
+    upstream = hostile_upstream(always(200, b"\xef\xbb\xbf" + kaleyra_body([BLOCKED])))
+    with KaleyraClient(fast_settings(upstream.base_url)) as client:
+        assert client.blocked_batch("sms", [BLOCKED, CLEAN]) == {BLOCKED}
+
+
+CLI_BAD_BODIES = ("nested_100000_deep", "entry_nested_100000_deep", "repeated_data", "nan")
+
+
+@pytest.mark.parametrize("name", CLI_BAD_BODIES)
+def test_no_command_shows_a_traceback_for_a_body_that_cannot_be_decoded(
+    hostile_upstream: Start, tmp_path: Path, name: str
+) -> None:
+    upstream = hostile_upstream(always(200, BAD_BODIES[name]))
+
+    done = blockfilter("check", "--channel", "sms", BLOCKED, CLEAN, upstream=upstream)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "the check failed" in done.stderr and "bad_body" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    messages = [{"id": str(i), "channel": "sms", "to": n} for i, n in enumerate(POOL[:120])]
+    done, results = run_filter(upstream, messages, tmp_path)
+    assert done.returncode == 4, done.stderr
+    assert_one_verdict_each(messages, results)
+    assert {r["verdict"] for r in results} == {"deferred"}
+    assert any("Kaleyra's answer was" in line for line in warnings_in(done.stderr)), done.stderr
+    assert_nothing_secret_in(done.stderr)
+
+    done = blockfilter("sync", "--channel", "sms", "--quiet", upstream=upstream)
+    assert done.returncode == 1
+    assert "bad_body" in done.stderr and "Traceback" not in done.stderr
+
+
+# -- redirects, 204, trickles ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308, 204])
+def test_a_redirect_or_no_content_defers_with_one_warning_and_is_not_followed(
+    hostile_upstream: Start, tmp_path: Path, status: int
+) -> None:
+    elsewhere = hostile_upstream(blocklist({}))
+    answer: AnswerFunction = (
+        no_content() if status == 204 else redirect(status, f"{elsewhere.base_url}/v1/x")
+    )
+    upstream = hostile_upstream(answer)
+    messages = [{"id": str(i), "channel": "sms", "to": n} for i, n in enumerate(POOL)]
+    done, results = run_filter(upstream, messages, tmp_path)
+    assert done.returncode == 4, done.stderr
+    assert_one_verdict_each(messages, results)
+    assert {(r["verdict"], r["reason"]) for r in results} == {("deferred", "check_failed")}
+    assert len(upstream.requests) == 3  # three batches, none retried: the answer is final
+    assert elsewhere.requests == []  # the api-key header never went there
+    warnings = warnings_in(done.stderr)
+    assert len(warnings) == 1, done.stderr
+    assert f"HTTP {status}" in warnings[0]
+    if status != 204:
+        assert "redirects are not followed" in warnings[0]
+        assert elsewhere.base_url not in done.stderr
+    assert_nothing_secret_in(done.stderr)
+
+
+def test_a_redirect_is_a_final_error_of_the_client(hostile_upstream: Start) -> None:
+    upstream = hostile_upstream(redirect(307))
+    with (
+        KaleyraClient(fast_settings(upstream.base_url)) as client,
+        pytest.raises(FinalUpstreamError) as caught,
+    ):
+        client.blocked_batch("sms", [BLOCKED])
+    assert (caught.value.status, caught.value.code) == (307, "http_307")
+
+
+def test_a_slow_trickle_is_cut_and_deferred(hostile_upstream: Start, tmp_path: Path) -> None:
+    upstream = hostile_upstream(always(200, Trickle(kaleyra_body([]), seconds_per_byte=0.2)))
+    messages = [{"id": str(i), "channel": "sms", "to": n} for i, n in enumerate(POOL[:50])]
+    done, results = run_filter(upstream, messages, tmp_path)
+    assert done.returncode == 4, done.stderr
+    assert {(r["verdict"], r["reason"]) for r in results} == {("deferred", "check_failed")}
     assert len(upstream.requests) == ATTEMPTS
