@@ -128,7 +128,7 @@ def cli_env(upstream: HostileUpstream) -> dict[str, str]:
         BLOCKFILTER_BACKOFF_BASE="0.01",
         BLOCKFILTER_BACKOFF_MAX="0.02",
         BLOCKFILTER_REQUEST_TIMEOUT="1",
-        BLOCKFILTER_RETRY_DEADLINE="5",
+        BLOCKFILTER_RETRY_DEADLINE="10",  # ample on a loaded machine: attempts are the limit
     )
     return env
 
