@@ -14,6 +14,14 @@ worker hostage. Every documented answer is mapped to a typed error of
 raised at once, :class:`~blockfilter.errors.TransientUpstreamError` ones are retried and, once
 the budget is spent, wrapped in :class:`~blockfilter.errors.RetryBudgetExhausted`.
 
+Answers are matched by number, not by string: an entry written another way (no ``+``,
+spaces, national format) is read as every number it can mean, and an entry that means none of
+the numbers asked makes the whole answer a transient ``bad_answer``, never "not blocklisted".
+A body is read one way or not at all: one that is not strict UTF-8 JSON, or that holds a
+repeated key, ``NaN``, an absurd number or nesting deeper than Python recurses, is a transient
+``bad_body``. What the upstream answered wrongly (those two, redirects, which are never
+followed, a ``204``, an unknown status) is logged as one warning per problem a minute.
+
 The API key is sent in the ``api-key`` header and nowhere else: it is never logged, never put
 into an exception message, never shown by ``repr``. Phone numbers are never put into exception
 messages either (they are personal data); logs only ever show counts.
@@ -33,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import requests
@@ -50,6 +58,7 @@ from .errors import (
     TransientUpstreamError,
     UpstreamError,
 )
+from .numbers import normalize_answer, regions_of
 from .redact import guard_library_logs
 
 __all__ = [
@@ -76,6 +85,15 @@ _TRANSIENT_CODES = frozenset({"WA500", "CNT195", "WA202"})
 _MAX_BODY_BYTES = 4 * 1024 * 1024
 _READ_CHUNK = 64 * 1024
 _NUMBER = re.compile(r"^\+[0-9]{1,15}$")
+# No field of an answer needs a longer integer; a longer one is not Kaleyra's answer.
+_MAX_INTEGER_DIGITS = 64
+# A problem already logged is not logged again for this long (per client), so a broken
+# upstream costs one line a minute, not one per request.
+_REPEAT_WARNING_AFTER_S = 60.0
+
+_T = TypeVar("_T")
+# The ``data`` of an answer: its entries, each a dict with a string ``mobile``.
+_Data = list[dict[str, Any]]
 
 
 class RequestLimiter(Protocol):
@@ -173,6 +191,16 @@ def _transient(
     return TransientUpstreamError(message, status=status, code=code, retry_after=retry_after)
 
 
+class _Untrusted(TransientUpstreamError):
+    """A 200 that is no answer to trust (``bad_body``, ``bad_answer``): retried like any
+    transient failure. ``problem`` names what is wrong without counts, so that the warning
+    is logged once per kind of wrong, not once per request."""
+
+    def __init__(self, message: str, *, code: str, status: int, problem: str) -> None:
+        super().__init__(message, status=status, code=code)
+        self.problem = problem
+
+
 class KaleyraClient:
     """Asks Kaleyra which numbers are blocklisted on a channel.
 
@@ -209,6 +237,8 @@ class KaleyraClient:
         self._session: requests.Session | None = None
         self._session_pid: int | None = None
         self._session_lock = threading.Lock()
+        self._warned: dict[tuple[object, ...], float] = {}
+        self._warned_lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> KaleyraClient:
@@ -300,17 +330,8 @@ class KaleyraClient:
             # quote(safe=""): '+' must travel as %2B (a raw '+' decodes to a space).
             + ",".join(quote(n, safe="") for n in unique)
         )
-        data = self._request(query, _Shape(channel, len(unique)))
-        asked = set(unique)
-        found = {entry["mobile"] for entry in data}
-        extra = found - asked
-        if extra:
-            log.warning(
-                "Kaleyra answered %d numbers that were not asked on channel %s; ignored",
-                len(extra),
-                channel,
-            )
-        return found & asked
+        shape = _Shape(channel, len(unique))
+        return self._request(query, shape, lambda data: _match_answer(data, unique, shape))
 
     def blocked(self, channel: str, numbers: Iterable[str]) -> set[str]:
         """Which of any number of E.164 numbers are blocklisted on ``channel``.
@@ -371,11 +392,13 @@ class KaleyraClient:
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
         query = f"limit={page_size}&offset={offset}&channel={channel}"
-        return [entry["mobile"] for entry in self._request(query, _Shape(channel, 0, offset))]
+        return self._request(query, _Shape(channel, 0, offset), _mobiles)
 
     # -- one logical request: the retry budget -------------------------------------------------
 
-    def _request(self, query: str, shape: _Shape) -> list[dict[str, Any]]:
+    def _request(self, query: str, shape: _Shape, read: Callable[[_Data], _T]) -> _T:
+        """``read`` of the ``data`` of the first good answer; ``read`` may raise a transient
+        error to have an answer that is not good enough retried like any other."""
         settings = self.settings
         started = self._clock()
         budget_ends = started + settings.retry_deadline
@@ -392,7 +415,7 @@ class KaleyraClient:
             # The attempt may not outlive the budget: the budget is a promise to the caller.
             attempt_timeout = max(min(settings.request_timeout, remaining), 0.001)
             try:
-                return self._attempt(query, shape, attempt_timeout)
+                return self._attempt(query, shape, attempt_timeout, read)
             except TransientUpstreamError as exc:
                 error = exc
             retry_after = error.retry_after
@@ -430,8 +453,14 @@ class KaleyraClient:
 
     # -- one attempt ---------------------------------------------------------------------------
 
-    def _attempt(self, query: str, shape: _Shape, timeout: float) -> list[dict[str, Any]]:
-        """One HTTP exchange within ``timeout`` seconds in total; the parsed ``data``."""
+    def _attempt(
+        self,
+        query: str,
+        shape: _Shape,
+        timeout: float,
+        read: Callable[[_Data], _T],
+    ) -> _T:
+        """One HTTP exchange within ``timeout`` seconds in total; ``read`` of its ``data``."""
         self.stats.count_attempt(shape.numbers)
         started = time.monotonic()
         deadline = started + timeout
@@ -459,9 +488,12 @@ class KaleyraClient:
                 ) from None
             status = response.status_code
             body = self._read_body(response, deadline, shape)
-            return _interpret(status, response.headers.get("Retry-After"), body, shape)
+            return read(_interpret(status, response.headers.get("Retry-After"), body, shape))
         except UpstreamError as exc:
             self.stats.count_failure(exc.code or "unknown")
+            problem = _problem(exc)
+            if problem is not None:
+                self._warn_once(problem, str(exc))
             raise
         finally:
             log.debug(
@@ -470,6 +502,20 @@ class KaleyraClient:
                 status if status is not None else "-",
                 time.monotonic() - started,
             )
+
+    def _warn_once(self, problem: tuple[object, ...], message: str) -> None:
+        """Log ``message`` unless ``problem`` was logged in the last minute.
+
+        ``message`` is an error's text, built from codes and the request shape only: never a
+        number, the key or the SID.
+        """
+        now = self._clock()
+        with self._warned_lock:
+            last = self._warned.get(problem)
+            if last is not None and now - last < _REPEAT_WARNING_AFTER_S:
+                return
+            self._warned[problem] = now
+        log.warning("%s", message)
 
     def _read_body(self, response: requests.Response, deadline: float, shape: _Shape) -> bytes:
         """The whole body by ``deadline``, or a ``timeout`` error and a discarded connection.
@@ -536,18 +582,135 @@ def _channel(channel: str) -> str:
     return value
 
 
-def _interpret(
-    status: int, retry_after_header: str | None, body: bytes, shape: _Shape
-) -> list[dict[str, Any]]:
+def _mobiles(data: _Data) -> list[str]:
+    return [entry["mobile"] for entry in data]
+
+
+# More distinct entries not written as asked than this is not an answer to 100 numbers, and
+# reading each costs a few parses: the cap bounds the work a hostile answer can cause.
+_MAX_RESPELT_ENTRIES = 10 * MAX_NUMBERS_PER_REQUEST
+
+
+def _match_answer(data: _Data, asked: Sequence[str], shape: _Shape) -> set[str]:
+    """The asked numbers the entries of an answer name, matched by number, not by string.
+
+    An entry written as asked is a set lookup. Any other is read every way it can be meant
+    (:func:`~blockfilter.numbers.normalize_answer`, in the regions of the numbers asked), and
+    every asked number it can mean counts as blocklisted. An entry that means none of them
+    shows the answer is not one to these numbers (a page of the whole list, another account's
+    answer, a number misread): the whole answer is refused, so that no number it leaves out
+    can pass as clean.
+    """
+    wanted = set(asked)
+    found: set[str] = set()
+    respelt: dict[str, bool] = {}  # an entry not written as asked -> whether it matched
+    regions: frozenset[str] | None = None
+    for entry in data:
+        mobile = entry["mobile"]
+        if mobile in wanted:
+            found.add(mobile)
+            continue
+        if mobile in respelt:
+            continue
+        if len(respelt) == _MAX_RESPELT_ENTRIES:
+            respelt[mobile] = False
+            break
+        if regions is None:
+            regions = regions_of(wanted)
+        meanings = normalize_answer(mobile, regions) & wanted
+        found |= meanings
+        respelt[mobile] = bool(meanings)
+    unmatched = sum(1 for matched in respelt.values() if not matched)
+    if unmatched:
+        many = "at least " if len(respelt) > _MAX_RESPELT_ENTRIES else ""
+        raise _Untrusted(
+            f"Kaleyra's answer names numbers that were not asked: {many}{unmatched} of its "
+            f"{len(data)} entries match none ({shape.describe()}); the whole answer is refused",
+            code="bad_answer",
+            status=200,
+            problem=f"unmatched entries on {shape.channel}",
+        )
+    return found
+
+
+def _problem(error: UpstreamError) -> tuple[object, ...] | None:
+    """What a failed attempt is logged as (at most once a minute per problem), or ``None``
+    when the failure is not logged here: refused credentials are reported by the callers, and
+    passing failures (5xx, timeouts) by the retry loop. What is left is the upstream answering
+    what no retry of ours can make right, or what cannot be trusted."""
+    if isinstance(error, _Untrusted):
+        return (error.code, error.problem)
+    if isinstance(error, FinalUpstreamError) and not isinstance(error, CredentialsRefused):
+        return (error.code, error.status)
+    return None
+
+
+class _BadBody(ValueError):
+    """The body is not an answer; the text says why (never what it held)."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _BadBody(f"a {name} literal")
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > _MAX_INTEGER_DIGITS:
+        raise _BadBody(f"an integer of more than {_MAX_INTEGER_DIGITS} digits")
+    return int(text)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _BadBody("a number too large for a float")
+    return value
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Parsers disagree on which copy of a repeated key counts: no copy is trusted.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _BadBody("a repeated key")
+    return result
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_keys,
+    parse_constant=_refuse_constant,
+    parse_int=_bounded_int,
+    parse_float=_finite_float,
+)
+
+
+def _decode(body: bytes) -> tuple[Any, str | None]:
+    """The JSON value of a body, or ``None`` and why it is not one.
+
+    Strict UTF-8, as RFC 8259 requires between systems; a leading BOM is ignored, as it
+    allows. Anything else that is odd fails the body rather than being read one way: a
+    repeated key, ``NaN``, integers too long to be meant, nesting deeper than Python recurses.
+    """
+    if not body:
+        return None, "empty"
+    try:
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None, "not UTF-8"
+    try:
+        return _DECODER.decode(text), None
+    except _BadBody as exc:
+        return None, f"JSON with {exc}"
+    except RecursionError:
+        return None, "nested too deeply"
+    except ValueError:
+        return None, "not JSON"
+
+
+def _interpret(status: int, retry_after_header: str | None, body: bytes, shape: _Shape) -> _Data:
     """Turn one HTTP answer into ``data``, or into the error it means.
 
     Kaleyra's own code decides first (it is the more specific), the HTTP status second.
     """
-    payload: Any
-    try:
-        payload = json.loads(body) if body else None
-    except (ValueError, UnicodeDecodeError):
-        payload = None
+    payload, undecodable = _decode(body)
     code = payload.get("code") if isinstance(payload, dict) else None
     code = code if isinstance(code, str) else None
     where = shape.describe()
@@ -603,9 +766,23 @@ def _interpret(
             status=status,
             code=code or f"http_{status}",
         )
+    if 300 <= status < 400:
+        raise FinalUpstreamError(
+            f"Kaleyra answered {http}, a redirect, for {where}; redirects are not followed "
+            "(they would carry the API key elsewhere): check KALEYRA_BASE_URL",
+            status=status,
+            code=f"http_{status}",
+        )
+    if status == 204:
+        raise FinalUpstreamError(
+            f"Kaleyra answered {http} (no content) for {where}: that is no answer, "
+            "so the numbers stay unchecked",
+            status=status,
+            code="http_204",
+        )
     if status != 200:
-        # Unknown 4xx (404: a wrong base URL), a redirect, anything else: retrying the same
-        # request will get the same answer.
+        # Unknown 4xx (404: a wrong base URL), anything else: retrying the same request will
+        # get the same answer.
         raise FinalUpstreamError(
             f"Kaleyra answered {http}" + (f" ({code})" if code else "") + f" for {where}",
             status=status,
@@ -615,8 +792,13 @@ def _interpret(
     if not isinstance(data, list) or not all(
         isinstance(entry, dict) and isinstance(entry.get("mobile"), str) for entry in data
     ):
-        what = "not JSON" if payload is None else "JSON of an unexpected shape"
-        raise _transient(f"Kaleyra's answer was {what} ({http}) for {where}", "bad_body", status)
+        what = undecodable or "JSON of an unexpected shape"
+        raise _Untrusted(
+            f"Kaleyra's answer was {what} ({http}) for {where}",
+            code="bad_body",
+            status=status,
+            problem=what,
+        )
     if code not in (None, "CNT196"):
         log.debug("Kaleyra answered 200 with code %s and a valid list; accepted", code)
     return data

@@ -22,9 +22,10 @@ adds two things on top:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from typing import Final
 
 import phonenumbers
@@ -39,7 +40,14 @@ from phonenumbers import (
 
 from .redact import mask_number
 
-__all__ = ["MAX_INPUT_LENGTH", "InvalidNumber", "is_known_region", "normalize"]
+__all__ = [
+    "MAX_INPUT_LENGTH",
+    "InvalidNumber",
+    "is_known_region",
+    "normalize",
+    "normalize_answer",
+    "regions_of",
+]
 
 log = logging.getLogger("blockfilter.numbers")
 
@@ -114,6 +122,60 @@ def normalize(raw: object, region: str | None = None) -> str:
         if e164 is not None:
             return e164
     return _parse(text, region_code)
+
+
+def normalize_answer(raw: object, regions: Collection[str] = ()) -> frozenset[str]:
+    """Every E.164 number an entry of an API answer (its ``mobile``) can mean; empty if none.
+
+    The API is documented to answer E.164, but may write a number another way; read wrongly,
+    a blocklisted number would match nothing asked and pass as clean. So the entry is read
+    with the same :func:`normalize` as the input, every way it can be meant:
+
+    * as written (``+91 98123 45678``, ``+91-98123-45678``);
+    * as E.164 that lost its ``+``, when it is only digits and separators (``919812345678``);
+    * in the national format of each of ``regions`` (``098123 45678`` with ``IN``): pass the
+      regions of the numbers asked (:func:`regions_of`).
+
+    A caller must treat every meaning as blocklisted (an entry that could mean several asked
+    numbers blocks them all) and an entry with no meaning among the numbers asked as a bad
+    answer, never as "not blocklisted". Never raises: anything unreadable means nothing.
+    """
+    if not isinstance(raw, str) or len(raw) > MAX_INPUT_LENGTH:
+        return frozenset()
+    meanings: set[str] = set()
+    _add_meaning(meanings, raw, None)
+    digits = _ANSWER_SEPARATORS.sub("", raw)
+    if digits.isascii() and digits.isdigit():
+        _add_meaning(meanings, "+" + digits, None)
+    for region in regions:
+        _add_meaning(meanings, raw, region)
+    return frozenset(meanings)
+
+
+def regions_of(numbers: Iterable[str]) -> frozenset[str]:
+    """The regions (ISO 3166 alpha-2) of E.164 numbers, for :func:`normalize_answer`.
+
+    Numbers of no region (non-geographic ``+800``..., invalid ones) add none: they have no
+    national format to read.
+    """
+    regions: set[str] = set()
+    for number in numbers:
+        try:
+            region = phonenumbers.region_code_for_number(phonenumbers.parse(number, None))
+        except NumberParseException:
+            continue
+        if region and is_known_region(region):
+            regions.add(region)
+    return frozenset(regions)
+
+
+# What may stand between the digits of an E.164 number written without its "+".
+_ANSWER_SEPARATORS: Final = re.compile(r"[\s\-().]")
+
+
+def _add_meaning(meanings: set[str], text: str, region: str | None) -> None:
+    with contextlib.suppress(InvalidNumber):
+        meanings.add(normalize(text, region))
 
 
 def _normalize_slow(raw: object, region: str | None = None) -> str:

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from blockfilter.config import Settings, load_settings
+from tests.hostile_upstream import AnswerFunction, HostileUpstream
 
 # Fails the session if any test's captured output or logs ever show a test API key.
 pytest_plugins = ["tests._secret_guard"]
@@ -59,3 +60,21 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if name.startswith(("KALEYRA_", "BLOCKFILTER_")):
             monkeypatch.delenv(name)
     yield
+
+
+@pytest.fixture
+def hostile_upstream() -> Iterator[Callable[..., HostileUpstream]]:
+    """Starts :class:`tests.hostile_upstream.HostileUpstream` servers: ``hostile_upstream(answer,
+    lifetime=...)``. Each is stopped after the test, which fails if an answer function raised."""
+    started: list[HostileUpstream] = []
+
+    def start(answer: AnswerFunction, **options: float) -> HostileUpstream:
+        upstream = HostileUpstream(answer, **options)
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in started:
+        upstream.stop()
+    errors = [error for upstream in started for error in upstream.errors]
+    assert not errors, f"an answer function raised: {errors!r}"

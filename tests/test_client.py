@@ -294,11 +294,16 @@ def test_a_200_with_another_code_but_a_valid_list_is_accepted(scripted) -> None:
         assert client.blocked_batch("sms", [BLOCKED, CLEAN]) == {BLOCKED}
 
 
-def test_numbers_not_asked_are_ignored(scripted, caplog: pytest.LogCaptureFixture) -> None:
+def test_numbers_not_asked_fail_the_answer(scripted, caplog: pytest.LogCaptureFixture) -> None:
+    # An answer naming a number never asked is not an answer to these numbers: what it
+    # leaves out cannot be taken as clean. Retried, then given up on.
     server = scripted((200, {}, ok_body(BLOCKED, "+918099999999")))
     client = KaleyraClient(settings_for(server.base_url))
-    with client, caplog.at_level(logging.WARNING, logger="blockfilter.client"):
-        assert client.blocked_batch("sms", [BLOCKED, CLEAN]) == {BLOCKED}
+    logs = caplog.at_level(logging.WARNING, logger="blockfilter.client")
+    with client, logs, pytest.raises(RetryBudgetExhausted) as caught:
+        client.blocked_batch("sms", [BLOCKED, CLEAN])
+    assert caught.value.code == "bad_answer"
+    assert len(server.seen) == 3
     assert "not asked" in caplog.text
     assert "+918099999999" not in caplog.text
 
