@@ -38,7 +38,7 @@ from .cache import SnapshotWriter, StatusCache, SyncInfo
 from .client import MAX_PAGE_SIZE, KaleyraClient
 from .config import CHANNELS
 from .errors import ConfigError, SyncAborted
-from .numbers import InvalidNumber, normalize
+from .numbers import InvalidNumber, normalize, normalize_answer
 
 __all__ = ["MAX_SYNC_PAGES", "MAX_SYNC_SECONDS", "SyncResult", "sync_channel", "sync_pages"]
 
@@ -156,14 +156,20 @@ class _Pager:
         for raw in data:
             try:
                 numbers.append(normalize(raw))
+                continue
             except InvalidNumber:
-                if _PLUS_DIGITS.match(raw):
-                    # E.164, yet not a valid number: the same check turns such a number in a
-                    # message into `invalid`, never looked up, so leaving it out changes no
-                    # verdict.
-                    continue
-                # Nothing to match a campaign's numbers against: absent numbers can no longer
-                # be called clean (a message's number might be this entry, written oddly).
+                pass
+            if _PLUS_DIGITS.match(raw):
+                # E.164, yet not a valid number: the same check turns such a number in a
+                # message into `invalid`, never looked up, so leaving it out changes no verdict.
+                continue
+            # Written another way (no '+', spaces): every number it can mean is listed.
+            meanings = normalize_answer(raw)
+            if meanings:
+                numbers.extend(meanings)
+            else:
+                # Nothing to match a campaign's numbers against (national format, with no
+                # region to read it in): absent numbers can no longer be called clean.
                 unreadable += 1
         self.writer.add(numbers)
         with self.lock:
