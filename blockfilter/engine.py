@@ -254,8 +254,9 @@ class Filter:
     ...         print(result["verdict"])
 
     :param settings: the configuration; read from the environment when omitted.
-    :param sources: blocklist sources to join; default: Kaleyra (through the status cache),
-        built from ``settings`` on first use (so missing credentials surface then, clearly).
+    :param sources: blocklist sources to join; default: Kaleyra (through the status cache)
+        and the opt-out ledger, built from ``settings`` on first use (so missing credentials
+        surface then, clearly).
     :param on_error: ``defer``, ``allow`` or ``drop``; default ``settings.on_error``.
     :param max_requests: make at most this many API requests; defer what is left unchecked.
     :param fallback_policy: ``(message, parsed) -> channels`` to try, in order, when the
@@ -295,8 +296,14 @@ class Filter:
     def sources(self) -> list[BlocklistSource]:
         if self._sources is None:
             from .kaleyra import KaleyraSource
+            from .ledger.ledger import shared_ledger
+            from .ledger.source import LedgerSource
 
-            self._sources = [KaleyraSource(self.settings, max_requests=self.max_requests)]
+            # The opt-out ledger joins Kaleyra: an opt-out it holds beats any clean answer.
+            self._sources = [
+                KaleyraSource(self.settings, max_requests=self.max_requests),
+                LedgerSource(shared_ledger(self.settings)),
+            ]
         return self._sources
 
     def close(self) -> None:
