@@ -43,7 +43,7 @@ def _context(
 
 
 def _after_record(settings: Settings, ledger: Ledger, recorded: Sequence[Recorded]) -> None:
-    if ledger.write_back and any(r.changed for r in recorded):
+    if ledger.write_back and ledger.auto_flush and any(r.changed for r in recorded):
         from .writeback import kick_write_back
 
         kick_write_back(settings, ledger)

@@ -98,6 +98,9 @@ class Ledger:
         self.sealer = sealer
         self.scope = scope
         self.write_back = write_back
+        #: Flush write-backs on a background thread after each change (``False``: a process
+        #: that runs its own flushes, ``blockfilter optout writeback`` say).
+        self.auto_flush = True
         self._clock = clock
         self._local = threading.local()
 
