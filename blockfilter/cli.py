@@ -396,6 +396,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  {summary['requests']} API requests, {summary['cache_hits']} cache hits, "
         f"{summary['elapsed_s']:.2f} s",
     ]
+    sources = summary.get("sources") or {}
+    if sources:
+        lines.append(
+            "  decided by: "
+            + ", ".join(
+                f"{name} {sum(counts.values())}" for name, counts in sorted(sources.items())
+            )
+        )
     if summary.get("credentials_refused"):
         lines.append("  upstream refused the credentials or the account: unchecked are deferred")
     return "\n".join(lines)

@@ -330,7 +330,13 @@ class KaleyraSource:
                 if status.blocked:
                     hits_blocked[status.fetched_at].add(number)
         outcomes = [
-            CheckOutcome(channel, group, frozenset(hits_blocked.get(at, ())), at)
+            CheckOutcome(
+                channel,
+                group,
+                frozenset(hits_blocked.get(at, ())),
+                at,
+                origin="snapshot" if mark is not None and at == mark.synced_at else "cache",
+            )
             for at, group in hits.items()
         ]
         return outcomes, misses
@@ -584,7 +590,7 @@ class KaleyraSource:
             return CheckOutcome(channel, batch, error=exc)
         except Exception as exc:  # every failure marks the batch unchecked; the filter decides
             return CheckOutcome(channel, batch, error=exc)
-        return CheckOutcome(channel, batch, frozenset(blocked), time.time())
+        return CheckOutcome(channel, batch, frozenset(blocked), time.time(), origin="api")
 
     def _wait_remote(
         self, channel: str, numbers: list[str]
@@ -853,7 +859,11 @@ class _KaleyraStream:
                 by_time[status.fetched_at].append(number)
             for at, group in by_time.items():
                 outcome = CheckOutcome(
-                    channel, group, frozenset(n for n in group if found[n].blocked), at
+                    channel,
+                    group,
+                    frozenset(n for n in group if found[n].blocked),
+                    at,
+                    origin="cache",
                 )
                 self._ready.append(outcome)
                 # Others in this process may be waiting on our claim of these numbers.
@@ -882,7 +892,9 @@ class _KaleyraStream:
                 self._ready.append(CheckOutcome(channel, members, error=outcome.error))
                 continue
             blocked = frozenset(n for n in members if n in outcome.blocked)
-            self._ready.append(CheckOutcome(channel, members, blocked, outcome.checked_at))
+            self._ready.append(
+                CheckOutcome(channel, members, blocked, outcome.checked_at, origin=outcome.origin)
+            )
             answered += len(members)
         if answered:
             self._source._count_hits(answered)

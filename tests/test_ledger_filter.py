@@ -190,3 +190,28 @@ def test_the_command_line_filter_and_check_see_the_ledger(
     broken = {**env, "BLOCKFILTER_OPTOUT_KEY": ""}
     failed = _cli(["check", "--channel", "sms", N2], broken)
     assert failed.returncode == 1 and b"the check failed" in failed.stderr
+
+
+def test_every_verdict_says_which_source_decided(
+    simulator: Simulator, sqlite_place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, sqlite_place)
+    simulator.block("sms", N3)
+    pm = make_plugin_manager(settings)
+    with build_filter(settings, pm) as engine:
+        first = {r["id"]: r["source"] for r in engine.run([msg("a", N1), msg("b", N3)])}
+    assert first == {"a": "api", "b": "api"}
+    add_optouts([N2], "sms", settings=settings)
+    with build_filter(settings, pm) as engine:
+        again = {r["id"]: r["source"] for r in engine.run([msg("a", N1), msg("c", N2, "SMS")])}
+        summary = engine.summary.as_dict()
+    assert again == {"a": "cache", "c": "ledger"}
+    assert summary["sources"] == {"cache": {"allowed": 1}, "ledger": {"blocked": 1}}
+    source = KaleyraSource(settings)
+    try:
+        source.sync("sms")
+        with Filter(settings, sources=[source, *_ledger_sources(settings)]) as engine:
+            synced = {r["id"]: r["source"] for r in engine.run([msg("d", "+919812300009")])}
+    finally:
+        source.close()
+    assert synced == {"d": "snapshot"}

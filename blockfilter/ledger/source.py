@@ -57,7 +57,7 @@ class LedgerSource:
             hits = found.get(channel, {})
             self._stats.numbers_checked += len(numbers)
             self._stats.extra["opted_out"] = self._stats.extra.get("opted_out", 0) + len(hits)
-            yield CheckOutcome(channel, list(numbers), frozenset(hits), now)
+            yield CheckOutcome(channel, list(numbers), frozenset(hits), now, origin=LEDGER)
 
     def stats(self) -> SourceStats:
         return self._stats
@@ -152,17 +152,25 @@ def dispatch_gate(
 
 def _block(result: dict[str, Any], event: Any, summary: dict[str, Any]) -> None:
     old_verdict, old_channel = result["verdict"], result["channel"]
+    old_source = result.get("source")
     if "original_channel" in result:
         result["channel"] = result.pop("original_channel")
     result["verdict"] = "blocked"
     result["reason"] = "blocklisted"
     result["source"] = LEDGER
     result["ledger_event"] = event.describe()
-    _move(summary, old_verdict, old_channel, "blocked", result["channel"])
+    _move(summary, old_verdict, old_channel, "blocked", result["channel"], old_source)
     log.info("ledger: an opt-out reported during the check stopped a dispatch")
 
 
-def _move(summary: dict[str, Any], verdict: str, channel: str, new: str, new_channel: str) -> None:
+def _move(
+    summary: dict[str, Any],
+    verdict: str,
+    channel: str,
+    new: str,
+    new_channel: str,
+    old_source: str | None = None,
+) -> None:
     verdicts = summary.setdefault("verdicts", {})
     verdicts[verdict] = verdicts.get(verdict, 0) - 1
     if not verdicts[verdict]:
@@ -177,9 +185,17 @@ def _move(summary: dict[str, Any], verdict: str, channel: str, new: str, new_cha
         del channels[channel]
     target = channels.setdefault(new_channel, {})
     target[new] = target.get(new, 0) + 1
-    by_source = summary.get("sources")
-    if isinstance(by_source, dict):
-        by_source[LEDGER] = by_source.get(LEDGER, 0) + 1
+    sources = summary.get("sources")
+    if isinstance(sources, dict):
+        old = sources.get(old_source) if old_source else None
+        if isinstance(old, dict) and old.get(verdict):
+            old[verdict] -= 1
+            if not old[verdict]:
+                del old[verdict]
+            if not old:
+                del sources[old_source]
+        ledger_counts = sources.setdefault(LEDGER, {})
+        ledger_counts[new] = ledger_counts.get(new, 0) + 1
 
 
 def require_key(settings: Settings) -> None:
