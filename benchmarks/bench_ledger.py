@@ -12,7 +12,8 @@ Run by hand::
    beyond the one ledger read every filter makes).
 2. **CPU path.** ``Filter.run_lines`` over a JSON Lines campaign of 10^5 and 10^6 messages
    over 3,000 numbers (Kaleyra answers from a warm cache), with the ledger (holding 1,000
-   opt-outs) and without it (the built-in ``ledger`` plugin disabled); best of 3 alternating.
+   opt-outs of other numbers, so the verdicts are the same) and without it (the built-in
+   ``ledger`` plugin disabled); best of 3 alternating.
 
 Writes the table to ``benchmarks/results/ledger.md``.
 """
@@ -129,7 +130,9 @@ def latency(sim: Simulator, values: dict[str, object], reports: int) -> dict[str
 def cpu_path(sim: Simulator, values: dict[str, object], sizes: list[int], tmp: Path) -> list[dict]:
     distinct = make_numbers(3000, 100_000)
     settings = load_settings(environ={}, **values)  # type: ignore[arg-type]
-    add_optouts(distinct[:1000], "sms", settings=settings)
+    # A ledger of 1,000 opt-outs of numbers this campaign does not send to: both runs give the
+    # same verdicts, so the difference is the ledger's read and nothing else.
+    add_optouts(make_numbers(1000, 500_000), "sms", settings=settings)
     rows = []
     for size in sizes:
         path = tmp / f"campaign-{size}.jsonl"
@@ -156,8 +159,7 @@ def cpu_path(sim: Simulator, values: dict[str, object], sizes: list[int], tmp: P
                         1 for line in engine.run_lines(open_lines) if b'"blocked"' in line
                     )
                 timings[label].append(time.perf_counter() - started)
-                expected = size * 1000 // 3000 if label == "with" else 0
-                assert abs(blocked - expected) <= 1000, (label, blocked, expected)
+                assert blocked == 0, (label, blocked)
         best_with, best_without = min(timings["with"]), min(timings["without"])
         rows.append(
             {

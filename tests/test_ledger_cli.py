@@ -84,3 +84,26 @@ def test_keygen_and_rotate(place: LedgerPlace) -> None:
 def test_a_missing_key_is_a_usage_error(place: LedgerPlace) -> None:
     done = optout(place, "add", "--channel", "sms", N1, key="")
     assert done.returncode == 2 and "BLOCKFILTER_OPTOUT_KEY is not set" in done.stderr
+
+
+def test_config_shows_the_ledger_settings_without_secrets(place: LedgerPlace) -> None:
+    env = {
+        **clean_environ(),
+        "BLOCKFILTER_OPTOUT_URL": "postgresql://bf:s3cret-pw@db.internal:5432/ledger",
+        "BLOCKFILTER_OPTOUT_KEY": KEY_A,
+        "BLOCKFILTER_OPTOUT_SCOPE": "all",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "blockfilter", "config"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "BLOCKFILTER_OPTOUT_SCOPE" in done.stdout and "all" in done.stdout
+    assert "bf:[REDACTED]@db.internal:5432/ledger" in done.stdout
+    assert "s3cret-pw" not in done.stdout and KEY_A not in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "blockfilter", "config"],
+        capture_output=True, text=True, cwd=ROOT, timeout=60,
+        env={**clean_environ(), "BLOCKFILTER_OPTOUT_SCOPE": "galaxy"},
+    )  # fmt: skip
+    assert bad.returncode == 2 and "BLOCKFILTER_OPTOUT_SCOPE" in bad.stderr

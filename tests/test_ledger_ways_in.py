@@ -239,3 +239,29 @@ def test_operators_add_and_remove(place: LedgerPlace) -> None:
     removed = remove_optouts([N1], "all", by="bob", settings=settings)
     assert removed["changed"] == 1
     assert not opted_out(settings, N1, "sms") and opted_out(settings, N2, "sms")
+
+
+def test_the_tasks_hide_their_arguments_from_monitoring() -> None:
+    from celery import Celery
+    from celery.signals import before_task_publish
+
+    import blockfilter.tasks  # noqa: F401  (registers the ledger's tasks and their guard)
+
+    app = Celery("bftest-argsrepr", broker="memory://", backend="cache+memory://")
+    seen: dict[str, tuple[str, str]] = {}
+
+    def capture(sender: str | None = None, headers: dict | None = None, **_: object) -> None:
+        if headers is not None and sender is not None:
+            seen[sender] = (headers.get("argsrepr"), headers.get("kwargsrepr"))
+
+    before_task_publish.connect(capture)
+    try:
+        app.send_task("blockfilter.send_results", args=[[{"to": N1, "code": "OPT-OUT"}]])
+        app.send_task("blockfilter.inbound", args=[{"from": N1, "text": "STOP"}])
+    finally:
+        before_task_publish.disconnect(capture)
+        app.close()
+    assert seen == {
+        "blockfilter.send_results": ("(...)", "{}"),
+        "blockfilter.inbound": ("(...)", "{}"),
+    }
