@@ -2,6 +2,7 @@
 
 * ``kaleyra``: Kaleyra's API (through the status cache) as a blocklist source.
 * ``default-reroute``: a blocklisted message tries its own ``fallback`` list, in order.
+* ``ledger``: the opt-out ledger (:mod:`blockfilter.ledger`) as a blocklist source.
 
 Both are marked ``trylast=True``, so an installed plugin is called before them and wins where
 the first result wins. ``blockfilter plugins`` lists them; ``BLOCKFILTER_DISABLE_PLUGINS``
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Settings
 from .hookspecs import hookimpl
+from .ledger.source import LEDGER, LedgerPlugin
 from .sources import BlocklistSource
 
 if TYPE_CHECKING:
@@ -131,4 +133,5 @@ class DefaultReroutePlugin:
 BUILTIN_PLUGINS: dict[str, Callable[[], object]] = {
     KALEYRA: KaleyraPlugin,
     DEFAULT_REROUTE: DefaultReroutePlugin,
+    LEDGER: LedgerPlugin,
 }

@@ -105,10 +105,12 @@ class CacheUnavailable(BlockfilterError):
 
 @dataclass(frozen=True, slots=True)
 class CachedStatus:
-    """A status the API gave: blocklisted or clean, and when (epoch seconds)."""
+    """A status the API gave: blocklisted or clean, when (epoch seconds), and how the cache
+    knows it: ``cache`` (an entry, from a lookup) or ``snapshot`` (a synced whole list)."""
 
     blocked: bool
     fetched_at: float
+    origin: str = "cache"
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +228,7 @@ def _snapshot_status(
 ) -> CachedStatus | None:
     """What a whole snapshot says of one number: listed means blocked, absent means clean,
     each for its kind's TTL counted from the sync's start."""
-    status = CachedStatus(listed, synced_at)
+    status = CachedStatus(listed, synced_at, "snapshot")
     return status if _fresh(settings, status, now) else None
 
 

@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--broker", metavar="URL", help="or just the broker URL")
     replay.add_argument("--limit", type=int, help="replay at most this many messages")
 
+    from .ledger.cli import add_parser as add_optout_parser
+
+    add_optout_parser(commands)
+
     commands.add_parser("config", help="print the effective settings and their sources")
     commands.add_parser("plugins", help="list the loaded plugins, their versions and hooks")
     return parser
@@ -180,9 +184,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         except InvalidNumber as exc:
             print(f"blockfilter: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    client = KaleyraClient(load_settings())
+    from .ledger.source import ledger_blocked
+    from .ledger.store import LedgerUnavailable
+
+    settings = load_settings()
+    client = KaleyraClient(settings)
     try:
         blocked = client.blocked(args.channel, numbers)
+        blocked |= ledger_blocked(settings, args.channel, numbers)  # opt-outs it learnt
+    except LedgerUnavailable as exc:
+        print(f"blockfilter: the check failed: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     except UpstreamError as exc:
         if isinstance(exc, CredentialsRefused):
             raise
@@ -384,6 +396,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  {summary['requests']} API requests, {summary['cache_hits']} cache hits, "
         f"{summary['elapsed_s']:.2f} s",
     ]
+    sources = summary.get("sources") or {}
+    if sources:
+        lines.append(
+            "  decided by: "
+            + ", ".join(
+                f"{name} {sum(counts.values())}" for name, counts in sorted(sources.items())
+            )
+        )
     if summary.get("credentials_refused"):
         lines.append("  upstream refused the credentials or the account: unchecked are deferred")
     return "\n".join(lines)
@@ -499,6 +519,12 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_optout(args: argparse.Namespace) -> int:
+    from .ledger.cli import run as run_optout
+
+    return run_optout(args)
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from .plugins import describe_plugins
 
@@ -516,6 +542,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "replay": cmd_replay,
     "config": cmd_config,
     "plugins": cmd_plugins,
+    "optout": cmd_optout,
 }
 
 if __name__ == "__main__":  # pragma: no cover

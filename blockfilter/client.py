@@ -567,6 +567,113 @@ class KaleyraClient:
                 raw.close()
                 response.close()
 
+    # -- "Change Blocklist Status for Number" (the ledger's write-back) -------------------------
+
+    def change_blocklist(
+        self, channel: str, *, add: Sequence[str] = (), remove: Sequence[str] = ()
+    ) -> None:
+        """Add ``add`` to and remove ``remove`` from ``channel``'s blocklist: one POST of at
+        most 100 numbers, tried within the same retry budget, limiter and error mapping as a
+        lookup. A 2xx with a JSON body is success (the body is not documented).
+
+        :raises ValueError: more than 100 numbers, none, a number in both lists, or one that is
+            not E.164.
+        :raises CredentialsRefused, FinalUpstreamError, RetryBudgetExhausted: as for a lookup.
+        """
+        channel = _channel(channel)
+        add, remove = list(dict.fromkeys(add)), list(dict.fromkeys(remove))
+        count = len(add) + len(remove)
+        if not 0 < count <= MAX_NUMBERS_PER_REQUEST:
+            raise ValueError(f"1 to {MAX_NUMBERS_PER_REQUEST} numbers per request, got {count}")
+        if set(add) & set(remove):
+            raise ValueError("a number cannot be added and removed in one request")
+        if not all(isinstance(n, str) and _NUMBER.match(n) for n in add + remove):
+            raise ValueError("numbers must be E.164 ('+' and digits)")
+        contacts = [
+            {"blocklist_status": status, "numbers": numbers}
+            for status, numbers in ((1, add), (0, remove))
+            if numbers
+        ]
+        body = json.dumps({"channel": channel, "contacts": contacts}).encode()
+        shape = _Shape(channel, count)
+        started = self._clock()
+        attempt = 0
+        while True:
+            if self.limiter is not None:
+                self.limiter.acquire()
+            remaining = started + self.settings.retry_deadline - self._clock()
+            attempt += 1
+            try:
+                self._post_attempt(
+                    body, shape, max(min(self.settings.request_timeout, remaining), 0.001)
+                )
+                return
+            except TransientUpstreamError as exc:
+                error = exc
+            wait_s = self._rng.uniform(
+                0.0, min(self.settings.backoff_max, self.settings.backoff_base * 2 ** (attempt - 1))
+            )
+            if error.retry_after is not None:
+                wait_s = max(wait_s, min(error.retry_after, self.settings.retry_after_max))
+            if error.code == "rate_limited" and self.limiter is not None:
+                self.limiter.penalize(wait_s)
+            if (
+                attempt >= self.settings.retry_attempts
+                or self._clock() + wait_s >= started + self.settings.retry_deadline
+            ):
+                raise self._exhausted(error, attempt, started, shape)
+            log.warning(
+                "Kaleyra blocklist change failed with %s (%s); retry %d in %.2fs",
+                error.code,
+                shape.describe(),
+                attempt,
+                wait_s,
+            )
+            self.stats.count_retry()
+            if wait_s > 0:
+                self._sleep(wait_s)
+
+    def _post_attempt(self, body: bytes, shape: _Shape, timeout: float) -> None:
+        self.stats.count_attempt(shape.numbers)
+        deadline = time.monotonic() + timeout
+        try:
+            try:
+                response = self._http().post(
+                    self.endpoint,
+                    data=body,
+                    headers={"api-key": self._api_key, "content-type": "application/json"},
+                    timeout=(min(self.settings.connect_timeout, timeout), timeout),
+                    stream=True,
+                    allow_redirects=False,
+                )
+            except requests.exceptions.Timeout:
+                raise _transient(
+                    f"Kaleyra did not answer in time ({shape.describe()})", "timeout"
+                ) from None
+            except requests.exceptions.RequestException as exc:
+                raise _transient(
+                    f"connection to Kaleyra failed: {type(exc).__name__} ({shape.describe()})",
+                    "connection",
+                ) from None
+            answer = self._read_body(response, deadline, shape)
+            if 200 <= response.status_code < 300:
+                try:
+                    json.loads(answer)
+                    return
+                except (ValueError, UnicodeDecodeError):
+                    raise _transient(
+                        f"Kaleyra's answer was not JSON (HTTP {response.status_code})",
+                        "bad_body",
+                        response.status_code,
+                    ) from None
+            _interpret(response.status_code, response.headers.get("Retry-After"), answer, shape)
+            raise FinalUpstreamError(  # pragma: no cover - _interpret raises for non-2xx
+                f"Kaleyra answered HTTP {response.status_code}", status=response.status_code
+            )
+        except UpstreamError as exc:
+            self.stats.count_failure(exc.code or "unknown")
+            raise
+
 
 def _set_read_timeout(raw: Any, seconds: float) -> None:
     connection = getattr(raw, "connection", None)

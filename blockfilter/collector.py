@@ -106,6 +106,7 @@ from celery_batches.trace import apply_batches_task
 
 from .config import Settings, load_settings
 from .errors import ConfigError
+from .ledger.source import dispatch_gate
 from .messages import Parsed, parse_message
 from .plugins import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
 from .tasks import (
@@ -514,10 +515,11 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
         _hand_off(self, settings, requests, messages, deferred, "check failed")
         handed_off.update(deferred)
 
-    if handled:
-        notify_verdicts(pm, handled)
     try:
-        dispatch_results(pm, handled, deferred_final=True)
+        with dispatch_gate(pm, settings, handled, summary):  # see blockfilter.ledger.source
+            if handled:
+                notify_verdicts(pm, handled)
+            dispatch_results(pm, handled, deferred_final=True)
     except Exception as exc:
         # The hook specification: "Raise to have the batch retried", hence all of it.
         log.warning(

@@ -182,6 +182,40 @@ SPECS: dict[str, _Spec] = {
         5.0,
         "first task retry countdown, seconds",
     ),
+    # The opt-out ledger (blockfilter.ledger): where it lives, its own key, how far it reaches.
+    "optout_url": _Spec(
+        "BLOCKFILTER_OPTOUT_URL",
+        _optional(str.strip),
+        None,
+        "opt-out ledger: sqlite:///FILE or postgresql://... (unset: a SQLite file of the user's)",
+    ),
+    "optout_key": _Spec(
+        "BLOCKFILTER_OPTOUT_KEY",
+        _optional(str.strip),
+        None,
+        "opt-out ledger keys, newest first, comma-separated (never printed)",
+    ),
+    "optout_scope": _Spec(
+        "BLOCKFILTER_OPTOUT_SCOPE",
+        _choice(("channel", "all")),
+        "channel",
+        "an opt-out blocks its own channel, or all channels",
+    ),
+    "optout_keywords": _Spec(
+        "BLOCKFILTER_OPTOUT_KEYWORDS",
+        _optional(str.strip),
+        None,
+        "opt-out keywords per locale: 'es:ALTO,PARAR;fr:ARRET' (replaces that locale's list)",
+    ),
+    "optin_keywords": _Spec(
+        "BLOCKFILTER_OPTIN_KEYWORDS",
+        _optional(str.strip),
+        None,
+        "opt-in keywords per locale, the same way",
+    ),
+    "write_back": _Spec(
+        "BLOCKFILTER_WRITE_BACK", _parse_bool, False, "write ledger changes back to Kaleyra"
+    ),
 }
 
 
@@ -212,6 +246,12 @@ class Settings:
     request_timeout: float = 10.0
     task_max_retries: int = 3
     task_retry_backoff: float = 5.0
+    optout_url: str | None = None
+    optout_key: str | None = field(default=None, repr=False)
+    optout_scope: str = "channel"
+    optout_keywords: str | None = None
+    optin_keywords: str | None = None
+    write_back: bool = False
     # Where each value came from: "default", "env KALEYRA_SID", "celery conf kaleyra_sid".
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -263,8 +303,10 @@ class Settings:
         rows = []
         for name, spec in SPECS.items():
             value = getattr(self, name)
-            if name in ("api_key", "cache_secret") and value:
+            if name in ("api_key", "cache_secret", "optout_key") and value:
                 shown = "[REDACTED]"
+            elif name == "optout_url" and value:
+                shown = _without_password(value)
             elif value is None:
                 shown = "(unset)"
             elif isinstance(value, list):
@@ -273,6 +315,16 @@ class Settings:
                 shown = str(value)
             rows.append((spec.env, shown, self.sources.get(name, "default")))
         return rows
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its user part replaced, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:[REDACTED]@{netloc}").geturl()
 
 
 def _is_loopback(host: str) -> bool:

@@ -130,12 +130,20 @@ class DemoPipeline:
         self.deliveries: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
         self.examples: dict[str, dict[str, Any]] = {}
+        #: A few numbers "sent" by SMS, for the provider to report on (the loop).
+        self.sent_by_sms: list[str] = []
 
     def _keep(self, hook: str, messages: list[dict[str, Any]]) -> None:
         with self._lock:
             self.calls[hook] += 1
             for message in messages:
                 verdict = str(message.get("verdict"))
+                if (
+                    verdict == "allowed"
+                    and message.get("channel") == "sms"
+                    and len(self.sent_by_sms) < 8
+                ):
+                    self.sent_by_sms.append(str(message["e164"]))
                 self.by_verdict[verdict] += 1
                 self.deliveries[str(message.get("id"))] += 1
                 self.examples.setdefault(verdict, dict(message))
@@ -149,8 +157,11 @@ class DemoPipeline:
         self._keep("suppressed", messages)
 
 
-def make_demo_app(base_url: str) -> Any:
-    """The demo's Celery app: in-memory broker and results, settings for the simulator."""
+def make_demo_app(
+    base_url: str, ledger_url: str | None = None, ledger_key: str | None = None
+) -> Any:
+    """The demo's Celery app: in-memory broker and results, settings for the simulator and
+    the demo's own opt-out ledger (a SQLite file of its own, a key made for the run)."""
     from celery import Celery
 
     app = Celery("blockfilter-demo", set_as_current=False)
@@ -179,6 +190,8 @@ def make_demo_app(base_url: str) -> Any:
         blockfilter_disable_plugins=[],
         blockfilter_strict_plugins=False,
         blockfilter_task_retry_backoff=0.2,
+        blockfilter_optout_url=ledger_url,
+        blockfilter_optout_key=ledger_key,
     )
     app.autodiscover_tasks(["blockfilter"], force=True)
     return app
@@ -198,7 +211,8 @@ def demo_plugin(app: Any) -> Iterator[DemoPipeline]:
     try:
         yield pipeline
     finally:
-        pm.unregister(name=DEMO_PLUGIN)
+        if pm.get_plugin(DEMO_PLUGIN) is pipeline:
+            pm.unregister(name=DEMO_PLUGIN)
 
 
 @contextmanager
@@ -277,13 +291,22 @@ def run_demo(messages: int = 2000, *, timeout: float = 60.0) -> dict[str, Any]:
     :param timeout: seconds to wait for the tasks.
     :return: the report (see :func:`format_report`); JSON-serialisable.
     """
+    import tempfile
+
     from celery.result import allow_join_result
 
+    from .ledger.crypto import generate_secret
+    from .ledger.ledger import forget_shared_ledgers
     from .tasks import TASK_NAME, filter_campaign, merge_summaries
 
-    with demo_simulator(distinct_for(messages)) as (simulator, numbers):
+    with (
+        demo_simulator(distinct_for(messages)) as (simulator, numbers),
+        tempfile.TemporaryDirectory(prefix="blockfilter-demo-") as ledger_dir,
+    ):
         campaign = sample_campaign(messages, numbers)
-        app = make_demo_app(simulator.base_url)
+        app = make_demo_app(
+            simulator.base_url, f"sqlite:///{ledger_dir}/optout.sqlite3", generate_secret()
+        )
         try:
             with (
                 demo_plugin(app) as pipeline,
@@ -299,9 +322,12 @@ def run_demo(messages: int = 2000, *, timeout: float = 60.0) -> dict[str, Any]:
                 with allow_join_result():
                     summaries = result.get(timeout=timeout, interval=0.02, propagate=True)
                 elapsed = time.monotonic() - started
+                stats = simulator.stats
+                with allow_join_result():
+                    loop = close_the_loop(app, pipeline, timeout)
         finally:
             app.close()
-        stats = simulator.stats
+            forget_shared_ledgers()
 
     summary = merge_summaries(summaries)
     repeats = sum(n - 1 for n in pipeline.deliveries.values() if n > 1)
@@ -326,6 +352,40 @@ def run_demo(messages: int = 2000, *, timeout: float = 60.0) -> dict[str, Any]:
         "summary": summary,
         "examples": [pipeline.examples[v] for v in sorted(pipeline.examples)],
         "primary_lower_bound": sum(math.ceil(len(v) / 100) for v in primary.values() if v),
+        "loop": loop,
+    }
+
+
+def close_the_loop(app: Any, pipeline: DemoPipeline, timeout: float) -> dict[str, Any]:
+    """The provider reports ``NOT-SENT/OPT-OUT`` for a number the campaign just sent; the next
+    batch to it is suppressed by the ledger, though Kaleyra (and the cache) still say clean."""
+    from .ledger.tasks import SEND_RESULTS_TASK
+    from .redact import mask_number
+    from .tasks import TASK_NAME
+
+    if len(pipeline.sent_by_sms) < 2:
+        return {}
+    target, other = pipeline.sent_by_sms[:2]
+    result = {"to": target, "channel": "sms", "provider": "kaleyra", "code": "NOT-SENT/OPT-OUT"}
+    report = app.send_task(SEND_RESULTS_TASK, args=[[{**result, "id": "demo-dlr-1"}]]).get(
+        timeout=timeout
+    )
+    with demo_plugin(app) as after:  # the next batch's own hooks
+        next_batch = [
+            {"id": "next-1", "channel": "sms", "to": target, "text": "Your order is out"},
+            {"id": "next-2", "channel": "sms", "to": other, "text": "Your order is out"},
+        ]
+        summary = app.send_task(TASK_NAME, args=[next_batch]).get(timeout=timeout)
+    suppressed = dict(after.examples.get("blocked") or {})
+    return {
+        "reported": mask_number(target),
+        "recorded": report["opted_out"],
+        "next_batch": {
+            "dispatched": after.by_verdict["allowed"],
+            "blocked": after.by_verdict["blocked"],
+        },
+        "blocked_by": suppressed.get("source"),
+        "summary": summary,
     }
 
 
@@ -354,4 +414,14 @@ def format_report(report: dict[str, Any]) -> str:
     for example in report["examples"]:
         shown = {k: v for k, v in example.items() if k != "text"}
         lines.append(f"    {shown}")
+    loop = report.get("loop") or {}
+    if loop:
+        lines += [
+            "",
+            "  the loop (send -> result -> ledger -> next check):",
+            f"    the provider reported NOT-SENT/OPT-OUT for {loop['reported']}, sent above;",
+            f"    blockfilter.send_results recorded {loop['recorded']} opt-out in the ledger;",
+            f"    the next batch: {loop['next_batch']['blocked']} message to it blocked "
+            f"(source: {loop['blocked_by']}), {loop['next_batch']['dispatched']} other sent",
+        ]
     return "\n".join(lines)

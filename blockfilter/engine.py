@@ -105,7 +105,8 @@ class StatusTable:
     """
 
     def __init__(self) -> None:
-        self._status: dict[str, dict[int, tuple[int, Any]]] = {c: {} for c in CHANNELS}
+        # (kind, value) when unchecked; (kind, checked_at, origin) when answered.
+        self._status: dict[str, dict[int, tuple[Any, ...]]] = {c: {} for c in CHANNELS}
 
     def want(self, channel: str, key: int) -> bool:
         """Mark a number as asked; false if it was asked (or known) already."""
@@ -115,7 +116,8 @@ class StatusTable:
         statuses[key] = ASKED
         return True
 
-    def record(self, outcome: CheckOutcome) -> None:
+    def record(self, outcome: CheckOutcome, origin: str) -> None:
+        """Join ``outcome`` in; ``origin`` names what answered (the verdict's ``source``)."""
         statuses = self._status[outcome.channel]
         if outcome.error is not None:
             failed = (FAILED, _failure_reason(outcome.error))
@@ -125,7 +127,7 @@ class StatusTable:
                     statuses[key] = failed
             return
         checked_at = outcome.checked_at if outcome.checked_at is not None else time.time()
-        clean, blocked = (CLEAN, checked_at), (BLOCKED, checked_at)
+        clean, blocked = (CLEAN, checked_at, origin), (BLOCKED, checked_at, origin)
         for number in outcome.numbers:
             key = _key(number)
             new = blocked if number in outcome.blocked else clean
@@ -135,7 +137,7 @@ class StatusTable:
             elif new[0] == old[0] and checked_at < old[1]:
                 statuses[key] = new  # the same answer, learnt earlier
 
-    def lookup(self, channel: str, key: int) -> tuple[int, Any] | None:
+    def lookup(self, channel: str, key: int) -> tuple[Any, ...] | None:
         """The number's status; ``None`` if it was never asked."""
         return self._status[channel].get(key)
 
@@ -152,16 +154,16 @@ def _failure_reason(error: BaseException) -> str:
 class Summary:
     """Counts of a run, as the contract's summary JSON."""
 
-    # (verdict, final channel) -> messages: one increment a message on the hot path; the
-    # per-verdict and per-channel views are derived from it.
-    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # (verdict, final channel, source) -> messages: one increment a message on the hot path;
+    # the per-verdict, per-channel and per-source views are derived from it.
+    counts: Counter[tuple[str, str, str | None]] = field(default_factory=Counter)
     requests: int = 0
     cache_hits: int = 0
     elapsed_s: float = 0.0
     credentials_refused: bool = False
 
-    def count(self, verdict: str, channel: str) -> None:
-        self.counts[verdict, channel] += 1
+    def count(self, verdict: str, channel: str, source: str | None = None) -> None:
+        self.counts[verdict, channel, source] += 1
 
     @property
     def total(self) -> int:
@@ -170,22 +172,32 @@ class Summary:
     @property
     def verdicts(self) -> Counter[str]:
         verdicts: Counter[str] = Counter()
-        for (verdict, _), n in self.counts.items():
+        for (verdict, _, _), n in self.counts.items():
             verdicts[verdict] += n
         return verdicts
 
     @property
     def channels(self) -> dict[str, dict[str, int]]:
         channels: dict[str, dict[str, int]] = defaultdict(dict)
-        for (verdict, channel), n in self.counts.items():
-            channels[channel][verdict] = n
+        for (verdict, channel, _), n in self.counts.items():
+            channels[channel][verdict] = channels[channel].get(verdict, 0) + n
         return dict(channels)
+
+    @property
+    def sources(self) -> dict[str, dict[str, int]]:
+        """source (``api``, ``cache``, ``snapshot``, ``ledger``, a plugin) -> verdict -> n."""
+        sources: dict[str, dict[str, int]] = defaultdict(dict)
+        for (verdict, _, source), n in self.counts.items():
+            if source is not None:
+                sources[source][verdict] = sources[source].get(verdict, 0) + n
+        return dict(sources)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "total": self.total,
             "verdicts": dict(self.verdicts),
             "channels": self.channels,
+            "sources": self.sources,
             "requests": self.requests,
             "cache_hits": self.cache_hits,
             "elapsed_s": round(self.elapsed_s, 3),
@@ -228,7 +240,7 @@ class _Shared:
     __slots__ = ("count_key", "_fields", "_tail")
 
     def __init__(self, fields: dict[str, Any], channel: str) -> None:
-        self.count_key = (fields["verdict"], channel)
+        self.count_key = (fields["verdict"], channel, fields.get("source"))
         self._fields = fields
         # What the usual line's closing brace and newline give way to; None when a field of
         # the line must be replaced (a reroute changes the channel).
@@ -254,8 +266,9 @@ class Filter:
     ...         print(result["verdict"])
 
     :param settings: the configuration; read from the environment when omitted.
-    :param sources: blocklist sources to join; default: Kaleyra (through the status cache),
-        built from ``settings`` on first use (so missing credentials surface then, clearly).
+    :param sources: blocklist sources to join; default: Kaleyra (through the status cache)
+        and the opt-out ledger, built from ``settings`` on first use (so missing credentials
+        surface then, clearly).
     :param on_error: ``defer``, ``allow`` or ``drop``; default ``settings.on_error``.
     :param max_requests: make at most this many API requests; defer what is left unchecked.
     :param fallback_policy: ``(message, parsed) -> channels`` to try, in order, when the
@@ -295,8 +308,14 @@ class Filter:
     def sources(self) -> list[BlocklistSource]:
         if self._sources is None:
             from .kaleyra import KaleyraSource
+            from .ledger.ledger import shared_ledger
+            from .ledger.source import LedgerSource
 
-            self._sources = [KaleyraSource(self.settings, max_requests=self.max_requests)]
+            # The opt-out ledger joins Kaleyra: an opt-out it holds beats any clean answer.
+            self._sources = [
+                KaleyraSource(self.settings, max_requests=self.max_requests),
+                LedgerSource(shared_ledger(self.settings)),
+            ]
         return self._sources
 
     def close(self) -> None:
@@ -345,7 +364,7 @@ class Filter:
         table = self._resolve(replay(), replay)
         for message, p in replay():
             fields, channel = self._verdict(message, p, table)
-            self.summary.count(fields["verdict"], channel)
+            self.summary.count(fields["verdict"], channel, fields.get("source"))
             result = {k: v for k, v in message.items() if k not in VERDICT_FIELDS}
             result.update(fields)
             yield result
@@ -443,7 +462,7 @@ class Filter:
             else:
                 message, parsed = _decode_again(line, lines_read, is_duplicate)
                 fields, channel = self._verdict(message, parsed, table)
-                self.summary.count(fields["verdict"], channel)
+                self.summary.count(fields["verdict"], channel, fields.get("source"))
                 yield render_line(line, message, fields)
         plan.check_line_count(lines_read)
         for verdict, lines in zip(shared, route_lines, strict=True):
@@ -503,7 +522,7 @@ class Filter:
         the blocklisted ones. ``first_pass`` gives every message (or at least one of each
         route); ``fallback_candidates`` gives them again for each fallback round."""
         table = StatusTable()
-        streams = [open_stream(source) for source in self.sources]
+        streams = [(open_stream(source), _name_of(source)) for source in self.sources]
         # Numbers go to the sources while the input is still being read, so requests are in
         # flight during the first pass instead of after it.
         fresh: dict[str, list[str]] = {channel: [] for channel in CHANNELS}
@@ -541,20 +560,24 @@ class Filter:
         return table
 
     def _feed(
-        self, streams: list[CheckStream], table: StatusTable, channel: str, numbers: list[str]
+        self,
+        streams: list[tuple[CheckStream, str]],
+        table: StatusTable,
+        channel: str,
+        numbers: list[str],
     ) -> None:
-        for stream in streams:
+        for stream, name in streams:
             stream.add(channel, numbers)
             for outcome in stream.completed():
-                self._record(table, outcome)
+                self._record(table, outcome, name)
 
-    def _drain(self, streams: list[CheckStream], table: StatusTable) -> None:
-        for stream in streams:
+    def _drain(self, streams: list[tuple[CheckStream, str]], table: StatusTable) -> None:
+        for stream, name in streams:
             for outcome in stream.finish():
-                self._record(table, outcome)
+                self._record(table, outcome, name)
 
-    def _record(self, table: StatusTable, outcome: CheckOutcome) -> None:
-        table.record(outcome)
+    def _record(self, table: StatusTable, outcome: CheckOutcome, name: str) -> None:
+        table.record(outcome, outcome.origin or name)
         if isinstance(outcome.error, CredentialsRefused):
             self.summary.credentials_refused = True
         if self._progress is not None:
@@ -575,7 +598,7 @@ class Filter:
         return None
 
     def _check(self, table: StatusTable, wanted: Mapping[str, set[int]]) -> None:
-        streams = [open_stream(source) for source in self.sources]
+        streams = [(open_stream(source), _name_of(source)) for source in self.sources]
         for channel, keys in wanted.items():
             numbers = [f"+{key}" for key in keys if table.want(channel, key)]
             if numbers:
@@ -592,19 +615,19 @@ class Filter:
             if parsed.detail:
                 fields["detail"] = parsed.detail
             return fields, channel_of(message)
-        status: tuple[int, Any] = table.lookup(parsed.channel, parsed.key) or (
+        status: tuple[Any, ...] = table.lookup(parsed.channel, parsed.key) or (
             FAILED,  # a source skipped the number: treat it as unchecked
             FAILED_CHECK,
         )
-        kind, value = status
+        kind, value = status[0], status[1]
         if kind == CLEAN:
-            return self._allowed(parsed, value), parsed.channel
+            return self._allowed(parsed, value, status[2]), parsed.channel
         if kind == FAILED:
             return self._unchecked(parsed, value, parsed.channel)
-        blocked_at = value
+        blocked_at, blocked_by = value, status[2]
         for channel in self.fallback_policy(message, parsed):
-            kind, value = table.lookup(channel, parsed.key) or (FAILED, FAILED_CHECK)
-            value = cast(Any, value)
+            fallback = table.lookup(channel, parsed.key) or (FAILED, FAILED_CHECK)
+            kind, value = fallback[0], cast(Any, fallback[1])
             if kind == BLOCKED:
                 continue
             if kind == CLEAN:
@@ -614,6 +637,7 @@ class Filter:
                     "checked_at": self._iso(value),
                     "channel": channel,
                     "original_channel": parsed.channel,
+                    "source": fallback[2],
                 }, channel
             return self._unchecked(parsed, value, channel)
         return {
@@ -621,10 +645,16 @@ class Filter:
             "e164": parsed.e164,
             "checked_at": self._iso(blocked_at),
             "reason": "blocklisted",
+            "source": blocked_by,
         }, parsed.channel
 
-    def _allowed(self, parsed: Parsed, checked_at: float) -> dict[str, Any]:
-        return {"verdict": "allowed", "e164": parsed.e164, "checked_at": self._iso(checked_at)}
+    def _allowed(self, parsed: Parsed, checked_at: float, origin: str) -> dict[str, Any]:
+        return {
+            "verdict": "allowed",
+            "e164": parsed.e164,
+            "checked_at": self._iso(checked_at),
+            "source": origin,
+        }
 
     def _unchecked(self, parsed: Parsed, failure: str, channel: str) -> tuple[dict[str, Any], str]:
         """The verdict for a message whose ``channel`` could not be checked."""
@@ -662,6 +692,10 @@ class Filter:
             "checked_at": None,
             "reason": "unchecked",
         }, parsed.channel
+
+
+def _name_of(source: BlocklistSource) -> str:
+    return str(getattr(source, "name", None) or type(source).__name__)
 
 
 def _decode_again(

@@ -18,7 +18,7 @@ plugin you install overrides them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pluggy
@@ -166,4 +166,39 @@ def blockfilter_startup(settings: Settings) -> None:
 
     :param settings: the effective settings.
     :return: ignored.
+    """
+
+
+# -- the opt-out ledger (blockfilter.ledger) ------------------------------------------------
+
+
+@hookspec
+def blockfilter_optout_codes(provider: str) -> Mapping[str, bool] | None:
+    """Add or override the codes of ``provider`` that mean "the recipient opted out".
+
+    Called when send results of ``provider`` are reported (``report_send_results``, the
+    ``blockfilter.send_results`` task). Results are collected and merged over the built-in
+    table (Kaleyra ``OPT-OUT``, ``BLACKLIST``, ``DND-NUMB``, ``CON-DND``, ``NOT-OPTIN``,
+    ``OUTPUT-REJ``; Twilio ``21610``; Telnyx ``40300``; Vonage ``9``); where plugins disagree,
+    the one called first wins. Codes are compared trimmed and upper-cased.
+
+    :param provider: the provider named by the send result, lower case (``kaleyra``,
+        ``twilio``, ``telnyx``, ``vonage`` or any other a pipeline uses).
+    :return: code -> ``True`` (it means opted out: record it) or ``False`` (it does not, even
+        if the built-in table says so); ``None`` to leave the mapping alone.
+    """
+
+
+@hookspec(firstresult=True)
+def blockfilter_inbound_intent(text: str, channel: str, locale: str | None) -> str | None:
+    """Read a reply that is not a keyword (free text such as "please stop texting me").
+
+    Called by ``inbound()`` and the ``blockfilter.inbound`` task when the reply matched no
+    opt-out or opt-in keyword. ``firstresult``: the first plugin to answer decides. The text
+    is the person's own words: do not log or keep it.
+
+    :param text: the reply's text, as received.
+    :param channel: the channel it came on, lower case.
+    :param locale: the reply's locale if the pipeline knows it (``en``, ``es``), else ``None``.
+    :return: ``"opt_out"``, ``"opt_in"``, or ``None`` (not a consent message).
     """

@@ -307,8 +307,8 @@ class KaleyraSource:
     ) -> tuple[list[CheckOutcome], list[str]]:
         """(what the cache proves, the misses). Every number of a chunk whose read fails is a
         miss: nothing read earlier (a snapshot seen a moment ago) stands in for it."""
-        hits: dict[float, list[str]] = defaultdict(list)
-        hits_blocked: dict[float, set[str]] = defaultdict(set)
+        hits: dict[tuple[float, str], list[str]] = defaultdict(list)
+        hits_blocked: dict[tuple[float, str], set[str]] = defaultdict(set)
         misses: list[str] = []
         for start in range(0, len(numbers), _CACHE_CHUNK):
             chunk = numbers[start : start + _CACHE_CHUNK]
@@ -320,11 +320,12 @@ class KaleyraSource:
                     continue
                 # Entries fetched together share a timestamp: one outcome per fetch keeps
                 # checked_at exact without an object per number.
-                hits[status.fetched_at].append(number)
+                key = (status.fetched_at, status.origin)
+                hits[key].append(number)
                 if status.blocked:
-                    hits_blocked[status.fetched_at].add(number)
+                    hits_blocked[key].add(number)
         outcomes = [
-            CheckOutcome(channel, group, frozenset(hits_blocked.get(at, ())), at)
+            CheckOutcome(channel, group, frozenset(hits_blocked.get(at, ())), at[0], origin=at[1])
             for at, group in hits.items()
         ]
         return outcomes, misses
@@ -598,7 +599,7 @@ class KaleyraSource:
             return CheckOutcome(channel, batch, error=exc)
         except Exception as exc:  # every failure marks the batch unchecked; the filter decides
             return CheckOutcome(channel, batch, error=exc)
-        return CheckOutcome(channel, batch, frozenset(blocked), self.clock())
+        return CheckOutcome(channel, batch, frozenset(blocked), self.clock(), origin="api")
 
     def _wait_remote(
         self, channel: str, numbers: list[str]
@@ -869,7 +870,11 @@ class _KaleyraStream:
                 by_time[status.fetched_at].append(number)
             for at, group in by_time.items():
                 outcome = CheckOutcome(
-                    channel, group, frozenset(n for n in group if found[n].blocked), at
+                    channel,
+                    group,
+                    frozenset(n for n in group if found[n].blocked),
+                    at,
+                    origin="cache",
                 )
                 self._ready.append(outcome)
                 # Others in this process may be waiting on our claim of these numbers.
@@ -898,7 +903,9 @@ class _KaleyraStream:
                 self._ready.append(CheckOutcome(channel, members, error=outcome.error))
                 continue
             blocked = frozenset(n for n in members if n in outcome.blocked)
-            self._ready.append(CheckOutcome(channel, members, blocked, outcome.checked_at))
+            self._ready.append(
+                CheckOutcome(channel, members, blocked, outcome.checked_at, origin=outcome.origin)
+            )
             answered += len(members)
         if answered:
             self._source._count_hits(answered)

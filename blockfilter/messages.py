@@ -15,7 +15,7 @@ from .numbers import MAX_INPUT_LENGTH, InvalidNumber, normalize
 # The fields a verdict adds. A message that already carries one of them (a file of earlier
 # output fed back in, say) gets them replaced, never duplicated.
 VERDICT_FIELDS = frozenset(
-    {"verdict", "e164", "checked_at", "reason", "detail", "original_channel"}
+    {"verdict", "e164", "checked_at", "reason", "detail", "original_channel", "source"}
 )
 
 _KNOWN_CHANNELS = frozenset(CHANNELS)

@@ -42,6 +42,7 @@ from .config import CHANNELS, Settings, load_settings
 from .engine import FallbackPolicy, Filter, message_independent
 from .errors import ConfigError
 from .hookspecs import PROJECT_NAME
+from .ledger.source import LEDGER
 from .messages import Parsed
 from .redact import mask_numbers_in
 from .sources import BlocklistSource, FunctionSource
@@ -243,10 +244,13 @@ def _check_hook_names(pm: BlockfilterPluginManager) -> None:
 
 
 def _require_a_source(pm: BlockfilterPluginManager) -> None:
-    if (
+    # The ledger only knows what was reported to it: alone, it would let every other number
+    # through unchecked.
+    impls = (
         pm.hook.blockfilter_blocklist_sources.get_hookimpls()
-        or pm.hook.blockfilter_blocklisted.get_hookimpls()
-    ):
+        + pm.hook.blockfilter_blocklisted.get_hookimpls()
+    )
+    if any(impl.plugin_name != LEDGER for impl in impls):
         return
     raise PluginError(
         f"no blocklist source: the built-in {KALEYRA!r} plugin is disabled "
@@ -418,7 +422,7 @@ def _sources(
         for result in caller(settings=settings):
             sources.extend(_checked_sources(pm, result))
         sources.extend(_blocklisted_sources(pm))
-        if not sources:
+        if all(getattr(source, "name", None) == LEDGER for source in sources):
             raise PluginError(
                 "no blocklist source: every blockfilter_blocklist_sources implementation "
                 "returned None and none implements blockfilter_blocklisted; refusing to "

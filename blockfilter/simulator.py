@@ -528,6 +528,8 @@ class Simulator:
         self._rng = random.Random(seed)
         self._latency = 0.0
         self._counters = _Counters()
+        #: (channel, numbers) of every "Change Blocklist Status" request that was applied.
+        self.changes: list[tuple[str, int]] = []
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
         self._server: _Server | None = None
@@ -744,6 +746,67 @@ class Simulator:
         data = [{"mobile": n, "channel_type": channel_type} for n in hits]
         return _json_response(200, {"code": "CNT196", "data": data, "error": {}}, "ok")
 
+    def _change(self, sid: str, api_key: str | None, body: bytes) -> _Response:
+        """The genuine answer to "Change Blocklist Status for Number" (no faults)."""
+        if not sid or not api_key:
+            return _error(401, "RBC001", "Authentication failed", "Missing SID or api-key")
+        if (self.sid is not None and sid != self.sid) or (
+            self._api_key is not None and api_key != self._api_key
+        ):
+            return _error(401, "RBC001", "Authentication failed", "Invalid API key or SID")
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return _error(400, "WA400", "Invalid payload", "the body must be JSON")
+        channel = payload.get("channel") if isinstance(payload, dict) else None
+        contacts = payload.get("contacts") if isinstance(payload, dict) else None
+        if channel not in CHANNELS:
+            return _error(
+                400, "WA400", "Invalid payload", f"channel must be one of {', '.join(CHANNELS)}"
+            )
+        changes: list[tuple[int, str]] = []
+        if not isinstance(contacts, list) or not contacts:
+            return _error(400, "WA400", "Invalid payload", "contacts must be a non-empty list")
+        for contact in contacts:
+            status = contact.get("blocklist_status") if isinstance(contact, dict) else None
+            numbers = contact.get("numbers") if isinstance(contact, dict) else None
+            if status not in (0, 1) or isinstance(status, bool):
+                return _error(400, "WA400", "Invalid payload", "blocklist_status must be 0 or 1")
+            if not isinstance(numbers, list) or not all(
+                isinstance(n, str) and _E164.match(n) for n in numbers
+            ):
+                return _error(400, "WA400", "Invalid payload", "numbers must be E.164 numbers")
+            changes.extend((status, n) for n in numbers)
+        if len(changes) > MAX_NUMBERS_PER_REQUEST:
+            return _error(
+                400,
+                "WA400",
+                "Invalid payload",
+                f"at most {MAX_NUMBERS_PER_REQUEST} numbers per request",
+            )
+        with self._lock:
+            for status, number in changes:
+                if status:
+                    self._blocked[channel].add(number)
+                else:
+                    self._blocked[channel].discard(number)
+            self._sorted[channel] = None
+            self.changes.append((channel, len(changes)))
+        return _json_response(
+            200, {"code": "CNT200", "data": {"updated": len(changes)}, "error": {}}, "ok"
+        )
+
+
+def _change_shape(body: bytes) -> tuple[str, int]:
+    """(channel, numbers) of a "Change Blocklist Status" request, for the counters."""
+    try:
+        payload = json.loads(body)
+        contacts = payload.get("contacts") or []
+        count = sum(len(c.get("numbers") or []) for c in contacts if isinstance(c, dict))
+        return str(payload.get("channel", "")), count
+    except (ValueError, AttributeError, TypeError):
+        return "", 0
+
 
 def _int_param(params: Mapping[str, list[str]], name: str, default: int) -> int | None:
     """An integer query parameter, its default when absent, ``None`` when not an integer."""
@@ -859,7 +922,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _api(self, method: str, path: str, query: str) -> None:
         sim = self.sim
         arrived_at = time.time()
-        channel, count = _request_shape(query)
+        body = self._read_body() if method == "POST" else None
+        channel, count = _request_shape(query) if body is None else _change_shape(body)
         with sim._lock:
             generation = sim._counters.arrive(channel, count)
         settled = False
@@ -876,22 +940,29 @@ class _Handler(BaseHTTPRequestHandler):
         self._settle = settle
         status, outcome = 0, "aborted"
         try:
-            status, outcome = self._api_exchange(method, path, query, channel)
+            status, outcome = self._api_exchange(method, path, query, channel, body)
         finally:
             settle(status, outcome)
             self._settle = None
 
-    def _api_exchange(self, method: str, path: str, query: str, channel: str) -> tuple[int, str]:
+    def _api_exchange(
+        self, method: str, path: str, query: str, channel: str, body: bytes | None = None
+    ) -> tuple[int, str]:
         """Answer one API request; returns (status sent or 0, outcome)."""
         sim = self.sim
-        self._drain_body()
+        if body is None:
+            self._drain_body()
         match = _API_PATH.match(path)
         if match is None:
             return self._send(_error(404, "404", "Not found", "No such endpoint", "not_found"))
-        if method != "GET":
-            response = _error(405, "405", "Method not allowed", "Use GET", "method_not_allowed")
-            response.headers["Allow"] = "GET"
+        if method not in ("GET", "POST"):
+            response = _error(
+                405, "405", "Method not allowed", "Use GET or POST", "method_not_allowed"
+            )
+            response.headers["Allow"] = "GET, POST"
             return self._send(response)
+        if method == "POST":
+            return self._change_exchange(match.group(1), channel, body or b"")
         rule = sim._pick_fault(channel)
         latency = sim.latency
         if latency and sim._stopping.wait(latency):
@@ -911,6 +982,31 @@ class _Handler(BaseHTTPRequestHandler):
             response.outcome = outcome
             return self._send(response, trickle_seconds=rule.effective_seconds)
         return self._send(_fault_response(rule))
+
+    def _change_exchange(self, sid: str, channel: str, body: bytes) -> tuple[int, str]:
+        """Answer "Change Blocklist Status for Number"; faults apply as to a lookup."""
+        sim = self.sim
+        rule = sim._pick_fault(channel)
+        latency = sim.latency
+        if latency and sim._stopping.wait(latency):
+            return self._abandon("aborted")
+        if rule is None:
+            return self._send(sim._change(sid, self.headers.get("api-key"), body))
+        outcome = f"fault:{rule.kind}"
+        if rule.kind == "timeout":
+            sim._stopping.wait(rule.effective_seconds)
+            return self._abandon(outcome)
+        if rule.kind == "reset":
+            return self._reset(outcome)
+        if rule.kind == "trickle":
+            response = sim._change(sid, self.headers.get("api-key"), body)
+            response.outcome = outcome
+            return self._send(response, trickle_seconds=rule.effective_seconds)
+        return self._send(_fault_response(rule))
+
+    def _read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(min(length, _MAX_ADMIN_BODY)) if length > 0 else b""
 
     def _drain_body(self) -> None:
         # A stray request body must not be parsed as the next request on this connection.

@@ -26,6 +26,8 @@ class CheckOutcome:
     :ivar checked_at: epoch seconds when the answer was obtained from the source (for a cache
         hit: when it was fetched); ``None`` when ``error`` is set.
     :ivar error: why ``numbers`` could not be checked, or ``None``.
+    :ivar origin: what answered, for the verdict's ``source``: ``api`` (a live answer),
+        ``cache``, ``snapshot`` (a synced list), ``ledger``; ``None``: the source's name.
     """
 
     channel: str
@@ -33,6 +35,7 @@ class CheckOutcome:
     blocked: frozenset[str] = frozenset()
     checked_at: float | None = None
     error: BaseException | None = None
+    origin: str | None = None
 
 
 @dataclass

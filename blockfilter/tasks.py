@@ -74,6 +74,7 @@ from celery.result import GroupResult
 from kombu import Exchange, Queue
 
 from .config import Settings, load_settings
+from .ledger.source import dispatch_gate
 from .messages import Parsed, channel_of, parse_message
 from .plugins import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
 
@@ -295,10 +296,13 @@ def filter_messages(
             reason=PARKED_CHECK_FAILED,
             task_id=request_id,
         )
-    if handled:
-        notify_verdicts(pm, handled)
     try:
-        dispatch_results(pm, handled, deferred_final=True)
+        # One last ledger read under its fence: an opt-out reported during the check stops
+        # the dispatch, and the report waits for this block (blockfilter.ledger.source).
+        with dispatch_gate(pm, settings, handled, summary):
+            if handled:
+                notify_verdicts(pm, handled)
+            dispatch_results(pm, handled, deferred_final=True)
     except Exception as exc:
         # The hook specification: "Raise to have the batch retried". The whole batch, since we
         # cannot tell which hook got which messages; repeats carry the same ids.
@@ -452,3 +456,4 @@ def filter_campaign(
 # Registered with the tasks above, so ``app.autodiscover_tasks(["blockfilter"])`` also finds
 # ``blockfilter.collect``; imported last because the collector uses this module's helpers.
 from . import collector  # noqa: E402,F401
+from .ledger import tasks as _ledger_tasks  # noqa: E402,F401  (send_results, inbound)

@@ -32,6 +32,8 @@ KNOWN_TEST_KEYS = (
     "sekrit-client-key-7f3a9c",  # tests/test_client.py
     "sim-key-0123456789abcdef",  # tests/test_simulator.py
     "sekrit-Key-9d41e07bb2",  # tests/test_secrets.py
+    "ledger-key-A-0123456789abcdefghijklmnop",  # tests/ledger_support.py (opt-out ledger keys)
+    "ledger-key-B-0123456789abcdefghijklmnop",
 )
 
 

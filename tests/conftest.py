@@ -13,7 +13,7 @@ from blockfilter.config import Settings, load_settings
 from tests.hostile_upstream import AnswerFunction, HostileUpstream
 
 # Fails the session if any test's captured output or logs ever show a test API key.
-pytest_plugins = ["tests._secret_guard"]
+pytest_plugins = ["tests._secret_guard", "tests.ledger_support"]
 
 TEST_SID = "TESTSID"
 TEST_KEY = "test-key-0123456789"

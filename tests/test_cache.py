@@ -199,9 +199,9 @@ def test_snapshot_round_trip(make_cache: CacheFactory) -> None:
     assert cache.snapshot_info("sms") == SyncInfo(synced_at=synced_at, size=2)
     # Listed numbers are blocked, every other one clean, as of the sync's start.
     assert cache.get_many("sms", [A, B, C]) == {
-        A: CachedStatus(True, synced_at),
-        B: CachedStatus(True, synced_at),
-        C: CachedStatus(False, synced_at),
+        A: CachedStatus(True, synced_at, "snapshot"),
+        B: CachedStatus(True, synced_at, "snapshot"),
+        C: CachedStatus(False, synced_at, "snapshot"),
     }
     assert cache.snapshot_info("voice") is None
     assert cache.get_many("voice", [A]) == {}
@@ -214,7 +214,7 @@ def test_an_empty_list_is_a_snapshot_too(make_cache: CacheFactory) -> None:
     cache = make_cache()
     synced_at = write_snapshot(cache, "sms", [])
     assert cache.snapshot_info("sms") == SyncInfo(synced_at, 0)
-    assert cache.get_many("sms", [A]) == {A: CachedStatus(False, synced_at)}
+    assert cache.get_many("sms", [A]) == {A: CachedStatus(False, synced_at, "snapshot")}
 
 
 def test_a_snapshot_answers_each_kind_for_its_ttl(make_cache: CacheFactory) -> None:

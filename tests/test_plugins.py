@@ -657,3 +657,70 @@ def test_describe_plugins_reads_the_environment(
     lines = describe_plugins()
     assert lines[0].startswith("kaleyra ")
     assert lines[-1].startswith("skipped: default-reroute")
+
+
+# -- the opt-out ledger's hooks ---------------------------------------------------------------
+
+
+def test_hook_blockfilter_optout_codes(tmp_path: Path) -> None:
+    from blockfilter.ledger import report_send_results
+    from blockfilter.ledger.ledger import forget_shared_ledgers, shared_ledger
+
+    class Codes:
+        @hookimpl
+        def blockfilter_optout_codes(self, provider: str) -> dict[str, bool] | None:
+            return {"GONE": True, "OPT-OUT": False} if provider == "kaleyra" else None
+
+    settings = load_settings(
+        environ={},
+        load_plugins=[],
+        optout_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
+        optout_key="k" * 40,
+    )
+    pm = make_plugin_manager(settings)
+    pm.register(Codes(), name="codes")
+    try:
+        report = report_send_results(
+            [
+                {"to": "+919812300001", "channel": "sms", "provider": "kaleyra", "code": "gone"},
+                {"to": "+919812300002", "channel": "sms", "provider": "kaleyra", "code": "OPT-OUT"},
+            ],
+            settings=settings,
+            pm=pm,
+        )
+        assert (report.opted_out, report.ignored) == (1, 1)
+        found = shared_ledger(settings).opted_out({"sms": ["+919812300001", "+919812300002"]})
+        assert set(found["sms"]) == {"+919812300001"}
+    finally:
+        forget_shared_ledgers()
+
+
+def test_hook_blockfilter_inbound_intent(tmp_path: Path) -> None:
+    from blockfilter.ledger import inbound
+    from blockfilter.ledger.ledger import forget_shared_ledgers
+
+    seen: list[tuple[str, str | None]] = []
+
+    class Intent:
+        @hookimpl
+        def blockfilter_inbound_intent(self, text: str, channel: str, locale: str | None) -> str:
+            seen.append((channel, locale))
+            return "opt_in" if text == "resume please" else "opt_out"
+
+    settings = load_settings(
+        environ={},
+        load_plugins=[],
+        optout_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
+        optout_key="k" * 40,
+    )
+    pm = make_plugin_manager(settings)
+    pm.register(Intent(), name="intent")
+    try:
+        reply = {"from": "+919812300001", "channel": "voice", "locale": "hi"}
+        assert inbound({**reply, "text": "STOP"}, settings=settings, pm=pm).keyword == "STOP"
+        assert seen == []  # a keyword never reaches the hook
+        result = inbound({**reply, "text": "resume please"}, settings=settings, pm=pm)
+        assert (result.action, result.keyword) == ("opt_in", "intent")
+        assert seen == [("voice", "hi")]
+    finally:
+        forget_shared_ledgers()

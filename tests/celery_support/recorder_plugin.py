@@ -2,7 +2,7 @@
 
 Installed as a fake distribution with a ``[blockfilter]`` entry point, so the worker finds it
 the way it finds a real plugin. Each record is JSON: ``{"hook", "id", "verdict", "channel",
-"reason", "pid", "message"}``; the list's key is ``BFTEST_RECORD_KEY``. Its dispatch hook can
+"reason", "pid", "at", "message"}``; the list's key is ``BFTEST_RECORD_KEY``. Its dispatch hook can
 be told to fail (``BFTEST_FAIL_KEY``).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import redis
@@ -39,6 +40,7 @@ def _record(hook: str, messages: list[dict[str, Any]]) -> None:
                 "channel": m.get("channel"),
                 "reason": m.get("reason"),
                 "pid": os.getpid(),
+                "at": time.time(),
                 "message": m,
             }
         )
@@ -53,6 +55,10 @@ def blockfilter_dispatch(messages: list[dict[str, Any]]) -> None:
     fail_key = os.environ.get("BFTEST_FAIL_KEY")
     if fail_key and _redis().decr(fail_key) >= 0:
         raise RuntimeError("bftest: the dispatch hook fails on purpose")
+    # A send takes time (BFTEST_DISPATCH_DELAY seconds): the record is written when it is done.
+    delay = float(os.environ.get("BFTEST_DISPATCH_DELAY") or 0)
+    if delay:
+        time.sleep(delay)
     _record("dispatch", messages)
 
 

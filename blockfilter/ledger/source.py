@@ -1,0 +1,209 @@
+"""The ledger as a built-in blocklist source, and the dispatch gate.
+
+The built-in ``ledger`` plugin gives every filter a :class:`LedgerSource`. The filter joins
+sources so that "blocklisted" from any of them wins, so an opt-out in the ledger beats a clean
+answer from Kaleyra live, from the cache or from a synced list. Its numbers are read when the
+filter drains its sources, after Kaleyra's lookups: as late in the run as possible.
+
+A Celery task reads the ledger once more, under the fence, right before it hands messages to
+``blockfilter_dispatch`` (:func:`dispatch_gate`): an opt-out reported while the task was
+checking turns its message ``blocked`` there, and a report waits for the gates open when it
+was written. Hence: no dispatch of a number starts after its report returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from ..config import Settings
+from ..errors import ConfigError
+from ..hookspecs import hookimpl
+from ..sources import CheckOutcome, SourceStats
+from .mappings import BUILTIN_CODES, merge_codes
+
+log = logging.getLogger("blockfilter.ledger")
+
+LEDGER = "ledger"
+
+
+class LedgerSource:
+    """Answers, for every number asked, whether the ledger holds it opted out.
+
+    A failed read (the store is down, no key for a non-empty ledger, a key missing) leaves
+    every number unchecked: their messages are deferred, never allowed (fail closed).
+    """
+
+    name = LEDGER
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+        self._stats = SourceStats()
+
+    def check_many(self, wanted: Mapping[str, Sequence[str]]) -> Iterator[CheckOutcome]:
+        try:
+            found = self.ledger.opted_out(wanted)
+        except Exception as exc:  # the store, the keys: fail closed, never crash the run
+            log.warning("opt-out ledger unavailable: %s", exc)
+            for channel, numbers in wanted.items():
+                yield CheckOutcome(channel, list(numbers), error=exc)
+            return
+        now = time.time()
+        for channel, numbers in wanted.items():
+            hits = found.get(channel, {})
+            self._stats.numbers_checked += len(numbers)
+            self._stats.extra["opted_out"] = self._stats.extra.get("opted_out", 0) + len(hits)
+            yield CheckOutcome(channel, list(numbers), frozenset(hits), now, origin=LEDGER)
+
+    def stats(self) -> SourceStats:
+        return self._stats
+
+    def __repr__(self) -> str:
+        return f"LedgerSource({self.ledger!r})"
+
+
+class LedgerPlugin:
+    """The built-in ``ledger`` plugin: the opt-out ledger as a blocklist source, and the
+    built-in provider codes."""
+
+    def __init__(self) -> None:
+        self._sources: dict[int, LedgerSource] = {}
+
+    @hookimpl(trylast=True)
+    def blockfilter_blocklist_sources(self, settings: Settings) -> list[Any]:
+        # The same source for the same ledger: one object per process, as the hook asks.
+        ledger = self.ledger(settings)
+        source = self._sources.get(id(ledger))
+        if source is None or source.ledger is not ledger:
+            source = self._sources[id(ledger)] = LedgerSource(ledger)
+        return [source]
+
+    @hookimpl(trylast=True)
+    def blockfilter_optout_codes(self, provider: str) -> Mapping[str, bool] | None:
+        return BUILTIN_CODES.get(provider)
+
+    def ledger(self, settings: Settings) -> Any:
+        from .ledger import shared_ledger
+
+        return shared_ledger(settings)
+
+
+def ledger_blocked(settings: Settings, channel: str, numbers: Sequence[str]) -> set[str]:
+    """The numbers the ledger holds opted out on ``channel`` (``blockfilter check``).
+
+    :raises LedgerUnavailable: the ledger cannot be read (or its keys are not ours).
+    """
+    from .ledger import shared_ledger
+
+    return set(shared_ledger(settings).opted_out({channel: list(numbers)})[channel])
+
+
+def ledger_plugin(pm: Any) -> LedgerPlugin | None:
+    plugin = pm.get_plugin(LEDGER)
+    return plugin if isinstance(plugin, LedgerPlugin) else None
+
+
+def optout_codes(pm: Any, provider: str) -> dict[str, bool]:
+    """The effective code mapping of ``provider`` (built-ins and the plugins' hook)."""
+    results = pm.hook.blockfilter_optout_codes(provider=provider)
+    if ledger_plugin(pm) is None:  # the built-in is disabled: its table still applies
+        results = [*results, BUILTIN_CODES.get(provider)]
+    return merge_codes(provider, results)
+
+
+# -- the dispatch gate -----------------------------------------------------------------------
+
+_DISPATCHED = ("allowed", "rerouted")
+
+
+@contextlib.contextmanager
+def dispatch_gate(
+    pm: Any, settings: Settings, results: list[dict[str, Any]], summary: dict[str, Any]
+) -> Iterator[None]:
+    """Hold the ledger's fence for the block, after one last look at the ledger: every
+    ``allowed`` or ``rerouted`` result whose number is now opted out on the channel it would
+    go out on becomes ``blocked`` (``reason: blocklisted``, ``source: ledger``), in place, and
+    ``summary`` is corrected to match.
+
+    :raises LedgerUnavailable: the ledger cannot be read: the caller must not dispatch.
+    """
+    plugin = ledger_plugin(pm)
+    if plugin is None:
+        yield
+        return
+    ledger = plugin.ledger(settings)
+    outgoing = [r for r in results if r.get("verdict") in _DISPATCHED and r.get("e164")]
+    with ledger.gate():
+        if outgoing:
+            wanted: dict[str, list[str]] = defaultdict(list)
+            for result in outgoing:
+                wanted[str(result["channel"])].append(result["e164"])
+            found = ledger.opted_out(wanted)
+            for result in outgoing:
+                event = found.get(str(result["channel"]), {}).get(result["e164"])
+                if event is not None:
+                    _block(result, event, summary)
+        yield
+
+
+def _block(result: dict[str, Any], event: Any, summary: dict[str, Any]) -> None:
+    old_verdict, old_channel = result["verdict"], result["channel"]
+    old_source = result.get("source")
+    if "original_channel" in result:
+        result["channel"] = result.pop("original_channel")
+    result["verdict"] = "blocked"
+    result["reason"] = "blocklisted"
+    result["source"] = LEDGER
+    result["ledger_event"] = event.describe()
+    _move(summary, old_verdict, old_channel, "blocked", result["channel"], old_source)
+    log.info("ledger: an opt-out reported during the check stopped a dispatch")
+
+
+def _move(
+    summary: dict[str, Any],
+    verdict: str,
+    channel: str,
+    new: str,
+    new_channel: str,
+    old_source: str | None = None,
+) -> None:
+    verdicts = summary.setdefault("verdicts", {})
+    verdicts[verdict] = verdicts.get(verdict, 0) - 1
+    if not verdicts[verdict]:
+        del verdicts[verdict]
+    verdicts[new] = verdicts.get(new, 0) + 1
+    channels = summary.setdefault("channels", {})
+    counts = channels.setdefault(channel, {})
+    counts[verdict] = counts.get(verdict, 0) - 1
+    if not counts[verdict]:
+        del counts[verdict]
+    if not counts:
+        del channels[channel]
+    target = channels.setdefault(new_channel, {})
+    target[new] = target.get(new, 0) + 1
+    sources = summary.get("sources")
+    if isinstance(sources, dict):
+        old = sources.get(old_source) if old_source else None
+        if isinstance(old, dict) and old.get(verdict):
+            old[verdict] -= 1
+            if not old[verdict]:
+                del old[verdict]
+            if not old:
+                del sources[old_source]
+        ledger_counts = sources.setdefault(LEDGER, {})
+        ledger_counts[new] = ledger_counts.get(new, 0) + 1
+
+
+def require_key(settings: Settings) -> None:
+    """A clear error now, rather than a failed write later, when the key is missing."""
+    if not settings.optout_key:
+        from .crypto import KEY_SETTING
+
+        raise ConfigError(
+            f"{KEY_SETTING} is not set: the opt-out ledger needs a key of its own "
+            "(`blockfilter optout keygen` makes one)"
+        )

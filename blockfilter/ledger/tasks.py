@@ -1,0 +1,84 @@
+"""The ledger's Celery tasks: ``blockfilter.send_results`` and ``blockfilter.inbound``.
+
+Registered in the user's app with the other tasks (``blockfilter.tasks`` imports this
+module). Both are idempotent (a result or reply with an ``id`` is recorded once), so they are
+``acks_late`` with ``reject_on_worker_lost``: a worker killed mid-task has it redelivered.
+A ledger that cannot be written is retried with backoff for as long as it takes (an opt-out
+must not be dropped because the database was restarting). Their results hold counts and codes
+only, and their arguments are hidden from Celery's monitoring (``argsrepr``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from celery import shared_task
+from celery.signals import before_task_publish
+
+from ..config import load_settings
+from .store import LedgerUnavailable
+
+SEND_RESULTS_TASK: Final = "blockfilter.send_results"
+INBOUND_TASK: Final = "blockfilter.inbound"
+_HIDDEN: Final = frozenset({SEND_RESULTS_TASK, INBOUND_TASK})
+
+
+@before_task_publish.connect(weak=False)
+def _hide_arguments(sender: Any = None, headers: Any = None, **_: Any) -> None:
+    # Numbers and reply texts would otherwise show in Flower, `celery inspect` and task
+    # events, whoever sent the task (apply_async or send_task, in a process that imported us).
+    if sender in _HIDDEN and isinstance(headers, dict):
+        headers["argsrepr"] = "(...)"
+        headers["kwargsrepr"] = "{}"
+
+
+def _context(task: Any) -> tuple[Any, Any]:
+    from ..plugins import get_plugin_manager
+
+    settings = load_settings(celery_conf=task.app.conf)
+    return settings, get_plugin_manager(settings)
+
+
+@shared_task(
+    name=SEND_RESULTS_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(LedgerUnavailable,),
+    retry_backoff=1,
+    retry_backoff_max=300,
+    retry_jitter=True,
+    max_retries=None,
+)
+def send_results(self: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Record what the provider said of sent messages (see
+    :func:`blockfilter.ledger.report_send_results`); returns the counts."""
+    from .api import report_send_results
+
+    if not isinstance(results, (list, tuple)):
+        raise TypeError(f"send_results takes a list of send results, not {type(results)}")
+    settings, pm = _context(self)
+    return report_send_results(results, settings=settings, pm=pm).as_dict()
+
+
+@shared_task(
+    name=INBOUND_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(LedgerUnavailable,),
+    retry_backoff=1,
+    retry_backoff_max=300,
+    retry_jitter=True,
+    max_retries=None,
+)
+def inbound_reply(self: Any, message: dict[str, Any]) -> dict[str, Any]:
+    """Read one reply (see :func:`blockfilter.ledger.inbound`); returns what it made of it,
+    ``confirm`` included. An unusable message is not retried: ``error`` says why."""
+    from .api import inbound
+
+    settings, pm = _context(self)
+    try:
+        return inbound(message, settings=settings, pm=pm).as_dict()
+    except ValueError as exc:
+        return {"action": None, "recorded": False, "confirm": False, "error": str(exc)}

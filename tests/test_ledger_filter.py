@@ -1,0 +1,217 @@
+"""The ledger as a blocklist source: an opt-out beats every clean answer (live, cached,
+synced), in ``Filter().run``, the plugin-built filter, ``blockfilter filter`` and
+``blockfilter check``; a ledger that cannot be read defers, never allows."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blockfilter.engine import Filter
+from blockfilter.kaleyra import KaleyraSource
+from blockfilter.ledger import add_optouts, remove_optouts, report_send_results
+from blockfilter.ledger.ledger import forget_shared_ledgers
+from blockfilter.plugins import build_filter, make_plugin_manager
+from blockfilter.simulator import Simulator
+from tests.conftest import TEST_KEY, TEST_SID, clean_environ, fast_settings
+from tests.ledger_support import KEY_A, LedgerPlace
+
+ROOT = Path(__file__).resolve().parents[1]
+N1, N2, N3 = "+919812300001", "+919812300002", "+919812300003"
+
+
+@pytest.fixture
+def simulator():
+    with Simulator(sid=TEST_SID, api_key=TEST_KEY) as sim:
+        yield sim
+
+
+@pytest.fixture(autouse=True)
+def _fresh_ledgers():
+    yield
+    forget_shared_ledgers()
+
+
+def settings_for(sim: Simulator, place: LedgerPlace, **more: object):
+    return fast_settings(
+        sim.base_url, optout_url=place.url, optout_key=KEY_A, load_plugins=[], **more
+    )
+
+
+def msg(i: str, to: str, channel: str = "sms", **more: object) -> dict[str, object]:
+    return {"id": i, "channel": channel, "to": to, **more}
+
+
+def verdicts(results) -> dict[str, tuple[str, str]]:
+    return {r["id"]: (r["verdict"], r.get("channel")) for r in results}
+
+
+def test_a_ledger_opt_out_beats_a_live_clean_answer(
+    simulator: Simulator, place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, place)
+    report = report_send_results(
+        [{"to": N1, "channel": "sms", "provider": "kaleyra", "code": "NOT-SENT/OPT-OUT"}],
+        settings=settings,
+    )
+    assert report.opted_out == 1
+    messages = [
+        msg("a", N1),
+        msg("b", N2),
+        msg("c", N1, fallback=["whatsapp"]),  # opted out of SMS only: WhatsApp is fine
+        msg("d", N1, channel="whatsapp"),
+    ]
+    with Filter(settings) as engine:  # the plain Python API, no plugin manager
+        assert verdicts(engine.run(messages)) == {
+            "a": ("blocked", "sms"),
+            "b": ("allowed", "sms"),
+            "c": ("rerouted", "whatsapp"),
+            "d": ("allowed", "whatsapp"),
+        }
+    # Kaleyra answered clean for N1 on SMS: the ledger decided.
+    assert simulator.stats.requests >= 1
+
+
+def test_a_ledger_opt_out_beats_a_cached_clean_status(
+    simulator: Simulator, sqlite_place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, sqlite_place)
+    pm = make_plugin_manager(settings)
+    with build_filter(settings, pm) as engine:
+        assert verdicts(engine.run([msg("a", N1)])) == {"a": ("allowed", "sms")}
+    add_optouts([N1], "sms", by="ops", settings=settings)
+    simulator.reset_stats()
+    with build_filter(settings, pm) as engine:
+        results = list(engine.run([msg("a", N1)]))
+        assert engine.summary.cache_hits == 1  # Kaleyra's answer came from the cache...
+    assert simulator.stats.requests == 0
+    assert verdicts(results) == {"a": ("blocked", "sms")}  # ...and lost to the ledger
+
+
+def test_a_ledger_opt_out_beats_a_synced_snapshot(
+    simulator: Simulator, sqlite_place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, sqlite_place)
+    simulator.block("sms", N3)
+    source = KaleyraSource(settings)
+    try:
+        source.sync("sms")  # N1 is absent from the list: clean, by the snapshot
+        add_optouts([N1], "sms", settings=settings)
+        with Filter(settings, sources=[source, *_ledger_sources(settings)]) as engine:
+            simulator.reset_stats()
+            found = verdicts(engine.run([msg("a", N1), msg("b", N2), msg("c", N3)]))
+    finally:
+        source.close()
+    assert simulator.stats.requests == 0
+    assert found == {"a": ("blocked", "sms"), "b": ("allowed", "sms"), "c": ("blocked", "sms")}
+
+
+def _ledger_sources(settings):
+    from blockfilter.ledger.ledger import shared_ledger
+    from blockfilter.ledger.source import LedgerSource
+
+    return [LedgerSource(shared_ledger(settings))]
+
+
+def test_an_opt_in_lifts_only_what_the_ledger_recorded(
+    simulator: Simulator, sqlite_place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, sqlite_place)
+    simulator.block("sms", N2)  # on Kaleyra's own list
+    add_optouts([N1, N2], "sms", settings=settings)
+    remove_optouts([N1, N2], "sms", settings=settings)
+    with Filter(settings) as engine:
+        assert verdicts(engine.run([msg("a", N1), msg("b", N2)])) == {
+            "a": ("allowed", "sms"),
+            "b": ("blocked", "sms"),  # Kaleyra's list stays authoritative
+        }
+
+
+def test_a_ledger_that_cannot_be_read_defers_the_messages(
+    simulator: Simulator, sqlite_place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, sqlite_place)
+    add_optouts([N1], "sms", settings=settings)
+    keyless = settings.replace(optout_key=None)  # a worker that lost its key
+    with Filter(keyless) as engine:
+        results = list(engine.run([msg("a", N2)]))
+    assert [(r["verdict"], r["reason"]) for r in results] == [("deferred", "check_failed")]
+
+
+def test_blocking_kaleyra_leaves_the_ledger_alone_and_refuses_to_start(
+    simulator: Simulator, sqlite_place: LedgerPlace
+) -> None:
+    from blockfilter.plugins import PluginError
+
+    settings = settings_for(simulator, sqlite_place, disable_plugins=["kaleyra"])
+    with pytest.raises(PluginError, match="no blocklist source"):
+        make_plugin_manager(settings)
+
+
+def _cli(args: list[str], env: dict[str, str], stdin: bytes = b"") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "blockfilter", *args],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_the_command_line_filter_and_check_see_the_ledger(
+    simulator: Simulator, place: LedgerPlace, tmp_path: Path
+) -> None:
+    env = {
+        **clean_environ(),
+        "KALEYRA_SID": TEST_SID,
+        "KALEYRA_API_KEY": TEST_KEY,
+        "KALEYRA_BASE_URL": simulator.base_url,
+        "BLOCKFILTER_OPTOUT_URL": place.url,
+        "BLOCKFILTER_OPTOUT_KEY": KEY_A,
+        "BLOCKFILTER_LOAD_PLUGINS": "",
+    }
+    added = _cli(["optout", "add", "--channel", "sms", "--by", "ops", N1], env)
+    assert added.returncode == 0, added.stderr.decode()
+    campaign = tmp_path / "campaign.jsonl"
+    campaign.write_text("".join(json.dumps(msg(str(i), n)) + "\n" for i, n in enumerate([N1, N2])))
+    done = _cli(["filter", str(campaign), "--quiet"], env)
+    assert done.returncode == 0, done.stderr.decode()
+    lines = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert [(r["to"], r["verdict"]) for r in lines] == [(N1, "blocked"), (N2, "allowed")]
+    checked = _cli(["check", "--channel", "sms", "--json", N1, N2], env)
+    assert checked.returncode == 0, checked.stderr.decode()
+    assert json.loads(checked.stdout) == {"channel": "sms", "blocked": [N1]}
+    # A ledger the command cannot read: the check fails, it does not answer "clean".
+    broken = {**env, "BLOCKFILTER_OPTOUT_KEY": ""}
+    failed = _cli(["check", "--channel", "sms", N2], broken)
+    assert failed.returncode == 1 and b"the check failed" in failed.stderr
+
+
+def test_every_verdict_says_which_source_decided(
+    simulator: Simulator, sqlite_place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, sqlite_place)
+    simulator.block("sms", N3)
+    pm = make_plugin_manager(settings)
+    with build_filter(settings, pm) as engine:
+        first = {r["id"]: r["source"] for r in engine.run([msg("a", N1), msg("b", N3)])}
+    assert first == {"a": "api", "b": "api"}
+    add_optouts([N2], "sms", settings=settings)
+    with build_filter(settings, pm) as engine:
+        again = {r["id"]: r["source"] for r in engine.run([msg("a", N1), msg("c", N2, "SMS")])}
+        summary = engine.summary.as_dict()
+    assert again == {"a": "cache", "c": "ledger"}
+    assert summary["sources"] == {"cache": {"allowed": 1}, "ledger": {"blocked": 1}}
+    source = KaleyraSource(settings)
+    try:
+        source.sync("sms")
+        with Filter(settings, sources=[source, *_ledger_sources(settings)]) as engine:
+            synced = {r["id"]: r["source"] for r in engine.run([msg("d", "+919812300009")])}
+    finally:
+        source.close()
+    assert synced == {"d": "snapshot"}
