@@ -277,18 +277,17 @@ def test_an_aborted_snapshot_leaves_the_last_one(make_cache: CacheFactory) -> No
     assert {n: s.blocked for n, s in cache.get_many("sms", [A, B]).items()} == {A: True, B: False}
 
 
-def test_hundred_thousand_entries_are_quick(make_cache: CacheFactory) -> None:
+def test_hundred_thousand_entries_round_trip(make_cache: CacheFactory) -> None:
+    # Many chunks of one call: every number comes back with its own status. (How fast is
+    # measured by benchmarks/bench_scale.py, not here: a loaded machine would make it flaky.)
     cache = make_cache()
     numbers = [f"+9180{i:08d}" for i in range(100_000)]
     blocked = set(numbers[::10])
     clean = [n for n in numbers if n not in blocked]
-    started = time.perf_counter()
     cache.set_many("sms", blocked=blocked, clean=clean, fetched_at=time.time())
     found = cache.get_many("sms", numbers)
-    elapsed = time.perf_counter() - started
     assert len(found) == 100_000
     assert {n for n, s in found.items() if s.blocked} == blocked
-    assert elapsed < 10, f"100k set+get took {elapsed:.1f}s"
 
 
 def test_leases_are_given_back(make_cache: CacheFactory) -> None:
