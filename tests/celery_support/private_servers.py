@@ -2,7 +2,9 @@
 
 The machine's shared services (RabbitMQ on 5672, Redis on 6379) are never touched: each
 server here runs on free ports with its data in the test's temporary directory, and is stopped
-by its own node name or process id.
+by its own node name or process id. A private Redis can also be frozen (SIGSTOP), restarted
+empty on its own port, given a memory limit and an eviction policy, and shared with a
+:class:`Tenant` that fills its memory.
 """
 
 from __future__ import annotations
@@ -13,9 +15,15 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import redis
 
 # The real scripts: the /usr/sbin wrappers switch to the rabbitmq user (and its HOME), which
 # could not write the test's directory nor share its Erlang cookie.
@@ -160,33 +168,61 @@ class PrivateRabbit:
 
 
 class PrivateRedis:
-    """A ``redis-server`` of the test's own on a free port, no persistence."""
+    """A ``redis-server`` of the test's own on a free port, no persistence.
 
-    def __init__(self, base: Path) -> None:
+    :param maxmemory: the server's ``maxmemory`` (bytes, or Redis' own units such as
+        ``"8mb"``); unlimited when omitted.
+    :param maxmemory_policy: what the server does when that memory is full; Redis' default
+        (``noeviction``) when omitted.
+
+    Both are start-up settings: :meth:`restart` brings them back, whatever ``CONFIG SET``
+    changed in between. Without persistence a restarted server comes back empty, as a
+    cache server restarted without a dump file does.
+    """
+
+    def __init__(
+        self,
+        base: Path,
+        *,
+        maxmemory: int | str | None = None,
+        maxmemory_policy: str | None = None,
+    ) -> None:
         self.base = base
         self.base.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.maxmemory = maxmemory
+        self.maxmemory_policy = maxmemory_policy
         self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    def _command(self, binary: str) -> list[str]:
+        command = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.base),
+        ]
+        if self.maxmemory is not None:
+            command += ["--maxmemory", str(self.maxmemory)]
+        if self.maxmemory_policy is not None:
+            command += ["--maxmemory-policy", self.maxmemory_policy]
+        return command
 
     def start(self, timeout: float = 10.0) -> PrivateRedis:
+        """Start the server on its port (the same port on every start)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed")
         self.process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.base),
-            ],
+            self._command(binary),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
@@ -196,11 +232,23 @@ class PrivateRedis:
             raise RuntimeError(f"private redis-server did not listen on {self.port}")
         return self
 
+    def restart(self, timeout: float = 10.0) -> PrivateRedis:
+        """SIGKILL and start again on the same port: every key is gone, clients that kept a
+        connection find it closed, and the next connection reaches an empty server."""
+        self.kill()
+        self.start(timeout)
+        self.restarts += 1
+        return self
+
     def kill(self) -> None:
         """SIGKILL: the server is gone at once, without a goodbye to its clients."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def pause(self) -> None:
         """SIGSTOP: the server still accepts connections (the kernel does) but never answers."""
@@ -210,6 +258,71 @@ class PrivateRedis:
     def resume(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP for the duration of the ``with`` block, SIGCONT after it, whatever
+        happens inside."""
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
+    def freeze(self, seconds: float) -> None:
+        """Freeze the server for ``seconds`` (blocks the caller for as long)."""
+        with self.frozen():
+            time.sleep(seconds)
+
+    def freeze_later(self, delay: float, seconds: float) -> threading.Thread:
+        """In a thread of its own: wait ``delay`` seconds, then freeze for ``seconds``. Join
+        the thread to know the server answers again."""
+
+        def freeze() -> None:
+            time.sleep(delay)
+            self.freeze(seconds)
+
+        thread = threading.Thread(target=freeze, name=f"freeze-redis-{self.port}", daemon=True)
+        thread.start()
+        return thread
+
+    def restart_later(self, delay: float, down_for: float) -> threading.Thread:
+        """In a thread of its own: wait ``delay`` seconds, SIGKILL the server, start it again
+        (empty) ``down_for`` seconds later. Join the thread to know it is back."""
+
+        def outage() -> None:
+            time.sleep(delay)
+            self.kill()
+            time.sleep(down_for)
+            self.restart()
+
+        thread = threading.Thread(target=outage, name=f"restart-redis-{self.port}", daemon=True)
+        thread.start()
+        return thread
+
+    def client(self, db: int = 0) -> redis.Redis:
+        """A client of the test's own (the code under test makes its own)."""
+        import redis
+
+        return redis.Redis(
+            host="127.0.0.1", port=self.port, db=db, socket_timeout=10, socket_connect_timeout=5
+        )
+
+    def config_set(self, name: str, value: str | int) -> None:
+        with contextlib.closing(self.client()) as client:
+            client.config_set(name, value)
+
+    def info(self, section: str) -> dict[str, Any]:
+        with contextlib.closing(self.client()) as client:
+            return dict(client.info(section))
+
+    def keys_in(self, db: int = 0) -> int:
+        with contextlib.closing(self.client(db)) as client:
+            return int(client.dbsize())
+
+    def flushall(self) -> None:
+        with contextlib.closing(self.client()) as client:
+            client.flushall()
 
     def stop(self) -> None:
         if self.process is None:
@@ -222,6 +335,77 @@ class PrivateRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+class Tenant:
+    """Another application sharing a :class:`PrivateRedis`: a thread that writes big values
+    into a database of its own, which is what fills a shared server's memory and makes it
+    evict (under ``allkeys-*`` policies anyone's keys, under ``volatile-*`` any key with an
+    expiry: the tenant's keys get one, so that it keeps finding room).
+
+    Writes are spaced by ``pace`` seconds so the thread does not take a whole core of a
+    small machine. A write refused for want of memory (``OOM``, under ``noeviction`` or once
+    nothing is left to evict) is counted, not raised: the tenant goes on trying.
+    """
+
+    def __init__(
+        self,
+        server: PrivateRedis,
+        *,
+        db: int = 1,
+        value_bytes: int = 64 * 1024,
+        expire_s: int | None = 3600,
+        pace: float = 0.002,
+    ) -> None:
+        self.server = server
+        self.db = db
+        self.value = b"t" * value_bytes
+        self.expire_s = expire_s
+        self.pace = pace
+        self.written_bytes = 0
+        self.refused = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Tenant:
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name=f"tenant-{self.server.port}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import redis
+
+        client = self.server.client(self.db)
+        index = 0
+        try:
+            while not self._stop.is_set():
+                try:
+                    client.set(f"tenant:{index}", self.value, ex=self.expire_s)
+                    self.written_bytes += len(self.value)
+                    index += 1
+                except redis.ResponseError:
+                    self.refused += 1
+                    self._stop.wait(0.05)
+                except redis.RedisError:
+                    self._stop.wait(0.1)  # the server is frozen or restarting: try again
+                self._stop.wait(self.pace)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def __enter__(self) -> Tenant:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def _alive(pid: int) -> bool:
