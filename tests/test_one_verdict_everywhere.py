@@ -10,27 +10,39 @@ documented ways out (``plugins=False``, ``sources=``) leave it out.
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import re
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import phonenumbers
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
     sys.path.insert(0, str(ROOT))
 
+from blockfilter.collector import COLLECT_TASK_NAME  # noqa: E402
 from blockfilter.engine import Filter  # noqa: E402
 from blockfilter.errors import CheckFailed  # noqa: E402
 from blockfilter.hookspecs import hookimpl  # noqa: E402
 from blockfilter.plugins import make_plugin_manager, reset_plugin_manager  # noqa: E402
 from blockfilter.simulator import Simulator  # noqa: E402
 from blockfilter.sources import FunctionSource  # noqa: E402
-from tests.conftest import TEST_KEY, TEST_SID, fast_settings  # noqa: E402
-
-COLLECT_TASK_NAME = "blockfilter.collect"
+from blockfilter.tasks import TASK_NAME  # noqa: E402
+from tests.celery_support.harness import (  # noqa: E402
+    Stack,
+    Worker,
+    install_plugin_dist,
+    require_broker,
+)
+from tests.conftest import TEST_KEY, TEST_SID, clean_environ, fast_settings  # noqa: E402
 
 # The plugin: an opt-out table read from BF_OPTOUT_<CHANNEL> (comma-separated E.164), so every
 # process a test starts (commands, workers) reads the same table.
@@ -74,6 +86,152 @@ def fresh_manager() -> Iterator[None]:
 def simulator() -> Iterator[Simulator]:
     with Simulator(sid=TEST_SID, api_key=TEST_KEY) as sim:
         yield sim
+
+
+# -- the README's example and what should become of its messages ------------------------------
+
+
+def readme_python_example() -> str:
+    """The first Python block of the README's "Use it from Python" section, as written."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = re.search(r"^## Use it from Python\n(.*?)(?=^## )", readme, re.MULTILINE | re.DOTALL)
+    assert section is not None, "README.md has no 'Use it from Python' section"
+    block = re.search(r"```python\n(.*?)```", section.group(1), re.DOTALL)
+    assert block is not None, "the 'Use it from Python' section has no Python example"
+    return block.group(1)
+
+
+def readme_messages(example: str) -> list[dict[str, Any]]:
+    """The ``messages = [...]`` the example filters, read without running it."""
+    for node in ast.walk(ast.parse(example)):
+        if isinstance(node, ast.Assign) and any(
+            isinstance(target, ast.Name) and target.id == "messages" for target in node.targets
+        ):
+            messages: list[dict[str, Any]] = ast.literal_eval(node.value)
+            return messages
+    raise AssertionError("the README's example assigns no `messages` list")
+
+
+def e164(message: dict[str, Any]) -> str:
+    number = phonenumbers.parse(message["to"], message.get("region"))
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def expected_verdicts(
+    messages: list[dict[str, Any]], blocklisted: dict[str, set[str]]
+) -> dict[str, tuple[str, str]]:
+    """id -> (verdict, final channel) for numbers ``blocklisted`` per channel, worked out
+    without blockfilter."""
+    expected = {}
+    for message in messages:
+        number, channel = e164(message), message["channel"].lower()
+        if number not in blocklisted.get(channel, set()):
+            expected[message["id"]] = ("allowed", channel)
+            continue
+        for fallback in message.get("fallback", []):
+            if number not in blocklisted.get(fallback, set()):
+                expected[message["id"]] = ("rerouted", fallback)
+                break
+        else:
+            expected[message["id"]] = ("blocked", channel)
+    return expected
+
+
+def surface_env(simulator: Simulator, site: Path, opted_out: set[str]) -> dict[str, str]:
+    """A user's shell: credentials for the simulator, the plugin installed, its opt-outs."""
+    env = clean_environ()
+    env.update(
+        KALEYRA_SID=TEST_SID,
+        KALEYRA_API_KEY=TEST_KEY,
+        KALEYRA_BASE_URL=simulator.base_url,
+        PYTHONPATH=str(site),
+        BF_OPTOUT_SMS=",".join(sorted(opted_out)),
+        BLOCKFILTER_RETRY_ATTEMPTS="2",
+        BLOCKFILTER_BACKOFF_BASE="0.01",
+        BLOCKFILTER_REQUEST_TIMEOUT="1",
+        BLOCKFILTER_RETRY_DEADLINE="2",
+    )
+    return env
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def lowered(verdicts: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    return {i: (verdict, str(channel).lower()) for i, (verdict, channel) in verdicts.items()}
+
+
+# -- every way in -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_every_way_in_gives_the_installed_plugins_verdict(tmp_path: Path) -> None:
+    example = readme_python_example()
+    messages = readme_messages(example)
+    # The pipeline opted every number of the example out of SMS; Kaleyra blocklists none.
+    opted_out = {e164(m) for m in messages if m["channel"].lower() == "sms"}
+    expected = expected_verdicts(messages, {"sms": opted_out})
+    assert {verdict for verdict, _ in expected.values()} != {"allowed"}
+    site = install_optout_dist(tmp_path / "site")
+    stack = Stack("amqp", require_broker("amqp"), tmp_path, install_plugin_dist(tmp_path / "rec"))
+    try:
+        env = surface_env(stack.simulator, site, opted_out)
+        seen: dict[str, dict[str, tuple[str, str]]] = {}
+
+        done = run(["-c", example], env, tmp_path)
+        assert done.returncode == 0, done.stderr
+        printed = [line.split() for line in done.stdout.splitlines()[: len(messages)]]
+        seen["README example"] = lowered({i: (v, c) for i, v, c in printed})
+
+        # check: which numbers are blocklisted on each channel a message may end on.
+        blocklisted: dict[str, set[str]] = {}
+        asked = [e164(m) for m in messages]
+        for channel in ("sms", "whatsapp", "voice"):
+            done = run(["-m", "blockfilter", "check", "--channel", channel, *asked], env, tmp_path)
+            assert done.returncode == 0, done.stderr
+            blocklisted[channel] = set(done.stdout.split())
+        seen["blockfilter check"] = expected_verdicts(messages, blocklisted)
+
+        campaign = tmp_path / "campaign.jsonl"
+        campaign.write_text("".join(json.dumps(m) + "\n" for m in messages), encoding="utf-8")
+        done = run(["-m", "blockfilter", "filter", str(campaign), "--quiet"], env, tmp_path)
+        assert done.returncode == 0, done.stderr
+        records = [json.loads(line) for line in done.stdout.splitlines()]
+        seen["blockfilter filter"] = lowered(
+            {r["id"]: (r["verdict"], r["channel"]) for r in records}
+        )
+
+        worker_env = stack.worker_env()
+        worker_env["PYTHONPATH"] = os.pathsep.join([str(site), worker_env["PYTHONPATH"]])
+        worker_env.update(
+            BF_OPTOUT_SMS=env["BF_OPTOUT_SMS"], BLOCKFILTER_COLLECT_FLUSH_INTERVAL="0.3"
+        )
+        worker = Worker(worker_env, stack.queue, tmp_path / "worker.log", f"bfone-{stack.unique}")
+        stack.workers.append(worker)
+        worker.start()
+
+        summary = stack.app.send_task(TASK_NAME, args=[messages]).get(timeout=60)
+        assert summary["total"] == len(messages)
+        stack.wait_records(lambda rs: len(rs) >= len(messages), 30, "the batch's verdicts")
+        seen[TASK_NAME] = lowered({r["id"]: (r["verdict"], r["channel"]) for r in stack.records()})
+
+        for message in messages:
+            stack.app.send_task(COLLECT_TASK_NAME, args=[{**message, "id": "c-" + message["id"]}])
+        records = stack.wait_records(
+            lambda rs: len(rs) >= 2 * len(messages), 30, "the collected verdicts"
+        )
+        seen[COLLECT_TASK_NAME] = lowered(
+            {r["id"][2:]: (r["verdict"], r["channel"]) for r in records if r["id"][:2] == "c-"}
+        )
+        time.sleep(0.5)  # nothing more may come
+        assert len(stack.records()) == 2 * len(messages)
+    finally:
+        stack.close()
+    assert seen == {way: expected for way in seen}
 
 
 # -- the Python API: plugins by default, and the ways out ---------------------------------------
@@ -216,3 +374,32 @@ def test_blocklisted_answers_for_every_number_or_not_at_all(simulator: Simulator
     message = str(caught.value)
     assert "1 of 2 numbers" in message and "table" in message and "ConnectionError" in message
     assert C not in message  # the plugin's words are masked
+
+
+def check(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "blockfilter", "check", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_check_answers_through_every_source_or_fails_whole(
+    simulator: Simulator, tmp_path: Path
+) -> None:
+    simulator.block("sms", A)
+    env = surface_env(simulator, install_optout_dist(tmp_path / "site"), {B, C})
+    done = check("--channel", "sms", C, "0981234 5678", B, "--region", "in", env=env)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{C}\n{A}\n{B}\n", "")
+    done = check("--channel", "sms", "--json", A, B, env=env)
+    assert json.loads(done.stdout) == {"channel": "sms", "blocked": [A, B]}
+
+    env["BF_OPTOUT_DOWN"] = "1"
+    done = check("--channel", "sms", B, C, env=env)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "the check failed: 2 of 2 numbers could not be checked: optout" in done.stderr
+    assert B not in done.stderr and "Traceback" not in done.stderr
+    done = check("--channel", "sms", A, env=env)  # blocklisted by Kaleyra: known all the same
+    assert (done.returncode, done.stdout) == (0, f"{A}\n")
