@@ -26,7 +26,6 @@ from .errors import (
     ConfigError,
     CredentialsRefused,
     InputChanged,
-    UpstreamError,
 )
 from .redact import install_secret_filter, mask_numbers_in, redact
 
@@ -174,7 +173,8 @@ def _silence_stdout() -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .client import KaleyraClient
+    from .engine import Filter
+    from .errors import CheckFailed
     from .numbers import InvalidNumber, normalize
 
     numbers = []
@@ -184,29 +184,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         except InvalidNumber as exc:
             print(f"blockfilter: {exc}", file=sys.stderr)
             return EXIT_USAGE
-    from .ledger.source import ledger_blocked
-    from .ledger.store import LedgerUnavailable
-
-    settings = load_settings()
-    client = KaleyraClient(settings)
-    try:
-        blocked = client.blocked(args.channel, numbers)
-        blocked |= ledger_blocked(settings, args.channel, numbers)  # opt-outs it learnt
-    except LedgerUnavailable as exc:
-        print(f"blockfilter: the check failed: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except UpstreamError as exc:
-        if isinstance(exc, CredentialsRefused):
-            raise
-        print(f"blockfilter: the check failed: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    finally:
-        client.close()
-    ordered = [n for n in dict.fromkeys(numbers) if n in blocked]
+    # The filter's own sources (the installed plugins' with Kaleyra's), so that check says
+    # what `blockfilter filter` and the Celery tasks do.
+    with Filter(load_settings()) as engine:
+        try:
+            blocked = engine.blocklisted(args.channel, numbers)
+        except CheckFailed as exc:  # refused credentials go on up: exit 3
+            print(f"blockfilter: the check failed: {_clean(str(exc))}", file=sys.stderr)
+            return EXIT_ERROR
     if args.json:
-        print(json.dumps({"channel": args.channel, "blocked": ordered}))
+        print(json.dumps({"channel": args.channel, "blocked": blocked}))
     else:
-        for number in ordered:
+        for number in blocked:
             print(number)
     return EXIT_OK
 
@@ -302,18 +291,19 @@ class _Progress:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from .plugins import build_filter, get_plugin_manager
+    from .engine import Filter
 
     settings = load_settings()
     if args.max_requests is not None and args.max_requests < 0:
         raise ConfigError("--max-requests must be >= 0")
     settings.require_credentials()
-    pm = get_plugin_manager(settings)
     progress = _Progress(sys.stderr.isatty() and not args.quiet)
+    # The filter of the Python API, plugins and all; it shows its results to the observers.
+    # Scrubbing a file sends nothing: dispatch and suppressed are never called.
     with (
         _replayable_input(args.input) as open_lines,
-        build_filter(
-            settings, pm, on_error=args.on_error, max_requests=args.max_requests, progress=progress
+        Filter(
+            settings, on_error=args.on_error, max_requests=args.max_requests, progress=progress
         ) as engine,
     ):
         from .kaleyra import KaleyraSource
@@ -328,16 +318,8 @@ def cmd_filter(args: argparse.Namespace) -> int:
             shown = str(low) if low == high else f"{low} to {high}"
             print(f"{shown} API requests")
             return EXIT_OK
-        # Scrubbing a file sends nothing: observers see the verdicts, dispatch never runs.
-        observe = _Observers(pm)
         with _atomic_output(args.out) as out:
-            if observe.enabled:
-                for line in engine.run_lines(open_lines):
-                    out.write(line)
-                    observe(line)
-                observe.flush()
-            else:
-                out.writelines(engine.run_lines(open_lines))
+            out.writelines(engine.run_lines(open_lines))
         progress.close()
         summary = engine.summary.as_dict()
     if args.summary_json:
@@ -347,34 +329,6 @@ def cmd_filter(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_summary(summary), file=sys.stderr)
     return exit_code_for(summary)
-
-
-class _Observers:
-    """Hands output records to ``blockfilter_verdicts`` observers in batches, if there are any
-    (decoding every line again is only worth it for someone who listens)."""
-
-    BATCH = 500
-
-    def __init__(self, pm: Any) -> None:
-        self._pm = pm
-        self.enabled = bool(pm.hook.blockfilter_verdicts.get_hookimpls())
-        from .jsonlines import load_record  # however deep the record nests
-
-        self._load = load_record
-        self._batch: list[dict[str, Any]] = []
-
-    def __call__(self, line: bytes) -> None:
-        if self.enabled:
-            self._batch.append(self._load(line))
-            if len(self._batch) >= self.BATCH:
-                self.flush()
-
-    def flush(self) -> None:
-        if self._batch:
-            from .plugins import notify_verdicts
-
-            notify_verdicts(self._pm, self._batch)
-            self._batch = []
 
 
 def exit_code_for(summary: dict[str, Any]) -> int:

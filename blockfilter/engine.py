@@ -28,12 +28,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 import orjson
 
 from .config import CHANNELS, Settings, load_settings
-from .errors import CredentialsRefused, RequestBudgetExhausted
+from .errors import CheckFailed, CredentialsRefused, RequestBudgetExhausted
 from .jsonlines import (
     BLANK,
     PAST_END,
@@ -41,14 +41,19 @@ from .jsonlines import (
     MalformedLine,
     decode_again,
     decode_line,
+    load_record,
     read_pass,
     reencode,
     render_line,
     splice,
 )
 from .messages import VERDICT_FIELDS, Invalid, Parsed, channel_of, parse_message
-from .redact import guard_library_logs
+from .numbers import normalize
+from .redact import guard_library_logs, mask_numbers_in
 from .sources import BlocklistSource, CheckOutcome, CheckStream, open_stream
+
+if TYPE_CHECKING:
+    import pluggy
 
 log = logging.getLogger("blockfilter.engine")
 
@@ -67,6 +72,9 @@ _RANK = {CLEAN: 0, FAILED: 1, BLOCKED: 2}
 # Distinct numbers handed to the sources at a time during the first pass: enough for a few
 # full requests and one cache round trip, few enough that the first request leaves early.
 _STREAM_CHUNK = 500
+
+# Results shown to the blockfilter_verdicts observers at a time (as `blockfilter filter` did).
+_OBSERVED_BATCH = 500
 
 FallbackPolicy = Callable[[Mapping[str, Any], Parsed], Sequence[str]]
 
@@ -265,23 +273,48 @@ class Filter:
     ...     for result in f.run([{"id": "1", "channel": "sms", "to": "+918020000052"}]):
     ...         print(result["verdict"])
 
-    :param settings: the configuration; read from the environment when omitted.
-    :param sources: blocklist sources to join; default: Kaleyra (through the status cache)
-        and the opt-out ledger, built from ``settings`` on first use (so missing credentials
-        surface then, clearly).
-    :param on_error: ``defer``, ``allow`` or ``drop``; default ``settings.on_error``.
-    :param max_requests: make at most this many API requests; defer what is left unchecked.
-    :param fallback_policy: ``(message, parsed) -> channels`` to try, in order, when the
-        message's channel is blocklisted; default: the message's ``fallback`` list.
+    By default the filter is the one ``blockfilter filter`` and the Celery tasks run: the
+    installed plugins' (:func:`blockfilter.plugins.get_plugin_manager`) blocklist sources,
+    Kaleyra's and the opt-out ledger's among them, their reroute policy
+    (``blockfilter_fallback_channels``), and their observers (``blockfilter_verdicts``), shown
+    every result of :meth:`run` and
+    :meth:`run_lines`. It sends nothing: ``blockfilter_dispatch`` and ``blockfilter_suppressed``
+    are the Celery tasks' to call.
 
-    After a run, :attr:`summary` holds its counts.
+    :param settings: the configuration; read from the environment when omitted.
+    :param sources: blocklist sources to join, in place of the plugins': no plugin is consulted
+        then (neither for sources, nor reroutes, nor observers).
+    :param plugins: ``True`` (the default, unless ``sources`` is given): this process's plugin
+        manager, built from ``settings``; a :class:`pluggy.PluginManager`: that one; ``False``:
+        no plugin at all: Kaleyra (through the status cache, a source of this filter's own) and
+        the opt-out ledger, and the message's own ``fallback`` list.
+    :param on_error: ``defer``, ``allow`` or ``drop``; default ``settings.on_error``.
+    :param max_requests: make at most this many Kaleyra API requests; defer what is left
+        unchecked.
+    :param fallback_policy: ``(message, parsed) -> channels`` to try, in order, when the
+        message's channel is blocklisted; default: the plugins' ``blockfilter_fallback_channels``
+        (without plugins: the message's ``fallback`` list).
+
+    Sources are made on first use (so missing credentials surface then, clearly). The Kaleyra
+    source the plugins give is shared by the filters of a process, like a worker's (its
+    connections and ``memory://`` cache outlive the filter); :meth:`close` releases what this
+    filter made for itself alone. After a run, :attr:`summary` holds its counts.
+
+    :ivar plugin_manager: the plugin manager the filter consults; ``None`` without plugins.
+    :raises PluginError: a plugin cannot be used
+        (:func:`blockfilter.plugins.make_plugin_manager`).
     """
+
+    # Whether run() and run_lines() show their results to the plugins' observers. Hosts that
+    # hand results to the hooks themselves (the Celery tasks: final results only) turn it off.
+    _calls_observers: ClassVar[bool] = True
 
     def __init__(
         self,
         settings: Settings | None = None,
         *,
         sources: Sequence[BlocklistSource] | None = None,
+        plugins: bool | pluggy.PluginManager | None = None,
         on_error: str | None = None,
         max_requests: int | None = None,
         fallback_policy: FallbackPolicy | None = None,
@@ -294,37 +327,73 @@ class Filter:
         self.on_error = (on_error or self.settings.on_error).lower()
         if self.on_error not in ("defer", "allow", "drop"):
             raise ValueError(f"on_error must be defer, allow or drop, not {on_error!r}")
+        if sources is not None and plugins not in (None, False):
+            raise TypeError(
+                "Filter() takes sources= or plugins=, not both: sources= replaces the plugins"
+            )
+        self.plugin_manager = (
+            None if sources is not None or plugins is False else self._manager(plugins)
+        )
         self._sources = list(sources) if sources is not None else None
-        self._owns_sources = sources is None
+        self._owned: list[Any] = []  # sources made for this filter alone, closed by close()
         self.max_requests = max_requests
-        self.fallback_policy = fallback_policy or default_fallback_policy
+        if fallback_policy is None:
+            if self.plugin_manager is None:
+                fallback_policy = default_fallback_policy
+            else:
+                from .plugins import make_fallback_policy
+
+                fallback_policy = make_fallback_policy(self.plugin_manager)
+        self.fallback_policy = fallback_policy
         self._progress = progress
         self.summary = Summary()
         self._iso = _IsoTimes()
 
-    # -- sources ---------------------------------------------------------------------------
+    # -- plugins and sources ---------------------------------------------------------------
+    # blockfilter.plugins builds on this module (build_filter, PluginFilter): it is imported
+    # inside the methods that need it, when a filter first does, never while a module loads.
+
+    def _manager(self, plugins: bool | pluggy.PluginManager | None) -> pluggy.PluginManager:
+        if plugins is None or plugins is True:
+            from .plugins import get_plugin_manager
+
+            return get_plugin_manager(self.settings)
+        import pluggy
+
+        if not isinstance(plugins, pluggy.PluginManager):
+            raise TypeError(f"plugins must be True, False or a plugin manager, not {plugins!r}")
+        return plugins
 
     @property
     def sources(self) -> list[BlocklistSource]:
         if self._sources is None:
-            from .kaleyra import KaleyraSource
-            from .ledger.ledger import shared_ledger
-            from .ledger.source import LedgerSource
+            if self.plugin_manager is None:
+                from .kaleyra import KaleyraSource
+                from .ledger.ledger import shared_ledger
+                from .ledger.source import LedgerSource
 
-            # The opt-out ledger joins Kaleyra: an opt-out it holds beats any clean answer.
-            self._sources = [
-                KaleyraSource(self.settings, max_requests=self.max_requests),
-                LedgerSource(shared_ledger(self.settings)),
-            ]
+                source = KaleyraSource(self.settings, max_requests=self.max_requests)
+                self._owned.append(source)
+                # The opt-out ledger is no plugin of a user's: it joins Kaleyra even here, so
+                # an opt-out it holds beats any clean answer.
+                self._sources = [source, LedgerSource(shared_ledger(self.settings))]
+            else:
+                from .plugins import sources_from_plugins
+
+                self._sources, owned = sources_from_plugins(
+                    self.plugin_manager, self.settings, self.max_requests
+                )
+                self._owned.extend(owned)
         return self._sources
 
     def close(self) -> None:
-        """Release what the filter opened itself (thread pools, connections)."""
-        if self._owns_sources and self._sources:
-            for source in self._sources:
-                close = getattr(source, "close", None)
-                if close is not None:
-                    close()
+        """Release what the filter made for itself (thread pools, connections); the sources
+        given to it and those the plugins share stay open."""
+        from .builtin import close_kaleyra_source
+
+        owned, self._owned = self._owned, []
+        for source in owned:
+            close_kaleyra_source(source)
 
     def __enter__(self) -> Filter:
         return self
@@ -332,13 +401,29 @@ class Filter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _observer(self) -> Callable[[list[dict[str, Any]]], None] | None:
+        """What shows results to the plugins' observers; ``None`` when nobody listens."""
+        pm = self.plugin_manager
+        if pm is None or not self._calls_observers:
+            return None
+        if not pm.hook.blockfilter_verdicts.get_hookimpls():
+            return None
+        from .plugins import notify_verdicts
+
+        def observe(results: list[dict[str, Any]]) -> None:
+            notify_verdicts(pm, results)
+
+        return observe
+
     # -- the public entry points -----------------------------------------------------------
 
     def run(self, messages: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
         """Filter decoded messages; yields one new dict a message, in input order.
 
         The messages are held in memory for the run (the command line streams files instead).
-        Each result is a copy of its message with the verdict fields added.
+        Each result is a copy of its message with the verdict fields added. With observers
+        (``blockfilter_verdicts``), results are shown to them a batch at a time, each batch
+        before it is yielded.
         """
         items: list[Any] = [
             m if isinstance(m, Mapping) else MalformedLine(index)
@@ -362,12 +447,24 @@ class Filter:
         started = time.monotonic()
         before = self._source_counters()
         table = self._resolve(replay(), replay)
+        observe = self._observer()
+        batch: list[dict[str, Any]] = []
         for message, p in replay():
             fields, channel = self._verdict(message, p, table)
             self.summary.count(fields["verdict"], channel, fields.get("source"))
             result = {k: v for k, v in message.items() if k not in VERDICT_FIELDS}
             result.update(fields)
-            yield result
+            if observe is None:
+                yield result
+                continue
+            batch.append(result)
+            if len(batch) >= _OBSERVED_BATCH:
+                observe(batch)
+                yield from batch
+                batch = []
+        if batch and observe is not None:
+            observe(batch)
+            yield from batch
         self._finish(before, started)
 
     def run_lines(self, open_lines: Callable[[], Iterable[bytes]]) -> Iterator[bytes]:
@@ -377,14 +474,17 @@ class Filter:
         file opened anew, say). Blank lines are skipped; a line that is not a JSON object
         becomes an ``invalid`` record (``malformed_line``) whose ``id`` is its line number.
         Each message's own bytes are kept as they were; the verdict fields are appended.
+        With observers, each batch of lines is decoded again for them before it is yielded.
         """
         # With a policy that looks only at the parsed message, every line of a route shares
         # one verdict: a route's later lines are then neither shown to _resolve nor decoded
         # again, and its verdict is decided and encoded once.
         share = getattr(self.fallback_policy, "message_independent", False)
         plan = LinePlan(share_verdicts=share)
+        observe = self._observer()
         try:
-            yield from self._run_planned(open_lines, plan)
+            lines = self._run_planned(open_lines, plan)
+            yield from lines if observe is None else _observed(lines, observe)
         finally:
             plan.close()
 
@@ -496,6 +596,55 @@ class Filter:
             keys -= wanted.get(channel, set())
         high = low + estimate_requests(_as_numbers(fallback_wanted))
         return low, high
+
+    def blocklisted(self, channel: str, numbers: Iterable[str]) -> list[str]:
+        """Which of ``numbers`` are blocklisted on ``channel``: what ``blockfilter check`` says.
+
+        Every source is asked, as in a run, and a number is blocklisted when any of them says
+        so. No partial answer is given: when a number could not be checked (and no source
+        blocklists it) the call fails, since leaving it out would mean "not blocklisted".
+
+        :param channel: ``sms``, ``whatsapp`` or ``voice``, in any case.
+        :param numbers: E.164 numbers; a repeat is asked once.
+        :return: the blocklisted numbers, each once, in the order given.
+        :raises ValueError: an unknown channel; a number that is not valid E.164
+            (:class:`~blockfilter.numbers.InvalidNumber`).
+        :raises CredentialsRefused: the upstream refused the credentials or the account.
+        :raises CheckFailed: some number could not be checked.
+        """
+        lowered = channel.lower() if isinstance(channel, str) else channel
+        if lowered not in CHANNELS:
+            raise ValueError(f"unknown channel {channel!r}; the channels: {', '.join(CHANNELS)}")
+        asked = list(dict.fromkeys(normalize(number) for number in numbers))
+        if not asked:
+            return []
+        table = StatusTable()
+        for number in asked:
+            table.want(lowered, _key(number))
+        started = time.monotonic()
+        before = self._source_counters()
+        streams = [(source, open_stream(source)) for source in self.sources]
+        for _, stream in streams:
+            stream.add(lowered, asked)
+        failures: list[tuple[str, BaseException]] = []
+        for source, stream in streams:
+            name = _name_of(source)
+            for outcome in stream.finish():
+                self._record(table, outcome, name)
+                if outcome.error is not None:
+                    failures.append((name, outcome.error))
+        self._finish(before, started)
+        blocked: list[str] = []
+        unchecked = 0
+        for number in asked:
+            kind = (table.lookup(lowered, _key(number)) or ASKED)[0]
+            if kind == BLOCKED:
+                blocked.append(number)
+            elif kind == FAILED:
+                unchecked += 1
+        if unchecked:
+            raise _check_failure(unchecked, len(asked), failures)
+        return blocked
 
     # -- the run ---------------------------------------------------------------------------
 
@@ -698,6 +847,23 @@ def _name_of(source: BlocklistSource) -> str:
     return str(getattr(source, "name", None) or type(source).__name__)
 
 
+def _observed(
+    lines: Iterable[bytes], observe: Callable[[list[dict[str, Any]]], None]
+) -> Iterator[bytes]:
+    """``lines`` as they come, each batch shown to ``observe`` (decoded) before it is yielded.
+    Decoding every output line again is only worth it for someone who listens."""
+    batch: list[bytes] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) >= _OBSERVED_BATCH:
+            observe([load_record(line) for line in batch])
+            yield from batch
+            batch = []
+    if batch:
+        observe([load_record(line) for line in batch])
+        yield from batch
+
+
 def _decode_again(
     line: bytes, line_number: int, is_duplicate: Callable[[str], bool] | None
 ) -> tuple[Any, Parsed | Invalid]:
@@ -707,6 +873,22 @@ def _decode_again(
     if is_duplicate is not None and type(parsed) is Parsed and is_duplicate(parsed.id):
         return message, _DUPLICATE
     return message, parsed
+
+
+def _check_failure(
+    unchecked: int, asked: int, failures: Sequence[tuple[str, BaseException]]
+) -> Exception:
+    """The error of a :meth:`Filter.blocklisted` call that could not check every number."""
+    for _, error in failures:
+        if isinstance(error, CredentialsRefused):
+            return error  # only a human can fix it: the command line says so (exit 3)
+    what = f"{unchecked} of {asked} numbers could not be checked"
+    if not failures:
+        return CheckFailed(f"{what}: a blocklist source left them unanswered")
+    name, error = failures[0]
+    # A plugin's message may quote the numbers it was asked about.
+    detail = mask_numbers_in(str(error))[:300]
+    return CheckFailed(f"{what}: {name}: {type(error).__name__}: {detail}")
 
 
 def _as_numbers(wanted: Mapping[str, set[int]]) -> dict[str, list[str]]:

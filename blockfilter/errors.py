@@ -101,3 +101,8 @@ class RequestBudgetExhausted(BlockfilterError):
 class SyncAborted(FinalUpstreamError):
     """A full-list sync stopped before the list ended: the upstream repeated a page, or paged
     past every bound (pages, time). Nothing it read is put in place; lookups answer instead."""
+
+
+class CheckFailed(BlockfilterError):
+    """Some of the numbers asked about could not be checked, so no answer is given: a list of
+    the blocklisted ones that left them out would pass them off as not blocklisted."""

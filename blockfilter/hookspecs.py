@@ -144,8 +144,9 @@ def blockfilter_fallback_channels(
 def blockfilter_verdicts(results: list[dict[str, Any]]) -> None:
     """Observe verdicts, for audit logs and metrics.
 
-    Called with every batch of results wherever the filter runs (the Celery task and
-    ``blockfilter filter`` alike); never with an empty list.
+    Called with every batch of results wherever the filter runs (the Python API's
+    :class:`blockfilter.engine.Filter`, ``blockfilter filter`` and the Celery tasks alike);
+    never with an empty list.
     Every implementation is called. An exception in an observer is logged and ignored: it
     changes no verdict and stops no other observer.
 

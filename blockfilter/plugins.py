@@ -12,8 +12,11 @@ imports this package in every worker). It is built in tox's order:
 5. a check that every hook implemented exists (a misspelt hook name fails loudly), that some
    blocklist source is left, and then the ``blockfilter_startup`` hook.
 
-Then :func:`build_filter` makes a :class:`~blockfilter.engine.Filter` from the hooks, and
-:func:`notify_verdicts` / :func:`dispatch_results` hand its results to the plugins.
+Then a :class:`~blockfilter.engine.Filter` takes its sources (:func:`sources_from_plugins`),
+reroute policy (:func:`make_fallback_policy`) and observers (:func:`notify_verdicts`) from the
+hooks by default; :func:`build_filter` makes one for a host that calls the observers itself, and
+:func:`dispatch_results` hands its results to the pipeline's hooks. The engine imports this
+module lazily, when a filter is made: this module builds on the engine.
 """
 
 from __future__ import annotations
@@ -330,11 +333,17 @@ def _manager_of(pm: pluggy.PluginManager | None, settings: Settings | None) -> p
 
 
 class PluginFilter(Filter):
-    """A :class:`Filter` whose sources and reroute policy come from the plugins.
+    """The plugins' :class:`Filter`, for hosts that hand its results to the plugins themselves.
 
-    Sources the plugins own (shared, long-lived) are left open on :meth:`close`; the ones made
-    for this filter alone (a ``max_requests`` budget) are closed.
+    It calls no ``blockfilter_verdicts`` observer: the Celery tasks show them final results
+    only, after a retry. Its sources are made when it is built, so a broken source plugin or
+    a missing credential fails there. Sources the plugins share (long-lived) are left open on
+    :meth:`close`; the ones made for this filter alone (a ``max_requests`` budget) are closed.
+
+    :param owned_sources: sources given in ``sources`` that this filter closes.
     """
+
+    _calls_observers = False
 
     def __init__(
         self,
@@ -344,21 +353,19 @@ class PluginFilter(Filter):
         **kwargs: Any,
     ) -> None:
         super().__init__(settings, **kwargs)
-        self._owned_sources = list(owned_sources)
-
-    def close(self) -> None:
+        self._owned.extend(owned_sources)
         try:
-            super().close()
-        finally:
-            owned, self._owned_sources = self._owned_sources, []
-            for source in owned:
-                close_kaleyra_source(source)
+            self.sources  # noqa: B018  # made now: a broken source plugin fails here
+        except BaseException:
+            self.close()
+            raise
 
 
 def build_filter(
     settings: Settings, pm: pluggy.PluginManager | None = None, **filter_kwargs: Any
 ) -> Filter:
-    """A :class:`~blockfilter.engine.Filter` made from the plugins' hooks.
+    """A :class:`~blockfilter.engine.Filter` made from the plugins' hooks, that calls no
+    observer (:class:`PluginFilter`): for a host that calls them itself, as the Celery tasks do.
 
     Its sources are every ``blockfilter_blocklist_sources`` result plus one
     :class:`~blockfilter.sources.FunctionSource` per ``blockfilter_blocklisted``
@@ -372,32 +379,25 @@ def build_filter(
     :raises PluginError: no source at all, or a plugin returned something not a source.
     :raises ConfigError: the Kaleyra credentials are missing.
     """
-    for reserved in ("sources", "fallback_policy"):
+    for reserved in ("sources", "fallback_policy", "plugins"):
         if reserved in filter_kwargs:
             raise TypeError(
                 f"build_filter() takes no {reserved!r}: it comes from the plugins' hooks "
                 "(use blockfilter.engine.Filter directly to pass your own)"
             )
-    pm = _manager_of(pm, settings)
-    sources, owned = _sources(pm, settings, filter_kwargs.get("max_requests"))
-    try:
-        return PluginFilter(
-            settings,
-            sources=sources,
-            fallback_policy=make_fallback_policy(pm),
-            owned_sources=owned,
-            **filter_kwargs,
-        )
-    except BaseException:
-        for source in owned:
-            close_kaleyra_source(source)
-        raise
+    return PluginFilter(settings, plugins=_manager_of(pm, settings), **filter_kwargs)
 
 
-def _sources(
-    pm: pluggy.PluginManager, settings: Settings, max_requests: int | None
+def sources_from_plugins(
+    pm: pluggy.PluginManager, settings: Settings, max_requests: int | None = None
 ) -> tuple[list[BlocklistSource], list[Any]]:
-    """The sources to join, and those of them made for this filter alone."""
+    """The sources the plugins give a filter, and those of them made for this filter alone
+    (which the filter closes, with :func:`~blockfilter.builtin.close_kaleyra_source`).
+
+    :param max_requests: the filter's Kaleyra API request budget: the built-in ``kaleyra``
+        source is then one of the filter's own, sharing the process's cache and rate limiter.
+    :raises PluginError: no source at all, or a plugin returned something not a source.
+    """
     sources: list[BlocklistSource] = []
     owned: list[Any] = []
     caller = pm.hook.blockfilter_blocklist_sources

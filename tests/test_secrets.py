@@ -28,6 +28,7 @@ from blockfilter.config import ConfigError, Settings, load_settings, validate_ba
 from blockfilter.engine import Filter
 from blockfilter.errors import UpstreamError
 from blockfilter.kaleyra import KaleyraSource
+from blockfilter.plugins import reset_plugin_manager
 from blockfilter.redact import SECRET_FILTER, guard_library_logs, mask_number
 from blockfilter.simulator import FaultRule, Simulator
 from tests.conftest import clean_environ, fast_settings
@@ -180,10 +181,15 @@ def test_the_key_never_shows_in_the_python_api(
     messages = [{"id": str(i), "channel": "sms", "to": n} for i, n in enumerate(campaign)]
     for faults in ([], [FaultRule("wa500")], [FaultRule("rbc001")], [FaultRule("reset")]):
         sim.set_faults(faults)
+        # The filters of a process share the Kaleyra source and its cache: a fresh one, so
+        # every run asks the API and meets its fault.
+        reset_plugin_manager()
+        requests_before = sim.stats.requests
         with Filter(settings) as engine:
             results = list(engine.run(messages))
             texts += [repr(engine), repr(engine.sources), json.dumps(engine.summary.as_dict())]
             texts += [json.dumps(results)]
+        assert sim.stats.requests > requests_before
     source = KaleyraSource(settings)
     texts += [repr(source), repr(source.client), str(source.client.stats)]
     source.close()
