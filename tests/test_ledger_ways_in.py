@@ -248,6 +248,9 @@ def test_the_tasks_hide_their_arguments_from_monitoring() -> None:
     import blockfilter.tasks  # noqa: F401  (registers the ledger's tasks and their guard)
 
     app = Celery("bftest-argsrepr", broker="memory://", backend="cache+memory://")
+    # kombu's memory:// queues are shared by the whole process: a queue of this test's own, so
+    # no later test that drains the default queue finds these tasks.
+    app.conf.task_default_queue = "bftest-argsrepr"
     seen: dict[str, tuple[str, str]] = {}
 
     def capture(sender: str | None = None, headers: dict | None = None, **_: object) -> None:
