@@ -139,8 +139,11 @@ def _route(
             return Invalid("unknown_channel", "'fallback' must be a list of channel names")
         for item in fallback:
             if not isinstance(item, str) or item.lower() not in _KNOWN_CHANNELS:
-                shown = item[:40] if isinstance(item, str) else type(item).__name__
-                return Invalid("unknown_channel", f"unknown fallback channel {shown!r}")
+                if isinstance(item, str):
+                    return Invalid("unknown_channel", f"unknown fallback channel {item[:40]!r}")
+                return Invalid(
+                    "unknown_channel", f"a fallback channel is a string, not {_json_kind(item)}"
+                )
         fallback_channels = tuple(item.lower() for item in fallback)
     if region is not None and not isinstance(region, str):
         return Invalid("invalid_number", "'region' must be an ISO 3166 alpha-2 code")
@@ -149,3 +152,19 @@ def _route(
     except InvalidNumber as exc:
         return Invalid("invalid_number", str(exc))
     return channel, e164, fallback_channels, int(e164[1:])
+
+
+def _json_kind(value: Any) -> str:
+    # Named as JSON names it: a big integer may decode as a float with one parser and an int
+    # with another, and the same line must get the same detail on every path.
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return "a value of another kind"
