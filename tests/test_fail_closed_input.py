@@ -9,19 +9,29 @@ allows one), and checked for what a user would see.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from celery import Celery
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from blockfilter.config import CHANNELS, SPECS, Settings, load_settings
+from blockfilter.engine import Filter
 from blockfilter.errors import ConfigError
+from blockfilter.jsonlines import repeats_a_key
+from blockfilter.replay import replay_deferred
 from blockfilter.simulator import Simulator
+from blockfilter.sources import FunctionSource
+from blockfilter.tasks import deferred_queue
 from tests.conftest import TEST_KEY, TEST_SID
 from tests.test_cli import blockfilter, cli_env, numbers, records, write_campaign
+from tests.test_replay import sent_batches
 
 PASSWORD = "hunter2-Pw-7f3a"  # distinctive, so finding it anywhere is a leak
 
@@ -241,3 +251,179 @@ def test_a_run_with_a_password_in_the_cache_url_never_prints_it(
     assert len(records(done.stdout)) == 20
     for text in (done.stdout, done.stderr, summary.read_bytes()):
         assert PASSWORD.encode() not in text
+
+
+# -- 2. a JSON line that repeats a key is malformed --------------------------------------------
+
+NUMBER = "+919812345678"  # blocklisted on SMS in these tests, not on WhatsApp
+
+REPEATING_LINES = [
+    # The one from the report: checked on WhatsApp by orjson, sent on SMS by a first-key parser.
+    b'{"id":"c1","channel":"sms","channel":"whatsapp","to":"+919812345678"}',
+    b'{"id":"c2","channel":"whatsapp","to":"+919812345678","channel":"sms"}',
+    b'{"id":"c3","\\u0063hannel":"sms","channel":"whatsapp","to":"+919812345678"}',
+    b'{"id":"c4","channel":"sms","to":"+919812345679","to":"+919812345678"}',
+    b'{"id":"c5","id":"c5b","channel":"whatsapp","to":"+919812345678"}',
+    b'{"id":"c6","channel":"whatsapp","to":"98123 45678","region":"IN","region":"US"}',
+    b'{"id":"c7","channel":"sms","to":"+919812345678","fallback":["sms"],"fallback":["whatsapp"]}',
+    b'{"id":"c8","channel":"whatsapp","to":"+919812345678","meta":{"a":1,"a":2}}',
+    b'{"id":"c9","channel":"whatsapp","to":"+919812345678","x":[{"k":1},{"k":2,"k":3}]}',
+    # A repeat hidden behind a colon that only the decoder sees (\u003a is ":").
+    b'{"id":"c10","channel":"sms","channel":"whatsapp","to":"+919812345678","t":"\\u003a"}',
+    b'{"id":"c11","channel":"sms","channel":"whatsapp","to":"+919812345678","t":"OTP: 12"}',
+    b'{"id" : "c12" , "channel" : "sms" ,\t"chann\\u0065l":"whatsapp", "to" : "+919812345678"}',
+    b'{"id":"c13","channel":"whatsapp","to":"+919812345678","d":'
+    + b"[" * 300
+    + b'{"a":1,"a":1}'
+    + b"]" * 300
+    + b"}",
+]
+
+FINE_LINES = [
+    b'{"id":"ok1","channel":"whatsapp","to":"+919812345678","text":"OTP: 1234 https://x.example"}',
+    b'{"id":"ok2","channel":"whatsapp","to":"+919812345678","t":"a\\u003ab","u":"\\\\u003a"}',
+    b'{"id":"ok3","channel":"whatsapp","to":"+919812345678","p":{"channel":"sms","a":{"b":1}}}',
+    b'{"id":"ok4","channel":"whatsapp","to":"+919812345678","x":[{"k":1},{"k":2}],"big":'
+    + b"1" * 30
+    + b"}",
+    b'{"id":"ok5","channel":"whatsapp","to":"+919812345678","d":'
+    + b"[" * 300
+    + b'{"a":1,"b":{"a":2}}'
+    + b"]" * 300
+    + b"}",
+    b'{"id":"ok6","ch:annel":"x","channel":"whatsapp","to":"+919812345678"}',
+]
+
+
+def sms_blocks(channel: str, batch: list[str]) -> set[str]:
+    return {n for n in batch if channel == "sms"}
+
+
+def filter_lines(lines: list[bytes]) -> list[dict[str, Any]]:
+    data = [line + b"\n" for line in lines]
+    engine = Filter(load_settings(environ={}), sources=[FunctionSource("rule", sms_blocks)])
+    with engine:
+        return [json.loads(out) for out in engine.run_lines(lambda: iter(data))]
+
+
+def test_run_lines_makes_a_line_that_repeats_a_key_malformed() -> None:
+    lines = [b""] + REPEATING_LINES + FINE_LINES  # a blank first line: numbers still count it
+    out = filter_lines(lines)
+    assert len(out) == len(REPEATING_LINES) + len(FINE_LINES)
+    for number, record in enumerate(out[: len(REPEATING_LINES)], 2):
+        assert record == {
+            "id": str(number),
+            "verdict": "invalid",
+            "reason": "malformed_line",
+            "detail": f"line {number} repeats a key",
+        }
+    for line, record in zip(FINE_LINES, out[len(REPEATING_LINES) :], strict=True):
+        assert record["verdict"] == "allowed", (line[:60], record)
+        assert record["id"] == json.loads(line)["id"]
+
+
+def test_the_command_line_never_allows_the_number_a_repeated_channel_hides(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    sim.block("sms", NUMBER)
+    campaign = tmp_path / "c.jsonl"
+    campaign.write_bytes(b"\n".join(REPEATING_LINES + FINE_LINES) + b"\n")
+    done = blockfilter("filter", str(campaign), env=cli_env(sim))
+    assert done.returncode == 0, done.stderr
+    out = records(done.stdout)
+    assert [r["id"] for r in out[: len(REPEATING_LINES)]] == [
+        str(n) for n in range(1, len(REPEATING_LINES) + 1)
+    ]
+    assert {(r["verdict"], r["reason"]) for r in out[: len(REPEATING_LINES)]} == {
+        ("invalid", "malformed_line")
+    }
+    assert [r["verdict"] for r in out[len(REPEATING_LINES) :]] == ["allowed"] * len(FINE_LINES)
+    # The record of a repeating line does not carry its bytes on (both channels and all).
+    assert all(set(r) == {"id", "verdict", "reason", "detail"} for r in out[: len(REPEATING_LINES)])
+    estimate = blockfilter("filter", str(campaign), "--estimate", env=cli_env(sim))
+    assert estimate.stdout.strip() == b"1 API requests"  # the fine lines' one number only
+
+
+def test_replay_passes_a_parked_body_that_repeats_a_key_on_as_text() -> None:
+    """kombu would decode it (the last key wins) into a message checked on WhatsApp; as text,
+    the filter calls it invalid, and it reaches blockfilter_suppressed."""
+    broker = "memory://localhost/bftest-replay-repeats"
+    app = Celery("parker", broker=broker, set_as_current=False)
+    queue = deferred_queue(app)
+    body = REPEATING_LINES[0]
+    with app.producer_or_acquire() as producer:
+        for payload in (body, FINE_LINES[0]):
+            producer.publish(
+                payload,
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                declare=[queue],
+                content_type="application/json",
+                content_encoding="utf-8",
+            )
+        assert replay_deferred(app, timeout=0.2) == 2
+    (batch,) = sent_batches(app, "celery")
+    assert batch == [body.decode(), json.loads(FINE_LINES[0])]
+    with Filter(load_settings(environ={}), sources=[FunctionSource("rule", sms_blocks)]) as f:
+        first, second = f.run(batch)
+    assert (first["id"], first["verdict"], first["reason"]) == ("1", "invalid", "malformed_line")
+    assert second["verdict"] == "allowed"
+    app.close()
+
+
+# A property test of the cheap check against the standard library's exact look.
+
+keys = st.sampled_from(["id", "channel", "to", "a", "b", "a:b", "ü"])
+
+
+def _spell_key(key: str, escape: bool) -> str:
+    if escape:  # every character as \\uXXXX: the same key to a decoder, other bytes
+        return '"' + "".join(f"\\u{ord(c):04x}" for c in key) + '"'
+    return json.dumps(key, ensure_ascii=False)
+
+
+strings = st.sampled_from(["sms", "", "OTP: 1", "a\\u003ab", "\\\\u003a", "x::y", "ü"])
+
+
+@st.composite
+def json_texts(draw: st.DrawFn, depth: int = 0) -> str:
+    """JSON text whose objects may repeat a key, written with odd spacing and escapes."""
+    space = draw(st.sampled_from(["", " ", "\t", "  "]))
+    kind = draw(st.sampled_from(["object", "object", "list", "string", "number"]))
+    if depth >= 3 or kind == "string":
+        return '"' + draw(strings) + '"'
+    if kind == "number":
+        return draw(st.sampled_from(["1", "-2.5e3", "1" * 25, "true", "null"]))
+    if kind == "list":
+        items = draw(st.lists(json_texts(depth + 1), max_size=3))
+        return "[" + f",{space}".join(items) + "]"
+    pairs = draw(st.lists(st.tuples(keys, st.booleans()), max_size=4))
+    members = [
+        f"{_spell_key(key, escape)}{space}:{space}{draw(json_texts(depth + 1))}"
+        for key, escape in pairs
+    ]
+    return "{" + space + f",{space}".join(members) + space + "}"
+
+
+def reference_repeats(text: bytes) -> bool:
+    """Slow and exact: does any object, as the standard library reads it, repeat a key?"""
+    found = False
+
+    def pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal found
+        found = found or len({k for k, _ in pairs}) != len(pairs)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=pairs_hook)
+    return found
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=json_texts())
+@example(text='{"a":1,"a":2}')
+@example(text='{"a":"\\u003a","b":1,"b":2}')  # the escaped colon pays for the repeat
+@example(text='{"a":{"b":1},"a":{"b":1}}')
+def test_repeats_a_key_agrees_with_an_exact_reference(text: str) -> None:
+    line = ("{" + f'"m":{text}' + "}").encode()
+    message = orjson.loads(line)
+    assert repeats_a_key(line, message) == reference_repeats(line)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from blockfilter import messages as messages_module
 from blockfilter.config import CHANNELS, load_settings
 from blockfilter.engine import Filter
-from blockfilter.jsonlines import MAX_LINE_BYTES
+from blockfilter.jsonlines import MAX_LINE_BYTES, text_repeats_a_key
 from blockfilter.messages import VERDICT_FIELDS, Invalid, Parsed, parse_message
 from blockfilter.numbers import InvalidNumber, normalize
 from blockfilter.simulator import Simulator
@@ -317,7 +317,7 @@ def test_run_lines_gives_every_line_one_valid_json_record(
             message = orjson.loads(line)
         except orjson.JSONDecodeError:
             message = None
-        if isinstance(message, dict):
+        if isinstance(message, dict) and not text_repeats_a_key(line):
             items.append(json.loads(line))
         else:
             assert record["id"] == str(number)  # named by its line number
@@ -419,7 +419,7 @@ def test_the_corpus_of_odd_lines(sim: Simulator, tmp_path: Path) -> None:
         (
             b'{"id":"dupkey","channel":"sms","channel":"fax","to":"' + VALID[1].encode() + b'"}\n',
             "invalid",
-            "unknown_channel",
+            "malformed_line",  # a repeated key: parsers differ on which channel it has
         ),
         (line(id="fw", channel="sms", to="＋９１９８１２３４５６７９"), "allowed", None),
         (line(id="arabic", channel="sms", to="+٩١٩٨١٢٣٤٥٦٧٩"), "allowed", None),
