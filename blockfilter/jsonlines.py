@@ -190,13 +190,18 @@ def render_line(
 
     Splicing instead of re-encoding keeps every field exactly as given (big integers, number
     spelling, unicode escapes) and is faster. When a field must be *replaced* (a reroute
-    changes ``channel``; an input that already has verdict fields), the line is re-encoded
-    with the standard library, which keeps integers of any size. ``encoded`` is
-    ``orjson.dumps(fields)[1:]`` when the caller has it already.
+    changes ``channel``; an unusable ``id`` gives way to the line number; an input that
+    already has verdict fields), the line is re-encoded with the standard library, which
+    keeps integers of any size. ``encoded`` is ``orjson.dumps(fields)[1:]`` when the caller
+    has it already.
     """
     if type(message) is MalformedLine:
         return orjson.dumps({**message, **fields}) + b"\n"
-    if "original_channel" not in fields and VERDICT_FIELDS.isdisjoint(message):
+    if (
+        "original_channel" not in fields  # a reroute replaces the channel
+        and ("id" not in fields or "id" not in message)  # an unusable id is replaced
+        and VERDICT_FIELDS.isdisjoint(message)
+    ):
         if encoded is None:
             encoded = orjson.dumps(fields)[1:]
         return splice(line, encoded)

@@ -427,3 +427,56 @@ def test_repeats_a_key_agrees_with_an_exact_reference(text: str) -> None:
     line = ("{" + f'"m":{text}' + "}").encode()
     message = orjson.loads(line)
     assert repeats_a_key(line, message) == reference_repeats(line)
+
+
+# -- 7. every record carries an id a user can find it by -----------------------------------------
+
+
+def test_a_message_without_a_usable_id_is_named_by_its_line(sim: Simulator, tmp_path: Path) -> None:
+    campaign = tmp_path / "c.jsonl"
+    campaign.write_bytes(
+        b"\n".join(
+            [
+                b"{}",
+                b"",  # blank: skipped, but counted in the line numbers
+                b"{ }",
+                b'{"id":"","channel":"sms","to":"+919812345678"}',
+                b'{"id":7,"channel":"sms","to":"+919812345678","keep":[1,2]}',
+                b'{"id":null,"channel":"fax","to":"nope"}',
+                b'{"channel":"sms","to":"+919812345678","big":123456789012345678901234567890}',
+                b'{"id":"good","channel":"sms","to":"+919812345678"}',
+                b'{"id":"no-channel","to":"+919812345678"}',
+            ]
+        )
+        + b"\n"
+    )
+    done = blockfilter("filter", str(campaign), env=cli_env(sim))
+    assert done.returncode == 0, done.stderr
+    out = records(done.stdout)
+    assert [r["id"] for r in out] == ["1", "3", "4", "5", "6", "7", "good", "no-channel"]
+    assert [(r["verdict"], r.get("reason")) for r in out[:6]] == [("invalid", "missing_field")] * 6
+    assert out[3]["keep"] == [1, 2]  # the rest of the line is carried through
+    raw = done.stdout.splitlines()[5]
+    assert b"123456789012345678901234567890" in raw  # big integers too
+    assert (out[7]["verdict"], out[7]["reason"]) == ("invalid", "missing_field")
+
+
+def test_filter_run_names_a_message_without_a_usable_id_by_its_position() -> None:
+    messages: list[Any] = [
+        {"id": "a", "channel": "sms", "to": NUMBER},
+        {},
+        {"id": 3, "channel": "sms", "to": NUMBER},
+        "not an object",
+        {"id": "", "channel": "sms", "to": NUMBER, "n": 5},
+    ]
+    with Filter(load_settings(environ={}), sources=[FunctionSource("rule", sms_blocks)]) as f:
+        out = list(f.run(messages))
+    assert [r["id"] for r in out] == ["a", "2", "3", "4", "5"]
+    assert [r.get("reason") for r in out] == [
+        "blocklisted",
+        "missing_field",
+        "missing_field",
+        "malformed_line",
+        "missing_field",
+    ]
+    assert out[4]["n"] == 5
