@@ -9,8 +9,14 @@ allows one), and checked for what a user would see.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import resource
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +27,7 @@ from celery import Celery
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from blockfilter.atomicfile import AtomicFile, OutputError
 from blockfilter.config import CHANNELS, SPECS, Settings, load_settings
 from blockfilter.engine import Filter
 from blockfilter.errors import ConfigError
@@ -480,3 +487,212 @@ def test_filter_run_names_a_message_without_a_usable_id_by_its_position() -> Non
         "missing_field",
     ]
     assert out[4]["n"] == 5
+
+
+# -- 5 and 6. output files: whole or not at all, nothing left behind ----------------------------
+
+
+def campaign_of(path: Path, count: int) -> Path:
+    return write_campaign(
+        path, [{"id": str(i), "channel": "sms", "to": n} for i, n in enumerate(numbers(count))]
+    )
+
+
+def listing(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real file system with no room left: a 64 KiB tmpfs, filled up. Skipped where this
+    process may not mount one (the RLIMIT_FSIZE test below covers the same ground)."""
+    mount_point = tmp_path / "full"
+    mount_point.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)],
+        capture_output=True,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(directory: Path, keep: dict[str, bytes]) -> None:
+    for name, content in keep.items():
+        (directory / name).write_bytes(content)
+    with open(directory / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(b"\0" * 1024)
+    with open(directory / "probe", "wb", buffering=0) as probe, pytest.raises(OSError):
+        probe.write(b"x")  # really full: not even one byte more
+    (directory / "probe").unlink()
+
+
+def test_a_full_disk_leaves_no_summary_and_the_old_files_as_they_were(
+    sim: Simulator, tmp_path: Path, full_disk: Path
+) -> None:
+    campaign = campaign_of(tmp_path / "c.jsonl", 30)
+    old_out = b'{"old": "output"}\n' * 300  # more than a page: room the new file could reuse
+    fill(full_disk, {"out.jsonl": old_out})
+    before = listing(full_disk)
+
+    # No old summary: the new one cannot be written, and no empty file takes its place.
+    done = blockfilter(
+        "filter",
+        str(campaign),
+        "--summary-json",
+        str(full_disk / "summary.json"),
+        env=cli_env(sim),
+    )
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    assert "Traceback" not in stderr
+    assert "--summary-json" in stderr and "No space left on device" in stderr
+    assert listing(full_disk) == before  # nothing new, not even a temporary file
+
+    # An old output file on the full disk: it stays whole, and so does the old summary.
+    (tmp_path / "summary.json").write_text('{"old": true}\n')
+    done = blockfilter(
+        "filter",
+        str(campaign),
+        "--out",
+        str(full_disk / "out.jsonl"),
+        "--summary-json",
+        str(tmp_path / "summary.json"),
+        env=cli_env(sim),
+    )
+    assert done.returncode == 1, done.stderr
+    assert "--out" in done.stderr.decode() and "No space left" in done.stderr.decode()
+    assert listing(full_disk) == before
+    assert (tmp_path / "summary.json").read_text() == '{"old": true}\n'
+
+
+def _limit_file_size(limit: int) -> None:  # runs in the child, before exec
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so write() fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def test_a_summary_that_cannot_be_written_whole_leaves_the_old_one(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """RLIMIT_FSIZE: every file the process writes stops at 100 bytes, as a full disk would
+    (the output goes to a pipe, which the limit does not touch)."""
+    campaign = campaign_of(tmp_path / "c.jsonl", 30)
+    summary = tmp_path / "out" / "summary.json"
+    summary.parent.mkdir()
+    summary.write_text('{"total": 1, "old": "summary"}\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "blockfilter", "filter", str(campaign)]
+        + ["--summary-json", str(summary)],
+        capture_output=True,
+        env=cli_env(sim),
+        timeout=120,
+        preexec_fn=lambda: _limit_file_size(100),
+    )
+    stderr = done.stderr.decode()
+    assert done.returncode == 1, stderr
+    assert "Traceback" not in stderr and "--summary-json" in stderr
+    assert listing(summary.parent) == {"summary.json": b'{"total": 1, "old": "summary"}\n'}
+    assert len(records(done.stdout)) == 30  # stdout got every record all the same
+
+
+def test_summary_json_is_written_whole(sim: Simulator, tmp_path: Path) -> None:
+    campaign = campaign_of(tmp_path / "c.jsonl", 30)
+    summary = tmp_path / "out" / "summary.json"
+    summary.parent.mkdir()
+    summary.write_text("old")
+    done = blockfilter("filter", str(campaign), "--summary-json", str(summary), env=cli_env(sim))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(summary.read_text())["total"] == 30
+    assert [p.name for p in summary.parent.iterdir()] == ["summary.json"]
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["O_TMPFILE", "named-temp"])
+def test_an_atomic_file_leaves_nothing_behind_when_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool
+) -> None:
+    if not unnamed:  # as on a system without O_TMPFILE: a hidden named file
+        monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+    target = tmp_path / "out.jsonl"
+    target.write_bytes(b"old\n")
+    with pytest.raises(RuntimeError), AtomicFile(str(target), label="--out") as file:
+        file.write(b"new\n")
+        assert len(list(tmp_path.iterdir())) == (1 if unnamed else 2)
+        raise RuntimeError("the run failed")
+    assert listing(tmp_path) == {"out.jsonl": b"old\n"}
+    with AtomicFile(str(target), label="--out") as file:
+        file.write(b"new\n")
+    assert listing(tmp_path) == {"out.jsonl": b"new\n"}
+    assert (target.stat().st_mode & 0o777) == 0o600  # it holds phone numbers
+    with pytest.raises(OutputError, match="--out"):
+        AtomicFile(str(tmp_path / "missing" / "out.jsonl"), label="--out")
+
+
+def start_slow_run(
+    sim: Simulator, tmp_path: Path, *, stdin: bool
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """A run whose API requests take 3 s each, started and waited on until one is in flight
+    (its output file is open by then)."""
+    sim.set_latency(3.0)
+    out_dir, temp_dir = tmp_path / "out", tmp_path / "tmp"
+    out_dir.mkdir()
+    temp_dir.mkdir()
+    (out_dir / "scrubbed.jsonl").write_bytes(b'{"old": "output"}\n')
+    (out_dir / "summary.json").write_bytes(b'{"old": "summary"}\n')
+    campaign = campaign_of(tmp_path / "c.jsonl", 300)
+    env = cli_env(
+        sim,
+        TMPDIR=str(temp_dir),  # where a stdin spool would go
+        BLOCKFILTER_REQUEST_TIMEOUT="60",
+        BLOCKFILTER_RETRY_DEADLINE="120",
+    )
+    args = ["filter", "-" if stdin else str(campaign), "--out", str(out_dir / "scrubbed.jsonl")]
+    args += ["--summary-json", str(out_dir / "summary.json")]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "blockfilter", *args],
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    if stdin:
+        assert process.stdin is not None
+        process.stdin.write(campaign.read_bytes())
+        process.stdin.close()
+        process.stdin = None  # so communicate() does not flush it again
+    deadline = time.monotonic() + 60
+    while sim.stats.in_flight == 0:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no request was made"
+        time.sleep(0.05)
+    return process, out_dir, temp_dir
+
+
+@pytest.mark.parametrize("stdin", [False, True], ids=["file", "stdin"])
+@pytest.mark.parametrize(
+    ("signum", "exit_code"),
+    [
+        (signal.SIGKILL, -signal.SIGKILL),
+        (signal.SIGTERM, 128 + signal.SIGTERM),
+        (signal.SIGHUP, 128 + signal.SIGHUP),
+        (signal.SIGINT, 130),
+    ],
+    ids=["SIGKILL", "SIGTERM", "SIGHUP", "SIGINT"],
+)
+def test_a_stopped_run_leaves_no_temporary_file_and_the_old_output(
+    tmp_path: Path, stdin: bool, signum: int, exit_code: int
+) -> None:
+    with Simulator(sid=TEST_SID, api_key=TEST_KEY) as slow:
+        process, out_dir, temp_dir = start_slow_run(slow, tmp_path, stdin=stdin)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    assert process.returncode == exit_code, stderr
+    assert b"Traceback" not in stderr
+    assert listing(out_dir) == {
+        "scrubbed.jsonl": b'{"old": "output"}\n',
+        "summary.json": b'{"old": "summary"}\n',
+    }
+    assert list(temp_dir.iterdir()) == []
