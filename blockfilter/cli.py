@@ -2,7 +2,8 @@
 
 Exit codes (the contract's): 0 done, every message checked or invalid; 4 done, but some
 messages deferred; 2 usage or configuration error; 3 upstream refused the credentials or the
-account; 1 anything else. Ctrl-C and a closed pipe end quietly.
+account; 1 anything else. Ctrl-C and a closed pipe end quietly; so do SIGTERM and SIGHUP
+(exit 128 + the signal), which leave no temporary file behind and the old output in place.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 from . import __version__
+from .atomicfile import AtomicFile, Terminated, stop_on_signals
 from .config import CHANNELS, Settings, load_settings
 from .errors import (
     BlockfilterError,
@@ -137,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REFUSED
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except Terminated as stop:  # SIGTERM, SIGHUP: quietly, as the shell reports a signal
+        return 128 + stop.signum
     except BrokenPipeError:
         _silence_stdout()
         return EXIT_ERROR
@@ -203,9 +207,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 # -- filter --------------------------------------------------------------------------------
 
 
-def _line_opener(path: str) -> Callable[[], Iterator[bytes]]:
-    """Opens ``path`` anew for each pass of the filter, and makes sure each pass reads the
-    file the first one read: same file, size and modification time, before and after."""
+def _line_opener(
+    path: str, open_file: Callable[[], IO[bytes]] | None = None
+) -> Callable[[], Iterator[bytes]]:
+    """Opens ``path`` anew for each pass of the filter (through ``open_file`` when given), and
+    makes sure each pass reads the file the first one read: same file, size and modification
+    time, before and after."""
     from .jsonlines import file_lines
 
     first_seen: tuple[int, ...] | None = None
@@ -220,7 +227,7 @@ def _line_opener(path: str) -> Callable[[], Iterator[bytes]]:
 
     def open_lines() -> Iterator[bytes]:
         nonlocal first_seen
-        with open(path, "rb") as handle:
+        with open_file() if open_file is not None else open(path, "rb") as handle:
             if first_seen is None:
                 first_seen = identity(handle)
             check(handle)
@@ -238,31 +245,43 @@ def _replayable_input(path: str) -> Iterator[Callable[[], Iterator[bytes]]]:
             raise ConfigError(f"INPUT {path!r} is not a readable file")
         yield _line_opener(path)
         return
-    with tempfile.NamedTemporaryFile(prefix="blockfilter-stdin-", suffix=".jsonl") as spool:
+    # A file without a name (O_TMPFILE on Linux, unlinked at once elsewhere): nothing is left
+    # behind however the run ends. Each pass reads it through a file descriptor of its own,
+    # from the start (the passes come one after the other).
+    with tempfile.TemporaryFile(prefix="blockfilter-stdin-") as spool:
         shutil.copyfileobj(sys.stdin.buffer, spool, 1 << 20)
         spool.flush()
-        yield _line_opener(spool.name)
+
+        def reopen() -> IO[bytes]:
+            handle = os.fdopen(os.dup(spool.fileno()), "rb")
+            handle.seek(0)
+            return handle
+
+        yield _line_opener("-", reopen)
 
 
 @contextlib.contextmanager
-def _atomic_output(path: str | None) -> Iterator[IO[bytes]]:
-    """stdout, or a file that appears whole or not at all."""
-    if path is None:
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=".blockfilter-", suffix=".part", dir=directory)
-    try:
-        with os.fdopen(fd, "wb", buffering=1 << 20) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+def _output_files(
+    out: str | None, summary: str | None
+) -> Iterator[tuple[IO[bytes] | AtomicFile, AtomicFile | None]]:
+    """The output (stdout, or a file) and the summary file, if any. Files appear whole or not
+    at all, and together: both are on disk before either replaces its old file, so a failure
+    (a full disk, a signal) leaves both old files as they were."""
+    with contextlib.ExitStack() as stack:
+        files = [
+            stack.enter_context(AtomicFile(path, label=label))
+            for path, label in ((out, "--out"), (summary, "--summary-json"))
+            if path is not None
+        ]
+        out_file = files[0] if out is not None else None
+        summary_file = files[-1] if summary is not None else None
+        yield out_file if out_file is not None else sys.stdout.buffer, summary_file
+        if out_file is None:
+            sys.stdout.buffer.flush()
+        for file in files:
+            file.flush()
+        # Leaving the stack commits each (the summary first): renames, which do not fail
+        # for want of room.
 
 
 class _Progress:
@@ -291,6 +310,12 @@ class _Progress:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
+    # Stopped by a signal, the run unwinds: its temporary files go, the old ones stay.
+    with stop_on_signals():
+        return _filter(args)
+
+
+def _filter(args: argparse.Namespace) -> int:
     from .engine import Filter
 
     settings = load_settings()
@@ -318,14 +343,12 @@ def cmd_filter(args: argparse.Namespace) -> int:
             shown = str(low) if low == high else f"{low} to {high}"
             print(f"{shown} API requests")
             return EXIT_OK
-        with _atomic_output(args.out) as out:
+        with _output_files(args.out, args.summary_json) as (out, summary_file):
             out.writelines(engine.run_lines(open_lines))
-        progress.close()
-        summary = engine.summary.as_dict()
-    if args.summary_json:
-        with open(args.summary_json, "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
-            handle.write("\n")
+            progress.close()
+            summary = engine.summary.as_dict()
+            if summary_file is not None:
+                summary_file.write(json.dumps(summary, indent=2).encode() + b"\n")
     if not args.quiet:
         print(format_summary(summary), file=sys.stderr)
     return exit_code_for(summary)

@@ -7,12 +7,13 @@ Every setting is read in one place, validated once, and remembers where it came 
 from __future__ import annotations
 
 import ipaddress
+import numbers
 import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from .errors import ConfigError
 
@@ -46,24 +47,66 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError(f"expected 1/0, true/false, yes/no or on/off, got {raw!r}")
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise ValueError(f"must be > 0, got {raw!r}")
-    return value
+# The longest duration a setting may hold: ten years is past any useful TTL, timeout or
+# backoff, and well inside what a socket timeout, a thread's wait and a Redis expiry in
+# milliseconds can take (``inf`` or ``1e400`` fit none of them, and would fail on use).
+MAX_SECONDS = 10 * 365 * 86_400
+# The largest count (requests in flight, attempts, retries) or rate a setting may hold: far
+# past any real fleet, so a bigger one is a typo; pools and windows are sized from it.
+MAX_COUNT = 1_000_000
 
 
-def _non_negative_float(raw: str) -> float:
-    value = float(raw)
-    if value < 0:
-        raise ValueError(f"must be >= 0, got {raw!r}")
-    return value
+def _takes_values(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Mark a parser that checks a typed value (a Celery conf's or an override's) as well as
+    the environment's text: :class:`Settings` runs it on every value it is given."""
+    parse.takes_values = True  # type: ignore[attr-defined]
+    return parse
 
 
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value < 1:
-        raise ValueError(f"must be >= 1, got {raw!r}")
+def _real(raw: Any) -> float:
+    """A setting's value as a float: text from the environment, or a real number from a
+    Celery conf or an override. A bool is refused: ``True`` is 1 to Python, not to a user."""
+    if isinstance(raw, str):
+        return float(raw.strip())
+    if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
+        raise TypeError(f"expected a number, got {type(raw).__name__}")
+    try:
+        return float(raw)
+    except OverflowError:  # an int past a float's range: no use printing its digits
+        raise ValueError("is far too large") from None
+
+
+def _bounded(low: float, high: float, *, low_included: bool, what: str) -> Callable[[Any], float]:
+    def parse(raw: Any) -> float:
+        value = _real(raw)
+        # Written so that NaN, which compares false with everything, fails it.
+        if not ((value >= low if low_included else value > low) and value <= high):
+            bound = ">=" if low_included else ">"
+            raise ValueError(
+                f"must be a finite number of {what} {bound} {low:g} "
+                f"(at most {high:.0f}), got {raw!r}"
+            )
+        return value
+
+    return _takes_values(parse)
+
+
+_positive_float = _bounded(0, MAX_SECONDS, low_included=False, what="seconds")
+_non_negative_float = _bounded(0, MAX_SECONDS, low_included=True, what="seconds")
+_positive_rate = _bounded(0, MAX_COUNT, low_included=False, what="requests per second")
+
+
+@_takes_values
+def _positive_int(raw: Any) -> int:
+    if isinstance(raw, str):
+        value = int(raw.strip())
+    else:
+        number = _real(raw)
+        if not number.is_integer():  # 2.5 attempts, nan, inf
+            raise ValueError(f"must be a whole number, got {raw!r}")
+        value = int(number)
+    if not 1 <= value <= MAX_COUNT:
+        raise ValueError(f"must be a whole number >= 1 (at most {MAX_COUNT}), got {raw!r}")
     return value
 
 
@@ -77,17 +120,21 @@ def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
-def _optional(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def parse_optional(raw: str) -> Any:
-        return None if raw.strip() == "" else parse(raw)
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse_optional(raw: Any) -> Any:
+        if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+            return None
+        return parse(raw)
 
+    if getattr(parse, "takes_values", False):
+        _takes_values(parse_optional)
     return parse_optional
 
 
 @dataclass(frozen=True)
 class _Spec:
     env: str
-    parse: Callable[[str], Any]
+    parse: Callable[[Any], Any]
     default: Any
     help: str
 
@@ -125,7 +172,7 @@ SPECS: dict[str, _Spec] = {
     ),
     "rate_limit": _Spec(
         "BLOCKFILTER_RATE_LIMIT",
-        _optional(_positive_float),
+        _optional(_positive_rate),
         None,
         "API requests per second, fleet-wide",
     ),
@@ -218,8 +265,23 @@ SPECS: dict[str, _Spec] = {
     ),
 }
 
+# The settings whose every value, however it was given, is checked by its parser.
+_CHECKED_VALUES = tuple(
+    name for name, spec in SPECS.items() if getattr(spec.parse, "takes_values", False)
+)
 
-@dataclass(frozen=True)
+
+def _value_error(name: str, source: str, exc: Exception) -> ConfigError:
+    """A bad value, naming the variable (and the conf key or override it came from)."""
+    variable = SPECS[name].env
+    if source.startswith("celery conf"):
+        variable += f" (from {source})"
+    elif source == "override":
+        variable += f" (from the override {name}=)"
+    return ConfigError(f"{variable}: {exc}")
+
+
+@dataclass(frozen=True, repr=False)
 class Settings:
     """The effective configuration. Build it with :func:`load_settings`."""
 
@@ -256,6 +318,13 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        for name in _CHECKED_VALUES:
+            try:
+                value = SPECS[name].parse(getattr(self, name))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise _value_error(name, self.sources.get(name, "override"), exc) from None
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "cache_url", validate_cache_url(self.cache_url))
         if self.sid is not None and not (
             isinstance(self.sid, str) and _SID_PATTERN.fullmatch(self.sid)
         ):
@@ -299,32 +368,64 @@ class Settings:
         return Settings(**values)
 
     def describe(self) -> list[tuple[str, str, str]]:
-        """Rows of (variable, value, source) for ``blockfilter config``; the key is redacted."""
+        """Rows of (variable, value, source) for ``blockfilter config``; the key and secret
+        are redacted, and so is every password inside a URL."""
         rows = []
         for name, spec in SPECS.items():
             value = getattr(self, name)
-            if name in ("api_key", "cache_secret", "optout_key") and value:
+            if name in _SECRETS and value:
                 shown = "[REDACTED]"
-            elif name == "optout_url" and value:
-                shown = _without_password(value)
             elif value is None:
                 shown = "(unset)"
             elif isinstance(value, list):
-                shown = ",".join(value)
+                shown = ",".join(redact_url(item) for item in value)
             else:
-                shown = str(value)
+                shown = redact_url(str(value))
             rows.append((spec.env, shown, self.sources.get(name, "default")))
         return rows
 
+    def __repr__(self) -> str:
+        # The dataclass repr, with the secrets left out and passwords in URLs redacted.
+        shown = ", ".join(
+            f"{f.name}={_shown(getattr(self, f.name))}" for f in fields(self) if f.repr
+        )
+        return f"Settings({shown})"
 
-def _without_password(url: str) -> str:
-    """``url`` with the password of its user part replaced, for printing."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:[REDACTED]@{netloc}").geturl()
+
+_SECRETS = frozenset(f.name for f in fields(Settings) if not f.repr and f.name != "sources")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(redact_url(value))
+    if isinstance(value, list):
+        return repr([redact_url(item) if isinstance(item, str) else item for item in value])
+    return repr(value)
+
+
+# What a password may be called in a URL's query (redis-py, for one, reads ?password=).
+_SECRET_QUERY_ITEM = re.compile(
+    r"(?P<name>[?&;][^=&;#]*(?:pass|secret|token|key|auth)[^=&;#]*=)[^&;#]*", re.IGNORECASE
+)
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of a URL in it replaced by ``[REDACTED]``:
+    ``redis://user:pw@host/0`` shows as ``redis://user:[REDACTED]@host/0``. Anything else is
+    left as it is. Split by hand as ``urllib.parse`` does (the password is between the first
+    ``:`` and the last ``@`` before the first ``/``, ``?`` or ``#``), so that even a URL
+    ``urlsplit`` refuses is shown without its password."""
+    scheme, separator, rest = text.partition("://")
+    if not separator:
+        return text
+    ends = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    cut = min(ends) if ends else len(rest)
+    netloc, tail = rest[:cut], rest[cut:]
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:[REDACTED]@{hostport}"
+    tail = _SECRET_QUERY_ITEM.sub(r"\g<name>[REDACTED]", tail)
+    return f"{scheme}://{netloc}{tail}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -339,9 +440,11 @@ def _is_loopback(host: str) -> bool:
 def validate_base_url(raw: str) -> str:
     """Check ``KALEYRA_BASE_URL``: https anywhere, plain http only to loopback."""
     url = raw.strip().rstrip("/")
-    parts = urlsplit(url)
+    parts = _split_url("KALEYRA_BASE_URL", url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"KALEYRA_BASE_URL must look like https://host[:port], got {url!r}")
+        raise ConfigError(
+            f"KALEYRA_BASE_URL must look like https://host[:port], got {redact_url(url)!r}"
+        )
     if parts.path or parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigError(
             "KALEYRA_BASE_URL takes a scheme, host and port only; "
@@ -352,11 +455,40 @@ def validate_base_url(raw: str) -> str:
             "KALEYRA_BASE_URL: plain http:// is only allowed to loopback "
             "(127.0.0.0/8, ::1, localhost); use https://"
         )
+    return url
+
+
+def _split_url(variable: str, url: str) -> SplitResult:
+    """``urlsplit(url)``, its port checked, or a :class:`ConfigError` that shows neither the
+    URL nor urllib's message (a port that is not a number, say, can be a password cut short
+    by an unencoded ``/``)."""
     try:
+        parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as exc:
-        raise ConfigError(f"KALEYRA_BASE_URL has a bad port: {exc}") from None
-    return url
+        problem = "has a bad port" if "Port" in str(exc) else "is not a valid URL"
+        raise ConfigError(
+            f"{variable} {problem} (percent-encode '@', ':' and '/' in a password)"
+        ) from None
+    return parts
+
+
+def validate_cache_url(raw: Any) -> str:
+    """Check that ``BLOCKFILTER_CACHE_URL`` can be read as a URL, whichever scheme it names:
+    every part of the library may split it (the cache, the rate limiter), so a malformed one is
+    a configuration error here, before anything uses it. Which schemes work is the cache's
+    business (:func:`blockfilter.cache.open_cache`)."""
+    if not isinstance(raw, str):
+        raise ConfigError(f"BLOCKFILTER_CACHE_URL must be a URL, not {type(raw).__name__}")
+    parts = _split_url("BLOCKFILTER_CACHE_URL", raw)
+    if "@" in parts.path or "@" in parts.fragment:
+        # redis://:12/34@host reads as host "", port 12: the password would be shown as an
+        # address in every message about the server.
+        raise ConfigError(
+            "BLOCKFILTER_CACHE_URL has an '@' after its host: percent-encode '/', '?' and '#' "
+            "in a password"
+        )
+    return raw
 
 
 def load_settings(
@@ -391,8 +523,8 @@ def load_settings(
             continue
         try:
             values[name] = spec.parse(raw) if isinstance(raw, str) else raw
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{spec.env}: {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise _value_error(name, source, exc) from None
         sources[name] = source
     if values.get("sid") == "":
         values["sid"] = None

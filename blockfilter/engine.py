@@ -47,7 +47,14 @@ from .jsonlines import (
     render_line,
     splice,
 )
-from .messages import VERDICT_FIELDS, Invalid, Parsed, channel_of, parse_message
+from .messages import (
+    VERDICT_FIELDS,
+    Invalid,
+    Parsed,
+    channel_of,
+    has_usable_id,
+    parse_message,
+)
 from .numbers import normalize
 from .redact import guard_library_logs, mask_numbers_in
 from .sources import BlocklistSource, CheckOutcome, CheckStream, open_stream
@@ -449,8 +456,8 @@ class Filter:
         table = self._resolve(replay(), replay)
         observe = self._observer()
         batch: list[dict[str, Any]] = []
-        for message, p in replay():
-            fields, channel = self._verdict(message, p, table)
+        for position, (message, p) in enumerate(replay(), 1):
+            fields, channel = self._verdict(message, p, table, position)
             self.summary.count(fields["verdict"], channel, fields.get("source"))
             result = {k: v for k, v in message.items() if k not in VERDICT_FIELDS}
             result.update(fields)
@@ -561,7 +568,7 @@ class Filter:
                 break
             else:
                 message, parsed = _decode_again(line, lines_read, is_duplicate)
-                fields, channel = self._verdict(message, parsed, table)
+                fields, channel = self._verdict(message, parsed, table, lines_read)
                 self.summary.count(fields["verdict"], channel, fields.get("source"))
                 yield render_line(line, message, fields)
         plan.check_line_count(lines_read)
@@ -757,12 +764,16 @@ class Filter:
     # -- verdicts --------------------------------------------------------------------------
 
     def _verdict(
-        self, message: Any, parsed: Parsed | Invalid, table: StatusTable
+        self, message: Any, parsed: Parsed | Invalid, table: StatusTable, position: int = 0
     ) -> tuple[dict[str, Any], str]:
+        """The verdict fields of a message and its final channel. ``position`` (1-based, the
+        line number over JSON Lines) names the record of a message without a usable id."""
         if isinstance(parsed, Invalid):
             fields: dict[str, Any] = {"verdict": "invalid", "reason": parsed.reason}
             if parsed.detail:
                 fields["detail"] = parsed.detail
+            if position and not has_usable_id(message):
+                fields = {"id": str(position), **fields}
             return fields, channel_of(message)
         status: tuple[Any, ...] = table.lookup(parsed.channel, parsed.key) or (
             FAILED,  # a source skipped the number: treat it as unchecked

@@ -17,6 +17,7 @@ import tempfile
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from functools import partial
 from itertools import chain, count, repeat
 from typing import IO, Any, Final, TypeVar
 
@@ -61,7 +62,68 @@ def decode_line(line: bytes, line_number: int) -> tuple[Any, Parsed | Invalid] |
         return MalformedLine(line_number), Invalid(
             "malformed_line", f"line {line_number} is not a JSON object"
         )
+    if repeats_a_key(line, message):
+        return MalformedLine(line_number), repeated_key(line_number)
     return message, parse_message(message)
+
+
+def repeated_key(line_number: int) -> Invalid:
+    """Why a line that repeats a key is malformed: see :func:`repeats_a_key`."""
+    return Invalid("malformed_line", f"line {line_number} repeats a key")
+
+
+def repeats_a_key(line: bytes, message: dict[str, Any]) -> bool:
+    """Whether some object of ``line`` (``message`` is what orjson made of it) has a key twice.
+
+    orjson keeps the last of two equal keys, other parsers the first: a line that repeats
+    ``channel`` would be checked on one channel and sent on another. Exact, and cheap on the
+    usual line, because every key written in the line is followed by a colon: the colons of
+    the line are its keys (repeats too) plus the colons inside its strings, while
+    ``orjson.dumps(message)`` has one colon a key it kept plus the same colons in strings.
+    The counts are equal only when nothing was dropped; a line they cannot settle (a colon
+    written ``\\u003a``, nesting deeper than orjson writes) gets the standard library's look
+    at every object's keys.
+    """
+    colons = line.count(b":")
+    if colons == len(message):  # a colon a top-level key and none anywhere else
+        return False
+    return _repeats_past_the_top(line, message, colons)
+
+
+def _repeats_past_the_top(line: bytes, message: dict[str, Any], colons: int) -> bool:
+    """:func:`repeats_a_key` for a line of ``colons`` colons, more than ``message`` has keys."""
+    if b"\\u003" not in line:  # so each string has the colons it is written with
+        try:
+            if colons == orjson.dumps(message).count(b":"):
+                return False
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes
+            pass
+    return text_repeats_a_key(line)
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    decoded = dict(pairs)
+    if len(decoded) != len(pairs):
+        raise _RepeatedKey
+    return decoded
+
+
+def text_repeats_a_key(text: bytes | str) -> bool:
+    """Whether some object of the JSON ``text`` has a key twice, by the standard library's
+    look at every object's keys (slow and exact). Text it cannot read counts as repeating:
+    it is not a message every parser reads the same way."""
+    loads = partial(json.loads, object_pairs_hook=_no_repeated_keys)
+    try:
+        _with_room_to_recurse(loads, text.decode() if isinstance(text, bytes) else text)
+    except _RepeatedKey:
+        return True
+    except ValueError:  # not UTF-8, or not JSON to the standard library
+        return True
+    return False
 
 
 _BLOCK_BYTES = 1 << 20
@@ -128,13 +190,18 @@ def render_line(
 
     Splicing instead of re-encoding keeps every field exactly as given (big integers, number
     spelling, unicode escapes) and is faster. When a field must be *replaced* (a reroute
-    changes ``channel``; an input that already has verdict fields), the line is re-encoded
-    with the standard library, which keeps integers of any size. ``encoded`` is
-    ``orjson.dumps(fields)[1:]`` when the caller has it already.
+    changes ``channel``; an unusable ``id`` gives way to the line number; an input that
+    already has verdict fields), the line is re-encoded with the standard library, which
+    keeps integers of any size. ``encoded`` is ``orjson.dumps(fields)[1:]`` when the caller
+    has it already.
     """
     if type(message) is MalformedLine:
         return orjson.dumps({**message, **fields}) + b"\n"
-    if "original_channel" not in fields and VERDICT_FIELDS.isdisjoint(message):
+    if (
+        "original_channel" not in fields  # a reroute replaces the channel
+        and ("id" not in fields or "id" not in message)  # an unusable id is replaced
+        and VERDICT_FIELDS.isdisjoint(message)
+    ):
         if encoded is None:
             encoded = orjson.dumps(fields)[1:]
         return splice(line, encoded)
@@ -295,6 +362,10 @@ class LinePlan:
             except orjson.JSONDecodeError:
                 pass
         if type(message) is dict:
+            # A flat line settles it here, without a call: see repeats_a_key.
+            colons = line.count(b":")
+            if colons != len(message) and _repeats_past_the_top(line, message, colons):
+                return MalformedLine(line_number), self._unrouted(repeated_key(line_number))
             return self._read_object(message)
         decoded = decode_line(line, line_number)  # blank, not JSON, too long, or not an object
         if decoded is None:

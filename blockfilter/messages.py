@@ -6,6 +6,7 @@ national numbers and ``fallback``). Everything else is carried through untouched
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -113,6 +114,14 @@ def _worth_remembering(route: Any, to: Any, region: Any) -> bool:
         and len(to) <= MAX_INPUT_LENGTH
         and (type(region) is not str or len(region) <= 8)
     )
+
+
+def has_usable_id(message: Mapping[str, Any]) -> bool:
+    """Whether the message's ``id`` can name its record: a non-empty string. A message without
+    one is ``invalid`` (``missing_field``), and its record is named by its position instead
+    (the line number in a file), so that a user can still find it."""
+    message_id = message.get("id")
+    return isinstance(message_id, str) and message_id != ""
 
 
 def _missing_field(message_id: Any, channel: Any, to: Any) -> Invalid | None:

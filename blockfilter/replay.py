@@ -22,6 +22,7 @@ from celery.app.utils import find_app
 from kombu.message import Message
 
 from .errors import ConfigError
+from .jsonlines import text_repeats_a_key
 from .tasks import TASK_NAME, deferred_queue
 
 log = logging.getLogger("blockfilter.replay")
@@ -92,8 +93,17 @@ def _body(message: Message) -> Any:
     """The parked message dict; an undecodable body is passed on as text.
 
     The filter gives a non-object an ``invalid`` verdict, so even a corrupt queue entry ends in
-    ``blockfilter_suppressed`` rather than blocking the queue or vanishing.
+    ``blockfilter_suppressed`` rather than blocking the queue or vanishing. So does a JSON body
+    that repeats a key: decoded, it would keep one of the two values where another parser
+    keeps the other (a message checked on one channel and sent on another).
     """
+    raw = message.body
+    if (
+        message.content_type == "application/json"
+        and isinstance(raw, (bytes, str))
+        and text_repeats_a_key(raw)
+    ):
+        return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
         return message.decode()
     except Exception:  # any decode error: the serializer's own types vary

@@ -85,11 +85,17 @@ VERDICT_VIEW = ("verdict", "reason", "e164", "channel", "original_channel")
 
 
 def view(record: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What a user checks of a record, except the ids run() makes up for malformed lines."""
+    """What a user checks of a record, except the ids run() makes up for malformed lines and
+    for messages without a usable id (their positions: run() skips no blank line)."""
     shown = tuple(record.get(name) for name in VERDICT_VIEW)
     if record.get("reason") == "malformed_line":
         return shown
-    carried = {k: v for k, v in record.items() if k not in VERDICT_VIEW and k != "checked_at"}
+    made_up = ("id",) if record.get("reason") == "missing_field" else ()
+    carried = {
+        k: v
+        for k, v in record.items()
+        if k not in VERDICT_VIEW and k != "checked_at" and k not in made_up
+    }
     return (*shown, json.dumps(carried, sort_keys=True))
 
 
