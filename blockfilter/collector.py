@@ -27,8 +27,9 @@ The results go to the hooks exactly as ``blockfilter.filter_messages`` hands the
 same helpers): observers, then ``blockfilter_dispatch`` (``allowed``, ``rerouted``) and
 ``blockfilter_suppressed`` (``blocked``, ``invalid``). Messages whose check failed
 (``deferred``), and a whole batch whose hook raised, are handed to a
-``blockfilter.filter_messages`` task published by the route the messages came by (so the
-collector's worker runs it), with a backoff and counted as its first retry: from there they
+``blockfilter.filter_messages`` task published to the queue the messages came from (so the
+collector's worker runs it, even where no worker consumes the app's default queue), with a
+backoff and counted as its first retry (in eager mode it runs at once): from there they
 follow that task's retries and end on the deferred queue once the retries are spent.
 Refused credentials are final at once (suppressed, parked on the deferred queue). A
 flush that fails for any other reason parks its messages on the deferred queue.
@@ -81,9 +82,15 @@ acknowledged: if the worker dies, the broker redelivers it.
 Batch fill is recorded per flush: the return value of each batch (also sent with Celery's
 ``task_success`` signal) and an INFO log line give the messages, the distinct numbers per
 channel and the API requests made; :func:`collector_stats` adds them up for this process.
-Results are not stored (``ignore_result=True``): the hooks are the output. Send with
-``ignore_result=False`` and the verdict record of the message is stored as its result
-(except for a message handed off: its verdict is the ``filter_messages`` task's).
+Nothing of a message is stored as a result, however it was sent (``send_task`` asks for
+results by default): the hooks are the output. A message handed off has its verdict counted
+in the summary its ``filter_messages`` task returns.
+
+Broker reconnects. After a broker connection is lost and made again, Celery clears the
+worker's timers and builds the task strategies anew; celery-batches 0.11 then never arms
+its flush timer again (its issue #107) and the worker would hold its buffer for ever. The
+collector arms it again itself and keeps what was buffered (see
+:meth:`CollectorTask._rearm_after_reconnect`), and says so in a WARNING line.
 """
 
 from __future__ import annotations
@@ -107,14 +114,17 @@ from celery_batches.trace import apply_batches_task
 from .config import Settings, load_settings
 from .errors import ConfigError
 from .messages import Parsed, parse_message
+from .monitoring import BlockfilterTask
 from .plugins import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
 from .tasks import (
-    PARKED_CHECK_FAILED,
     PARKED_TASK_FAILED,
     TASK_NAME,
+    DeferredNotParked,
     park_deferred,
+    park_final_deferred,
     retry_countdown,
 )
+from .worker import report_refusal
 
 log = logging.getLogger("blockfilter.collector")
 
@@ -302,14 +312,15 @@ class _WatchedBuffer(Queue):  # type: ignore[type-arg]
         super().put(item)
 
 
-class CollectorTask(Batches):
+class CollectorTask(Batches, BlockfilterTask):  # type: ignore[misc]
     """celery-batches' :class:`~celery_batches.Batches`, flushing per channel at full requests.
 
     Batches buffers requests in the worker's main process and flushes on a count and a timer;
     this class counts distinct numbers per channel as requests arrive, flushes a channel's
     messages when they fill a request, and acknowledges a batch only once it was handled.
-    Relies on Batches' buffer attributes (``_buffer``, ``_pending``, ``_count``), hence the
-    ``<1`` pin on celery-batches.
+    Relies on Batches' buffer attributes (``_buffer``, ``_pending``, ``_count``, ``_tref``),
+    hence the ``<1`` pin on celery-batches. :class:`~blockfilter.monitoring.BlockfilterTask`
+    gives it the summaries monitoring shows in place of the messages.
     """
 
     abstract = True
@@ -318,7 +329,11 @@ class CollectorTask(Batches):
     flush_every = CollectSettings.max_buffer
     flush_interval = CollectSettings.flush_interval / TICKS_PER_INTERVAL
 
-    def Strategy(self, task: Any, app: Any, consumer: Any) -> Callable[..., None]:  # noqa: N802
+    def Strategy(  # type: ignore[override]  # noqa: N802
+        self, task: Any, app: Any, consumer: Any
+    ) -> Callable[..., None]:
+        # Celery builds the strategies again after every broker reconnect, on the same task.
+        stale = self._rearm_after_reconnect()
         settings = collect_settings(app.conf)
         self.flush_every = settings.max_buffer
         # Batches' timer fires every flush_interval whatever the messages' age: at a steady
@@ -339,7 +354,54 @@ class CollectorTask(Batches):
         self._settings = settings
         self._prefetch_limit = int(getattr(consumer, "initial_prefetch_count", 0) or 0)
         self._first_seen = False
-        return super().Strategy(task, app, consumer)  # type: ignore[no-any-return]
+        handler: Callable[..., None] = super().Strategy(task, app, consumer)  # type: ignore[operator]
+        if stale:
+            self._take_back(stale, consumer.timer)
+        return handler
+
+    def _rearm_after_reconnect(self) -> list[tuple[Any, float]]:
+        """Work around celery-batches issue #107 (fixed upstream after 0.11, unreleased).
+
+        Batches arms its flush timer on the first message and keeps the handle in ``_tref``;
+        after a broker reconnect Celery clears the timer, builds the strategy again, and
+        Batches, seeing ``_tref`` set, never arms it again: the worker holds its buffer and
+        never flushes. Cancelling the old entry and forgetting it lets the next message (or
+        :meth:`_take_back`) arm the timer anew. Returns the requests still buffered, with
+        when they arrived: they are flushed as usual (their acknowledgement, on the dead
+        connection, fails; the broker redelivers them, so a hook may see them twice, with
+        the same ids, as after any reconnect).
+        """
+        tref = getattr(self, "_tref", None)
+        if tref is not None:
+            try:
+                tref.cancel()
+            except Exception:  # an entry of a timer that is gone: nothing to cancel
+                log.debug("%s: the old flush timer could not be cancelled", COLLECT_TASK_NAME)
+            self._tref = None
+        old = getattr(self, "_buffer", None)
+        if not isinstance(old, _WatchedBuffer):
+            return []  # the first start: nothing was buffered yet
+        arrived = getattr(self, "_arrived", {})
+        stale: list[tuple[Any, float]] = []
+        while not old.empty():
+            request = old.get_nowait()
+            stale.append((request, arrived.get(id(request), time.monotonic())))
+        log.warning(
+            "%s: the broker connection was restarted; the flush timer is armed again "
+            "(celery-batches #107)%s",
+            COLLECT_TASK_NAME,
+            f", {len(stale)} buffered message(s) kept" if stale else "",
+        )
+        return stale
+
+    def _take_back(self, stale: Sequence[tuple[Any, float]], timer: Any) -> None:
+        """Buffer again what was waiting before a reconnect, with its arrival times."""
+        for request, arrived in stale:
+            self._buffer.put(request)
+            if id(request) in self._arrived:
+                self._arrived[id(request)] = arrived
+        if self._tref is None and not self._buffer.empty():
+            self._tref = timer.call_repeatedly(self.flush_interval, self._do_flush)
 
     # The methods below run in the worker's main process: the message handler and the flush
     # timer (a thread of its own with transports that have no event loop), under self._lock.
@@ -468,6 +530,8 @@ def _describe(settings: CollectSettings, limit: int) -> None:
     base=CollectorTask,
     bind=True,
     acks_late=True,
+    # Nothing of a message is ever stored as a result, however the task is sent: a sender's
+    # ignore_result=False (send_task's default) is not looked at. The hooks are the output.
     ignore_result=True,
 )
 def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
@@ -478,7 +542,8 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
     :param requests: the batch's requests (celery-batches' ``SimpleRequest``), one message
         each, as ``args[0]`` or ``kwargs["message"]``.
     :return: the batch's report: ``messages``, ``numbers`` (distinct numbers per channel),
-        ``requests`` (API requests made), ``handed_off``, ``parked`` and ``summary``.
+        ``requests`` (API requests made), ``handed_off``, ``parked`` and ``summary``: counts
+        only (it goes to Celery's ``task_success`` signal, never to the result backend).
     """
     started = time.monotonic()
     messages = [message_of(request) for request in requests]
@@ -488,6 +553,7 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
         with build_filter(settings, pm) as engine:
             results = list(engine.run(messages))
             summary = engine.summary.as_dict()
+            refusal = engine.refusal
     except Exception:
         # Not about a check (bad settings, a broken source plugin, a bug): keep the batch.
         # Should parking fail too, the exception leaves and the batch is requeued.
@@ -506,10 +572,12 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
     handled = [results[i] for i in handled_indexes]
     handed_off: set[int] = set()
     parked = 0
+    not_parked: Exception | None = None
     if deferred and final:
-        parked = park_deferred(
-            self.app, [messages[i] for i in deferred], reason=PARKED_CHECK_FAILED
-        )
+        not_parked = park_final_deferred(self.app, [messages[i] for i in deferred], refused=True)
+        parked = 0 if not_parked is not None else len(deferred)
+        if refusal is not None:
+            report_refusal(refusal, settings, messages=len(deferred), task=COLLECT_TASK_NAME)
     elif deferred:
         _hand_off(self, settings, requests, messages, deferred, "check failed")
         handed_off.update(deferred)
@@ -528,10 +596,31 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
         )
         _hand_off(self, settings, requests, messages, handled_indexes, "hook failed")
         handed_off.update(handled_indexes)
+    if not_parked is not None:
+        raise DeferredNotParked(
+            f"{len(deferred)} deferred message(s) could not be parked on the deferred queue "
+            f"({type(not_parked).__name__}); they were handed to blockfilter_suppressed"
+        )
+    return _report(messages, summary, started, handed_off=len(handed_off), parked=parked)
 
-    report = _report(messages, summary, started, handed_off=len(handed_off), parked=parked)
-    _store_results(self, requests, results, skip=handed_off)
-    return report
+
+def handoff_options(delivery_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``send_task`` options that put a hand-off on the queue its message came from.
+
+    A message that came through the default exchange (what ``task_routes = {...: {"queue":
+    Q}}`` does) has ``Q`` as its routing key: it goes back to ``queue=Q``, as Celery's own
+    retries do. Passing the empty exchange instead would make Celery route it to the app's
+    default queue, which a collector-only deployment never consumes. A message of a named
+    exchange goes back through that exchange and routing key. A batch made by ``apply()``
+    (no route) goes by the app's routing.
+    """
+    info = delivery_info or {}
+    exchange, routing_key = info.get("exchange"), info.get("routing_key")
+    if not routing_key:
+        return {}
+    if not exchange:
+        return {"queue": routing_key}
+    return {"exchange": exchange, "routing_key": routing_key}
 
 
 def _hand_off(
@@ -544,28 +633,32 @@ def _hand_off(
 ) -> None:
     """Publish ``messages[indexes]`` as ``filter_messages`` tasks, as its first retry.
 
-    Each goes by the route its ``collect`` message came by (exchange and routing key), so the
-    collector's own worker runs it; a batch made by ``apply()`` (no route) goes by the app's
-    routing. ``retries=1`` makes the task count this as its first retry: a message is checked
-    at most ``1 + BLOCKFILTER_TASK_MAX_RETRIES`` times in all, as with ``filter_messages``.
+    Each goes back to the queue its ``collect`` message came from (:func:`handoff_options`),
+    so the collector's own worker runs it. ``retries=1`` makes the task count this as its
+    first retry: a message is checked at most ``1 + BLOCKFILTER_TASK_MAX_RETRIES`` times in
+    all, as with ``filter_messages``. In eager mode (``task_always_eager``, ``apply()``) the
+    task runs here and now, eagerly too: publishing it would need a broker, and a message
+    must reach a hook or the deferred queue whatever happens.
     """
-    by_route: dict[tuple[Any, Any], list[Any]] = defaultdict(list)
+    by_route: dict[tuple[tuple[str, Any], ...], list[Any]] = defaultdict(list)
+    eager = False
     for index in indexes:
         info = requests[index].delivery_info or {}
-        by_route[info.get("exchange"), info.get("routing_key")].append(messages[index])
+        eager = eager or bool(info.get("is_eager"))
+        by_route[tuple(sorted(handoff_options(info).items()))].append(messages[index])
     countdown = retry_countdown(settings.task_retry_backoff, 0)
-    for (exchange, routing_key), batch in by_route.items():
-        options: dict[str, Any] = {}
-        if routing_key:
-            options = {"exchange": exchange or "", "routing_key": routing_key}
-        task.app.send_task(TASK_NAME, args=(batch,), countdown=countdown, retries=1, **options)
+    for route, batch in by_route.items():
+        if eager:
+            task.app.tasks[TASK_NAME].apply(args=(batch,), retries=1, throw=True)
+            continue
+        task.app.send_task(TASK_NAME, args=(batch,), countdown=countdown, retries=1, **dict(route))
     log.info(
-        "%s: %d message(s) handed to %s (%s), in %.1f s",
+        "%s: %d message(s) handed to %s (%s)%s",
         COLLECT_TASK_NAME,
         len(indexes),
         TASK_NAME,
         why,
-        countdown,
+        " and run at once (eager)" if eager else f", in {countdown:.1f} s",
     )
 
 
@@ -602,19 +695,3 @@ def _report(
         report["elapsed_s"],
     )
     return report
-
-
-def _store_results(
-    task: Any,
-    requests: Sequence[SimpleRequest],
-    results: Sequence[Any],
-    *,
-    skip: set[int],
-) -> None:
-    """Store each verdict as its request's result, for senders that asked for results.
-
-    Messages handed off (``skip``) get their verdict from ``filter_messages``, under its id.
-    """
-    for index, (request, result) in enumerate(zip(requests, results, strict=True)):
-        if not request.ignore_result and index not in skip:
-            task.backend.mark_as_done(request.id, result, request=request)

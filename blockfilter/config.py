@@ -24,6 +24,7 @@ REGION_DOMAINS = {
 }
 CHANNELS = ("sms", "whatsapp", "voice")
 ON_ERROR_POLICIES = ("defer", "allow", "drop")
+STARTUP_CHECKS = ("settings", "api", "off")
 
 # A SID goes into the URL path, so it must not be able to change that path. fullmatch, not
 # match with "$": "$" also matches before a trailing newline.
@@ -182,6 +183,13 @@ SPECS: dict[str, _Spec] = {
         5.0,
         "first task retry countdown, seconds",
     ),
+    # A worker that cannot check anything must not start "ready": see blockfilter.worker.
+    "startup_check": _Spec(
+        "BLOCKFILTER_STARTUP_CHECK",
+        _choice(STARTUP_CHECKS),
+        "settings",
+        "what a worker checks when it starts: settings, api (one request too), off",
+    ),
 }
 
 
@@ -212,6 +220,7 @@ class Settings:
     request_timeout: float = 10.0
     task_max_retries: int = 3
     task_retry_backoff: float = 5.0
+    startup_check: str = "settings"
     # Where each value came from: "default", "env KALEYRA_SID", "celery conf kaleyra_sid".
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 

@@ -287,6 +287,9 @@ class Filter:
         self.fallback_policy = fallback_policy or default_fallback_policy
         self._progress = progress
         self.summary = Summary()
+        #: The first refusal of the credentials or the account seen (``RBC001``...), if any:
+        #: what a worker tells its operator (the summary only says that there was one).
+        self.refusal: CredentialsRefused | None = None
         self._iso = _IsoTimes()
 
     # -- sources ---------------------------------------------------------------------------
@@ -557,6 +560,8 @@ class Filter:
         table.record(outcome)
         if isinstance(outcome.error, CredentialsRefused):
             self.summary.credentials_refused = True
+            if self.refusal is None:
+                self.refusal = outcome.error
         if self._progress is not None:
             self._progress("numbers", len(outcome.numbers), None)
 

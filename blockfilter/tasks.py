@@ -69,15 +69,23 @@ from datetime import datetime, timezone
 from typing import Any, Final, NoReturn, cast
 
 from celery import Celery, group, shared_task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, TaskPredicate
 from celery.result import GroupResult
 from kombu import Exchange, Queue
 
 from .config import Settings, load_settings
+from .errors import BlockfilterError
 from .messages import Parsed, channel_of, parse_message
+from .monitoring import BlockfilterTask
 from .plugins import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
+from .redact import guard_library_logs, masked_exception
+from .worker import report_refusal
 
 log = logging.getLogger("blockfilter.tasks")
+
+# Numbers are masked in the library's log records (Celery's included) from the moment the
+# tasks are registered: before any filter is built, in a worker's main process too.
+guard_library_logs()
 
 TASK_NAME: Final = "blockfilter.filter_messages"
 
@@ -94,6 +102,7 @@ REQUEST_SIZE: Final = 100
 
 # The reasons a message is parked on the deferred queue (its ``x-blockfilter-reason`` header).
 PARKED_CHECK_FAILED: Final = "check_failed"
+PARKED_CREDENTIALS_REFUSED: Final = "credentials_refused"
 PARKED_TASK_FAILED: Final = "task_failed"
 
 
@@ -240,6 +249,7 @@ def _without_results(summary: Mapping[str, Any], results: Sequence[Mapping[str, 
 @shared_task(
     name=TASK_NAME,
     bind=True,
+    base=BlockfilterTask,
     # Acknowledge after the batch is handled, and give the batch back to the broker when the
     # worker process dies under it: a crash re-runs the batch rather than losing it.
     acks_late=True,
@@ -259,19 +269,39 @@ def filter_messages(
         already handled by earlier attempts, so the final return value covers the whole batch.
     :return: the summary of every message of the original batch.
     """
+    try:
+        return _filter_batch(self, messages, carried_summary)
+    except TaskPredicate:
+        raise  # Retry, Reject, Ignore: Celery's own, carrying no message
+    except Exception as exc:
+        # Celery stores a failed task's exception and traceback in the result backend: a
+        # hook's or a plugin's message may quote a number.
+        raise masked_exception(exc) from None
+
+
+class DeferredNotParked(BlockfilterError):
+    """Deferred messages could not be parked on the deferred queue (the broker is away): they
+    were handed to ``blockfilter_suppressed`` as ``deferred``, and the task fails so that
+    someone looks. Nothing replays them: the pipeline's suppressed hook has the record."""
+
+
+def _filter_batch(
+    task: Any, messages: list[dict[str, Any]], carried_summary: dict[str, Any] | None
+) -> dict[str, Any]:
     if not isinstance(messages, (list, tuple)):
         raise TypeError(f"filter_messages takes a list of message dicts, not {type(messages)}")
     messages = list(messages)
-    request_id = self.request.id
+    request_id = task.request.id
     try:
-        settings = load_settings(celery_conf=self.app.conf)
+        settings = load_settings(celery_conf=task.app.conf)
         pm = get_plugin_manager(settings)
         with build_filter(settings, pm) as engine:
             results = list(engine.run(messages))
             summary = engine.summary.as_dict()
+            refusal = engine.refusal
     except Exception:
         # Not about a check (bad settings, a broken source plugin, a bug): keep the batch.
-        park_deferred(self.app, messages, reason=PARKED_TASK_FAILED, task_id=request_id)
+        park_deferred(task.app, messages, reason=PARKED_TASK_FAILED, task_id=request_id)
         raise
 
     deferred = [
@@ -279,7 +309,7 @@ def filter_messages(
         for message, result in zip(messages, results, strict=True)
         if result["verdict"] == "deferred"
     ]
-    retries_left = self.request.retries < settings.task_max_retries
+    retries_left = task.request.retries < settings.task_max_retries
     refused = bool(summary.get("credentials_refused")) or any(
         result.get("reason") == "credentials_refused" for _, result in deferred
     )
@@ -287,16 +317,20 @@ def filter_messages(
     # Deferred results that will be retried are nobody's business yet: the retry decides them.
     handled = results if final else [r for r in results if r["verdict"] != "deferred"]
 
+    not_parked: Exception | None = None
     if deferred and final:
         # Parked first: once on the queue, a hook failure below cannot lose them.
-        park_deferred(
-            self.app,
+        not_parked = park_final_deferred(
+            task.app,
             [message for message, _ in deferred],
-            reason=PARKED_CHECK_FAILED,
+            refused=refused,
             task_id=request_id,
         )
+        if refused and refusal is not None:
+            report_refusal(refusal, settings, messages=len(deferred), task=TASK_NAME)
     if handled:
         notify_verdicts(pm, handled)
+    hook_failure: Exception | None = None
     try:
         dispatch_results(pm, handled, deferred_final=True)
     except Exception as exc:
@@ -304,30 +338,65 @@ def filter_messages(
         # cannot tell which hook got which messages; repeats carry the same ids.
         if not retries_left:
             # Out of retries: park what is not parked yet, so a replay can finish the job.
-            parked = {id(message) for message, _ in deferred}
+            parked = {id(message) for message, _ in deferred} if not_parked is None else set()
             park_deferred(
-                self.app,
+                task.app,
                 [message for message in messages if id(message) not in parked],
                 reason=PARKED_TASK_FAILED,
                 task_id=request_id,
             )
             raise
         log.warning("a dispatch hook failed (%s); retrying the batch", type(exc).__name__)
-        _retry(self, settings, messages, carried_summary, exc=exc)
+        hook_failure = exc
+    if hook_failure is not None:
+        # Retried outside the except block: the stored RETRY traceback would otherwise carry
+        # the hook's exception unmasked, as the context of Celery's Retry.
+        _retry(task, settings, messages, carried_summary, exc=masked_exception(hook_failure))
+    if not_parked is not None:
+        raise DeferredNotParked(
+            f"{len(deferred)} deferred message(s) could not be parked on the deferred queue "
+            f"({type(not_parked).__name__}: {not_parked}); they were handed to "
+            "blockfilter_suppressed as deferred"
+        )
 
     if not final:
         log.info(
             "%d of %d message(s) could not be checked; retrying them (retry %d of %d)",
             len(deferred),
             len(messages),
-            self.request.retries + 1,
+            task.request.retries + 1,
             settings.task_max_retries,
         )
         carried = merge_summaries(
             [carried_summary, _without_results(summary, [r for _, r in deferred])]
         )
-        _retry(self, settings, [message for message, _ in deferred], carried)
+        _retry(task, settings, [message for message, _ in deferred], carried)
     return merge_summaries([carried_summary, summary]) if carried_summary else summary
+
+
+def park_final_deferred(
+    app: Celery, messages: Sequence[Any], *, refused: bool, task_id: str | None = None
+) -> Exception | None:
+    """Park messages whose deferral is final; the error when the broker would not take them.
+
+    The caller then still hands them to ``blockfilter_suppressed`` (they are final) and fails
+    loudly afterwards: a message always reaches a hook or the deferred queue, and here both
+    were wanted and only one is possible.
+    """
+    reason = PARKED_CREDENTIALS_REFUSED if refused else PARKED_CHECK_FAILED
+    try:
+        park_deferred(app, messages, reason=reason, task_id=task_id)
+    except Exception as exc:
+        log.error(
+            "could not park %d deferred message(s) on queue %s (%s: %s); they go to "
+            "blockfilter_suppressed as deferred, and the task fails",
+            len(messages),
+            deferred_queue(app).name,
+            type(exc).__name__,
+            exc,
+        )
+        return exc
+    return None
 
 
 def _retry(
@@ -451,4 +520,11 @@ def filter_campaign(
 
 # Registered with the tasks above, so ``app.autodiscover_tasks(["blockfilter"])`` also finds
 # ``blockfilter.collect``; imported last because the collector uses this module's helpers.
-from . import collector  # noqa: E402,F401
+# It needs celery-batches, the ``blockfilter[collector]`` extra (which pins Celery below 5.7):
+# without it the other tasks are registered all the same.
+try:
+    from . import collector  # noqa: E402,F401
+except ModuleNotFoundError as _missing:  # pragma: no cover - exercised by the Celery 5.7 CI run
+    if _missing.name != "celery_batches":
+        raise
+    log.debug("blockfilter.collect is not registered: install blockfilter[collector] for it")

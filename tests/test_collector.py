@@ -94,57 +94,11 @@ app.autodiscover_tasks(["blockfilter"], related_name="collector")
 """
 
 
-class CollectorWorker(Worker):
-    """A worker process on the collector's app module (``-A collector_app``)."""
-
-    def start(self, timeout: float = 40.0) -> CollectorWorker:
-        import subprocess
-
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "collector_app",
-            "worker",
-            "--pool=prefork",
-            "-c",
-            "2",
-            "--without-heartbeat",
-            "--without-gossip",
-            "--without-mingle",
-            "-Q",
-            self.queue,
-            "-n",
-            f"{self.name}@localhost",
-            "--loglevel=INFO",
-        ]
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if " ready." in self.log_path.read_bytes()[offset:].decode(errors="replace"):
-                return self
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError(f"worker did not start; its log:\n{self.log_text()[-4000:]}")
-
-
 class CollectorStack(Stack):
     """A :class:`Stack` whose workers run the collector with the given settings."""
 
-    def start_collector(self, prefetch: int = 0, **settings: str) -> CollectorWorker:
+    def collector_env(self, prefetch: int = 0, **settings: str) -> dict[str, str]:
+        """The worker environment with the collector's app module on the path."""
         app_dir = self.tmp / f"collector_app_{prefetch}"
         app_dir.mkdir(exist_ok=True)
         (app_dir / "collector_app.py").write_text(
@@ -153,12 +107,14 @@ class CollectorStack(Stack):
         env = self.worker_env()
         env["PYTHONPATH"] = f"{app_dir}:{env['PYTHONPATH']}"
         env.update(settings)
-        index = len(self.workers)
-        worker = CollectorWorker(
-            env, self.queue, self.tmp / f"worker-{index}.log", f"bfcollect-{self.unique}-{index}"
-        )
-        self.workers.append(worker)
-        return worker.start()
+        return env
+
+    def start_collector(
+        self, prefetch: int = 0, *, queue: str | None = None, **settings: str
+    ) -> Worker:
+        """A collector worker (the collector's app: unlimited prefetch) on ``queue``."""
+        env = self.collector_env(prefetch, **settings)
+        return self.start_worker(env=env, queue=queue, app="collector_app")
 
     def send_one_at_a_time(self, messages: list[dict[str, Any]]) -> float:
         """One ``collect`` task per message, as a pipeline emits them; returns the seconds."""
