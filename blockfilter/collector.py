@@ -95,6 +95,7 @@ collector arms it again itself and keeps what was buffered (see
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -464,8 +465,11 @@ class CollectorTask(Batches, BlockfilterTask):  # type: ignore[misc]
 
         As :meth:`Batches.flush`, except that a late-acknowledged batch that raised (the
         batch function returns ``None`` then) or whose process died is rejected with requeue
-        instead of acknowledged.
+        instead of acknowledged, and that a message delivered twice (kept from before a
+        reconnect, then redelivered) is filtered once: the filter would call the second copy
+        a ``duplicate_id``, and a pipeline would see one message with two verdicts.
         """
+        requests, copies = _without_redeliveries(requests)
         acks_late = [r for r in requests if r.task.acks_late]
         acks_early = [r for r in requests if not r.task.acks_late]
         # SimpleRequests pickle, for the prefork pool.
@@ -478,12 +482,16 @@ class CollectorTask(Batches, BlockfilterTask):  # type: ignore[misc]
         def on_return(result: Any) -> None:
             if result is None:
                 _requeue(acks_late, "the batch failed")
+                for copy in copies:  # the requeued one stands for it
+                    copy.reject(requeue=False)
                 return
-            for request in acks_late:
+            for request in acks_late + copies:
                 request.acknowledge()
 
         def on_error(*_: Any) -> None:
             _requeue(acks_late, "the process running the batch was lost")
+            for copy in copies:
+                copy.reject(requeue=False)
 
         return self._pool.apply_async(
             apply_batches_task,
@@ -492,6 +500,29 @@ class CollectorTask(Batches, BlockfilterTask):  # type: ignore[misc]
             callback=on_return,
             error_callback=on_error,
         )
+
+
+def _without_redeliveries(requests: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """``(requests to run, copies to acknowledge with them)``: of requests with the same task
+    id and the same message, the last delivered runs (after a reconnect, the one whose
+    acknowledgement can still reach the broker)."""
+    last: dict[Any, int] = {}
+    for index, request in enumerate(requests):
+        last[request.id, _fingerprint(message_of(request))] = index
+    if len(last) == len(requests):
+        return list(requests), []
+    keep = set(last.values())
+    return (
+        [r for i, r in enumerate(requests) if i in keep],
+        [r for i, r in enumerate(requests) if i not in keep],
+    )
+
+
+def _fingerprint(message: Any) -> str:
+    try:
+        return json.dumps(message, sort_keys=True, default=repr)
+    except (TypeError, ValueError):
+        return repr(message)
 
 
 def _requeue(requests: Sequence[Any], why: str) -> None:

@@ -9,6 +9,7 @@ simulator, send messages one task each, and check what reached the test plugin's
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -33,11 +34,17 @@ from blockfilter.errors import ConfigError  # noqa: E402
 from blockfilter.simulator import FaultRule  # noqa: E402
 from tests.celery_support.factory import make_app  # noqa: E402
 from tests.celery_support.harness import (  # noqa: E402
+    REDIS_URL,
     RETRY_ATTEMPTS,
     Stack,
     Worker,
     install_plugin_dist,
+    reachable,
     require_broker,
+)
+from tests.celery_support.private_servers import (  # noqa: E402
+    PrivateRabbit,
+    rabbit_unavailable_reason,
 )
 
 # -- fast: settings and counting -------------------------------------------------------------
@@ -343,3 +350,76 @@ def test_a_worker_that_cannot_hold_a_batch_warns_and_still_delivers(
         ("dispatch", m["id"], "allowed", "sms") for m in messages
     )
     assert "this worker prefetches at most 2 messages" in stack.log_text()
+
+
+# -- slow: the broker restarts under a filling buffer ----------------------------------------
+
+
+@pytest.fixture
+def private_rabbit(tmp_path: Path) -> Iterator[PrivateRabbit]:
+    reason = rabbit_unavailable_reason()
+    if reason:
+        pytest.skip(f"no private RabbitMQ node: {reason}")
+    if not reachable(REDIS_URL):
+        pytest.skip("Redis (records and results) not reachable at 127.0.0.1:6379")
+    rabbit = PrivateRabbit(tmp_path / "rabbit")
+    try:
+        rabbit.start()
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        rabbit.stop()
+        pytest.skip(f"a private RabbitMQ node cannot be started here: {exc}")
+    try:
+        yield rabbit
+    finally:
+        rabbit.stop()
+
+
+def wait_for(condition: Any, timeout: float, what: str, logs: Any) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; worker logs:\n{logs()[-4000:]}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_a_rabbitmq_restart_with_messages_in_the_buffer_does_not_wedge_the_collector(
+    private_rabbit: PrivateRabbit, plugin_dir: Path, tmp_path: Path
+) -> None:
+    """celery-batches issue #107: after a reconnect its flush timer was never armed again."""
+    stack = CollectorStack("amqp", private_rabbit.url, tmp_path, plugin_dir)
+    try:
+        # Long enough that nothing leaves before the broker is gone, with fewer numbers
+        # than fill a request: only the timer can flush them.
+        interval = 30.0
+        worker = stack.start_collector(BLOCKFILTER_COLLECT_FLUSH_INTERVAL=str(interval))
+        before = [{"id": f"x{i}", "channel": "sms", "to": number(600 + i)} for i in range(30)]
+        stack.send_one_at_a_time(before)
+        assert stack.settled_queue_length(stack.queue, 0, timeout=10) == 0, "not all taken"
+
+        private_rabbit.stop()
+        assert stack.records() == [], "the buffer was flushed before the broker went away"
+        private_rabbit.start()  # the same node: durable queue, persistent messages survive
+        wait_for(
+            lambda: worker.log_text().count("Connected to amqp://") >= 2,
+            timeout=90,
+            what="the worker to reconnect",
+            logs=worker.log_text,
+        )
+
+        after = [{"id": f"y{i}", "channel": "sms", "to": number(700 + i)} for i in range(30)]
+        stack.send_one_at_a_time(after)
+        wanted = {m["id"] for m in before + after}
+        records = stack.wait_records(
+            lambda rs: {r["id"] for r in rs} >= wanted,
+            timeout=3 * interval + 30,
+            what="every message, before and after the restart",
+        )
+        # Redelivered ones may come twice, always the same message with the same verdict
+        # (a copy kept from before the restart is not called a duplicate_id).
+        assert {(r["hook"], r["verdict"]) for r in records} == {("dispatch", "allowed")}
+        assert {r["id"] for r in records} == wanted
+        assert "the flush timer is armed again (celery-batches #107)" in worker.log_text()
+    finally:
+        stack.close()
