@@ -113,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--app", metavar="MODULE:APP", help="your Celery app (as celery -A)")
     replay.add_argument("--broker", metavar="URL", help="or just the broker URL")
     replay.add_argument("--limit", type=int, help="replay at most this many messages")
+    replay.add_argument(
+        "--queue",
+        metavar="QUEUE",
+        help="send the tasks to this queue (default: where the app routes filter_messages)",
+    )
+
+    deferred = commands.add_parser(
+        "deferred", help="how many messages are parked, by reason and age (no number shown)"
+    )
+    deferred.add_argument("--app", metavar="MODULE:APP", help="your Celery app (as celery -A)")
+    deferred.add_argument("--broker", metavar="URL", help="or just the broker URL")
+    deferred.add_argument("--json", action="store_true", help="print the report as JSON")
 
     commands.add_parser("config", help="print the effective settings and their sources")
     commands.add_parser("plugins", help="list the loaded plugins, their versions and hooks")
@@ -481,10 +493,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import main_replay
+    from .replay import consumers_of, load_app, replay_deferred, target_queue
 
-    count = main_replay(args.app, args.broker, args.limit)
-    print(f"blockfilter: {count} deferred messages sent back through the filter", file=sys.stderr)
+    app = load_app(args.app, args.broker)
+    queue = target_queue(app, args.queue)
+    consumers = consumers_of(app, queue)
+    if consumers == 0:
+        print(
+            f"blockfilter: warning: no worker consumes queue {queue!r}: the replayed tasks "
+            f"will wait there until one does (celery -A ... worker -Q {queue}), or use --queue",
+            file=sys.stderr,
+        )
+    elif consumers is None:
+        print(
+            f"blockfilter: note: could not tell whether a worker consumes queue {queue!r} "
+            "(this broker does not say, and no worker answered `celery inspect`)",
+            file=sys.stderr,
+        )
+    count = replay_deferred(app, limit=args.limit, queue=args.queue)
+    print(f"blockfilter: {count} deferred messages sent to queue {queue!r}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_deferred(args: argparse.Namespace) -> int:
+    from .replay import deferred_report, load_app
+
+    report = deferred_report(load_app(args.app, args.broker))
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print("\n".join(report.lines()))
     return EXIT_OK
 
 
@@ -514,6 +552,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulator": cmd_simulator,
     "demo": cmd_demo,
     "replay": cmd_replay,
+    "deferred": cmd_deferred,
     "config": cmd_config,
     "plugins": cmd_plugins,
 }
