@@ -8,6 +8,7 @@ simulator, send messages one task each, and check what reached the test plugin's
 
 from __future__ import annotations
 
+import contextlib
 import math
 import subprocess
 import sys
@@ -423,3 +424,49 @@ def test_a_rabbitmq_restart_with_messages_in_the_buffer_does_not_wedge_the_colle
         assert "the flush timer is armed again (celery-batches #107)" in worker.log_text()
     finally:
         stack.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_hand_offs_stay_on_the_collectors_queue_in_a_collector_only_deployment(
+    stack: CollectorStack,
+) -> None:
+    """Routed as the README shows; no worker consumes the app's default queue."""
+    import json
+
+    collect_queue = f"{stack.queue}.collect"
+    routes = {COLLECT_TASK_NAME: {"queue": collect_queue}}
+    stack.app.conf.task_routes = routes
+    try:
+        stack.start_collector(
+            queue=collect_queue,
+            BLOCKFILTER_COLLECT_FLUSH_INTERVAL="0.3",
+            BFTEST_EXTRA_CONF=json.dumps({"task_routes": routes}),
+        )
+        # The first SMS request fails (both attempts): its messages are handed off.
+        stack.simulator.set_faults([FaultRule("wa500", channel="sms", first=RETRY_ATTEMPTS)])
+        messages = [{"id": f"o{i}", "channel": "sms", "to": number(900 + i)} for i in range(20)]
+        stack.send_one_at_a_time(messages)
+        stack.wait_records(lambda rs: len(rs) >= 20, timeout=40, what="the handed-off ones")
+        assert recorded(stack.records()) == Counter(
+            ("dispatch", m["id"], "allowed", "sms") for m in messages
+        )
+        assert "handed to blockfilter.filter_messages (check failed)" in stack.log_text()
+        assert stack.queue_length(stack.queue) == 0, "a hand-off went to the default queue"
+    finally:
+        with stack.app.connection_for_write() as connection, contextlib.suppress(Exception):
+            connection.default_channel.queue_delete(queue=collect_queue)
+
+
+def test_handoff_options_follow_the_messages_route() -> None:
+    from blockfilter.collector import handoff_options
+
+    assert handoff_options({"exchange": "", "routing_key": "blockfilter.collect"}) == {
+        "queue": "blockfilter.collect"
+    }
+    assert handoff_options({"exchange": "pipeline", "routing_key": "collect.sms"}) == {
+        "exchange": "pipeline",
+        "routing_key": "collect.sms",
+    }
+    assert handoff_options({"is_eager": True, "exchange": None, "routing_key": None}) == {}
+    assert handoff_options(None) == {}
