@@ -269,14 +269,29 @@ def filter_messages(
         already handled by earlier attempts, so the final return value covers the whole batch.
     :return: the summary of every message of the original batch.
     """
-    try:
-        return _filter_batch(self, messages, carried_summary)
-    except TaskPredicate:
-        raise  # Retry, Reject, Ignore: Celery's own, carrying no message
-    except Exception as exc:
-        # Celery stores a failed task's exception and traceback in the result backend: a
-        # hook's or a plugin's message may quote a number.
-        raise masked_exception(exc) from None
+    while True:
+        try:
+            return _filter_batch(self, messages, carried_summary)
+        except _EagerRetry as again:
+            # Eager mode retries here: Celery's eager retry raises Retry to the caller when
+            # task_eager_propagates is on. Like Celery's, it does not wait the countdown.
+            messages, carried_summary = again.messages, again.carried_summary
+            self.request.retries += 1
+        except TaskPredicate:
+            raise  # Retry, Reject, Ignore: Celery's own, carrying no message
+        except Exception as exc:
+            # Celery stores a failed task's exception and traceback in the result backend: a
+            # hook's or a plugin's message may quote a number.
+            raise masked_exception(exc) from None
+
+
+class _EagerRetry(Exception):  # noqa: N818 - a signal, not an error
+    def __init__(
+        self, messages: list[dict[str, Any]], carried_summary: dict[str, Any] | None
+    ) -> None:
+        super().__init__("retry")
+        self.messages = messages
+        self.carried_summary = carried_summary
 
 
 class DeferredNotParked(BlockfilterError):
@@ -407,6 +422,8 @@ def _retry(
     exc: BaseException | None = None,
 ) -> NoReturn:
     """Raise the task's retry with ``messages``."""
+    if task.request.is_eager:
+        raise _EagerRetry(messages, carried_summary)
     countdown = retry_countdown(settings.task_retry_backoff, task.request.retries)
     try:
         raise task.retry(

@@ -9,6 +9,7 @@ the worker's DEBUG log, ``celery inspect``, the hooks (the test plugin's records
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ if str(ROOT) not in sys.path:  # the support package is imported as tests.celery
 
 from celery.signals import before_task_publish  # noqa: E402
 
+from blockfilter import hookimpl  # noqa: E402
 from blockfilter.monitoring import (  # noqa: E402
     MaskedRequest,
     describe_arguments,
@@ -432,3 +434,80 @@ def test_a_misconfigured_worker_refuses_to_start_with_one_critical_line(stack: S
     env.pop("KALEYRA_SID")
     env["BLOCKFILTER_STARTUP_CHECK"] = "off"
     stack.start_worker(env=env).stop()
+
+
+# -- item 8: eager mode with no broker ---------------------------------------------------------
+
+
+class Recorder:
+    """A pipeline plugin registered in this process: what reached each hook."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str, str | None]] = []
+
+    def _record(self, hook: str, messages: list[dict[str, Any]]) -> None:
+        self.seen += [(hook, m["id"], m["verdict"], m.get("reason")) for m in messages]
+
+    @hookimpl
+    def blockfilter_dispatch(self, messages: list[dict[str, Any]]) -> None:
+        self._record("dispatch", messages)
+
+    @hookimpl
+    def blockfilter_suppressed(self, messages: list[dict[str, Any]]) -> None:
+        self._record("suppressed", messages)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("task", [TASK_NAME, COLLECT])
+def test_eager_mode_with_an_unreachable_broker_hands_every_deferred_message_to_a_hook(
+    task: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from celery import Celery
+
+    from blockfilter.config import load_settings
+    from blockfilter.plugins import get_plugin_manager, reset_plugin_manager
+    from blockfilter.simulator import Simulator
+    from blockfilter.tasks import DeferredNotParked
+    from tests.celery_support.harness import TEST_KEY, TEST_SID
+    from tests.celery_support.private_servers import free_port
+
+    app = Celery("eager", broker=f"amqp://guest:guest@127.0.0.1:{free_port()}//")
+    app.conf.update(
+        task_always_eager=True,
+        task_eager_propagates=True,
+        result_backend="cache+memory://",
+        broker_connection_timeout=1,
+        broker_connection_max_retries=1,
+        kaleyra_sid=TEST_SID,
+        kaleyra_api_key=TEST_KEY,
+        blockfilter_load_plugins="",
+        blockfilter_retry_attempts=2,
+        blockfilter_backoff_base=0.01,
+        blockfilter_backoff_max=0.02,
+        blockfilter_task_max_retries=1,
+        blockfilter_task_retry_backoff=0.01,
+        blockfilter_cache_url="memory://",
+    )
+    app.autodiscover_tasks(["blockfilter"])
+    recorder = Recorder()
+    with Simulator(sid=TEST_SID, api_key=TEST_KEY) as simulator:
+        app.conf.kaleyra_base_url = simulator.base_url
+        simulator.set_faults([FaultRule("wa500")])  # the API is down too: every check fails
+        messages = campaign("z", 900, 4)
+        reset_plugin_manager()
+        get_plugin_manager(load_settings(celery_conf=app.conf)).register(recorder)
+        caplog.set_level(logging.ERROR, logger="blockfilter")
+        try:
+            with pytest.raises(DeferredNotParked, match="could not be parked"):
+                if task == TASK_NAME:
+                    app.tasks[task].delay(messages)
+                else:
+                    for message in messages:
+                        app.tasks[task].delay(message)
+        finally:
+            reset_plugin_manager()
+    # Neither parked (no broker) nor lost: suppressed as deferred, and the failure is loud.
+    expected = messages if task == TASK_NAME else messages[:1]
+    assert recorder.seen == [("suppressed", m["id"], "deferred", "check_failed") for m in expected]
+    assert any("could not park" in r.getMessage() for r in caplog.records)
