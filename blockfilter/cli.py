@@ -55,10 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     check = commands.add_parser("check", help="which of these numbers are blocklisted on C")
-    check.add_argument("--channel", required=True, type=str.lower, choices=CHANNELS)
+    check.add_argument(
+        "--channel", required=True, type=str.lower, choices=CHANNELS, help="the channel to check"
+    )
     check.add_argument("--region", help="ISO 3166 alpha-2 region for national numbers")
     check.add_argument("--json", action="store_true", help="print a JSON object")
-    check.add_argument("numbers", nargs="+", metavar="NUMBER")
+    check.add_argument(
+        "numbers", nargs="+", metavar="NUMBER", help="E.164 (or national, with --region)"
+    )
 
     filt = commands.add_parser("filter", help="scrub a JSON Lines campaign file")
     filt.add_argument("input", metavar="INPUT", help="JSON Lines file of messages, - for stdin")
@@ -76,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("defer", "allow", "drop"),
         help="override BLOCKFILTER_ON_ERROR for this run",
     )
+    filt.add_argument(
+        "--metrics-file",
+        metavar="FILE",
+        help="write the run's Prometheus metrics to FILE (needs blockfilter[metrics])",
+    )
 
     sync = commands.add_parser(
         "sync", help="page whole blocklists into the cache (cheaper than lookups for big campaigns)"
@@ -91,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sim = commands.add_parser("simulator", help="run the Kaleyra-compatible simulator")
-    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     sim.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     sim.add_argument("--blocked", metavar="FILE", help="lines of channel,+E164")
     sim.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
@@ -126,14 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     deferred.add_argument("--broker", metavar="URL", help="or just the broker URL")
     deferred.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    commands.add_parser("config", help="print the effective settings and their sources")
+    config = commands.add_parser("config", help="print the effective settings and their sources")
+    config.add_argument(
+        "--app",
+        metavar="MODULE:APP",
+        help="as a worker of this Celery app sees them (its conf wins), collector's included",
+    )
     commands.add_parser("plugins", help="list the loaded plugins, their versions and hooks")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Said by the subcommand's parser, so its usage is the one printed.
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
     handler: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
     try:
@@ -152,6 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BlockfilterError, OSError) as exc:
         print(f"blockfilter: {_clean(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser | None = action.choices.get(command)
+            if found is not None:
+                return found
+    return parser
 
 
 def run() -> None:
@@ -308,6 +334,10 @@ def cmd_filter(args: argparse.Namespace) -> int:
     if args.max_requests is not None and args.max_requests < 0:
         raise ConfigError("--max-requests must be >= 0")
     settings.require_credentials()
+    if args.metrics_file:
+        from . import metrics
+
+        metrics.require()
     pm = get_plugin_manager(settings)
     progress = _Progress(sys.stderr.isatty() and not args.quiet)
     with (
@@ -329,7 +359,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
             print(f"{shown} API requests")
             return EXIT_OK
         # Scrubbing a file sends nothing: observers see the verdicts, dispatch never runs.
-        observe = _Observers(pm)
+        observe = _Observers(pm, count_metrics=bool(args.metrics_file))
         with _atomic_output(args.out) as out:
             if observe.enabled:
                 for line in engine.run_lines(open_lines):
@@ -340,6 +370,14 @@ def cmd_filter(args: argparse.Namespace) -> int:
                 out.writelines(engine.run_lines(open_lines))
         progress.close()
         summary = engine.summary.as_dict()
+        if args.metrics_file:
+            from . import metrics
+
+            metrics.count_run(engine)
+    if args.metrics_file:
+        from . import metrics
+
+        metrics.write_file(args.metrics_file)
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2)
@@ -350,14 +388,17 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 
 class _Observers:
-    """Hands output records to ``blockfilter_verdicts`` observers in batches, if there are any
-    (decoding every line again is only worth it for someone who listens)."""
+    """Hands output records to ``blockfilter_verdicts`` observers in batches, if there are any,
+    and counts them for ``--metrics-file`` (decoding every line again is only worth it for
+    someone who listens)."""
 
     BATCH = 500
 
-    def __init__(self, pm: Any) -> None:
+    def __init__(self, pm: Any, *, count_metrics: bool = False) -> None:
         self._pm = pm
-        self.enabled = bool(pm.hook.blockfilter_verdicts.get_hookimpls())
+        self._observers = bool(pm.hook.blockfilter_verdicts.get_hookimpls())
+        self._count_metrics = count_metrics
+        self.enabled = self._observers or count_metrics
         from .jsonlines import load_record  # however deep the record nests
 
         self._load = load_record
@@ -371,9 +412,14 @@ class _Observers:
 
     def flush(self) -> None:
         if self._batch:
-            from .plugins import notify_verdicts
+            if self._observers:
+                from .plugins import notify_verdicts
 
-            notify_verdicts(self._pm, self._batch)
+                notify_verdicts(self._pm, self._batch)
+            if self._count_metrics:
+                from .metrics import count_verdicts
+
+                count_verdicts(self._batch)
             self._batch = []
 
 
@@ -527,8 +573,19 @@ def cmd_deferred(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    settings: Settings = load_settings()
+    conf = None
+    if args.app:
+        from .replay import load_app
+
+        conf = load_app(args.app, None).conf
+    settings: Settings = load_settings(celery_conf=conf)
     rows = settings.describe()
+    try:
+        from .collector import describe_collect_settings
+    except ImportError:  # the blockfilter[collector] extra is not installed
+        pass
+    else:
+        rows += describe_collect_settings(conf)
     width = max(len(name) for name, _, _ in rows)
     value_width = max(len(value) for _, value, _ in rows)
     for name, value, source in rows:

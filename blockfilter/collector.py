@@ -112,6 +112,7 @@ from celery import shared_task
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
+from . import metrics
 from .config import Settings, load_settings
 from .errors import ConfigError
 from .messages import Parsed, parse_message
@@ -186,6 +187,26 @@ def collect_settings(
             raise ConfigError(f"{variable}: must be > 0, got {raw!r}")
         values[name] = value
     return CollectSettings(**values)
+
+
+def describe_collect_settings(
+    conf: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> list[tuple[str, str, str]]:
+    """Rows of (variable, value, source) for ``blockfilter config``, as :func:`collect_settings`
+    reads them (a bad value raises its :class:`ConfigError`)."""
+    env = os.environ if environ is None else environ
+    effective = collect_settings(conf, env)
+    rows = []
+    for name, (variable, _) in _SETTINGS.items():
+        key = variable.lower()
+        if conf is not None and conf.get(key) is not None:
+            source = f"celery conf {key}"
+        elif env.get(variable):
+            source = f"env {variable}"
+        else:
+            source = "default"
+        rows.append((variable, str(getattr(effective, name)), source))
+    return rows
 
 
 # -- what is waiting -------------------------------------------------------------------------
@@ -585,6 +606,7 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
             results = list(engine.run(messages))
             summary = engine.summary.as_dict()
             refusal = engine.refusal
+            metrics.count_run(engine)
     except Exception:
         # Not about a check (bad settings, a broken source plugin, a bug): keep the batch.
         # Should parking fail too, the exception leaves and the batch is requeued.
@@ -617,6 +639,7 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
         notify_verdicts(pm, handled)
     try:
         dispatch_results(pm, handled, deferred_final=True)
+        metrics.count_verdicts(handled)
     except Exception as exc:
         # The hook specification: "Raise to have the batch retried", hence all of it.
         log.warning(
@@ -717,6 +740,7 @@ def _report(
         "summary": dict(summary) if summary else None,
     }
     COLLECTOR_STATS.record(report)
+    metrics.observe_batch_fill(report["numbers"])
     log.info(
         "%s: batch of %d message(s), numbers %s, %d API request(s), %.3f s",
         COLLECT_TASK_NAME,

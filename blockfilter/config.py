@@ -68,6 +68,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be a TCP port (1-65535), got {raw!r}")
+    return value
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         value = raw.strip().lower()
@@ -183,6 +190,13 @@ SPECS: dict[str, _Spec] = {
         5.0,
         "first task retry countdown, seconds",
     ),
+    # Prometheus metrics of a worker (the blockfilter[metrics] extra): see blockfilter.metrics.
+    "metrics_port": _Spec(
+        "BLOCKFILTER_METRICS_PORT",
+        _optional(_port),
+        None,
+        "port a worker serves Prometheus metrics on (unset: none)",
+    ),
     # A worker that cannot check anything must not start "ready": see blockfilter.worker.
     "startup_check": _Spec(
         "BLOCKFILTER_STARTUP_CHECK",
@@ -221,6 +235,7 @@ class Settings:
     task_max_retries: int = 3
     task_retry_backoff: float = 5.0
     startup_check: str = "settings"
+    metrics_port: int | None = None
     # Where each value came from: "default", "env KALEYRA_SID", "celery conf kaleyra_sid".
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 

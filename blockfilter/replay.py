@@ -32,6 +32,7 @@ from celery import Celery
 from celery.app.utils import find_app
 from kombu.message import Message
 
+from . import metrics
 from .errors import ConfigError
 from .monitoring import describe_arguments
 from .tasks import TASK_NAME, deferred_queue
@@ -92,6 +93,7 @@ def replay_deferred(
                 for message in batch:
                     message.ack()
                 replayed += len(batch)
+                metrics.count_replayed(len(batch))
                 log.info("replayed %d message(s) from %s", replayed, parked.name)
                 if len(batch) < wanted:
                     break  # the queue ran dry while filling this batch

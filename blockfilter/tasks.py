@@ -73,6 +73,7 @@ from celery.exceptions import Reject, TaskPredicate
 from celery.result import GroupResult
 from kombu import Exchange, Queue
 
+from . import metrics
 from .config import Settings, load_settings
 from .errors import BlockfilterError
 from .messages import Parsed, channel_of, parse_message
@@ -154,6 +155,7 @@ def park_deferred(
                 retry=True,
                 retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5},
             )
+    metrics.count_parked(reason, len(messages))
     log.warning(
         "parked %d message(s) on queue %s (%s); replay them with `blockfilter replay`",
         len(messages),
@@ -199,6 +201,7 @@ def merge_summaries(summaries: Iterable[Mapping[str, Any] | None]) -> dict[str, 
     refused = False
     verdicts: Counter[str] = Counter()
     channels: dict[str, Counter[str]] = defaultdict(Counter)
+    requested: dict[str, Counter[str]] = defaultdict(Counter)
     for summary in summaries:
         if not summary:
             continue
@@ -210,18 +213,28 @@ def merge_summaries(summaries: Iterable[Mapping[str, Any] | None]) -> dict[str, 
         verdicts.update(summary.get("verdicts", {}))
         for channel, counts in summary.get("channels", {}).items():
             channels[channel].update(counts)
+        # A summary without it (an older worker's) asked for the channels it went out on.
+        for channel, counts in summary.get(
+            "requested_channels", summary.get("channels", {})
+        ).items():
+            requested[channel].update(counts)
     return {
         "total": total,
         "verdicts": {verdict: n for verdict, n in verdicts.items() if n},
-        "channels": {
-            channel: {verdict: n for verdict, n in counts.items() if n}
-            for channel, counts in channels.items()
-            if any(counts.values())
-        },
+        "channels": _nonzero(channels),
+        "requested_channels": _nonzero(requested),
         "requests": requests,
         "cache_hits": cache_hits,
         "elapsed_s": round(elapsed, 3),
         "credentials_refused": refused,
+    }
+
+
+def _nonzero(channels: Mapping[str, Counter[str]]) -> dict[str, dict[str, int]]:
+    return {
+        channel: {verdict: n for verdict, n in counts.items() if n}
+        for channel, counts in channels.items()
+        if any(counts.values())
     }
 
 
@@ -235,10 +248,13 @@ def _without_results(summary: Mapping[str, Any], results: Sequence[Mapping[str, 
     for result in results:
         negative[result["verdict"]] -= 1
         negative_channels[channel_of(result)][result["verdict"]] -= 1
+    # Deferred results go out on the channel they asked for: both views get the correction.
+    negative_by_channel = {channel: dict(counts) for channel, counts in negative_channels.items()}
     correction = {
         "total": -len(results),
         "verdicts": dict(negative),
-        "channels": {channel: dict(counts) for channel, counts in negative_channels.items()},
+        "channels": negative_by_channel,
+        "requested_channels": negative_by_channel,
     }
     return merge_summaries([summary, correction])
 
@@ -314,6 +330,7 @@ def _filter_batch(
             results = list(engine.run(messages))
             summary = engine.summary.as_dict()
             refusal = engine.refusal
+            metrics.count_run(engine)
     except Exception:
         # Not about a check (bad settings, a broken source plugin, a bug): keep the batch.
         park_deferred(task.app, messages, reason=PARKED_TASK_FAILED, task_id=request_id)
@@ -348,6 +365,7 @@ def _filter_batch(
     hook_failure: Exception | None = None
     try:
         dispatch_results(pm, handled, deferred_final=True)
+        metrics.count_verdicts(handled)
     except Exception as exc:
         # The hook specification: "Raise to have the batch retried". The whole batch, since we
         # cannot tell which hook got which messages; repeats carry the same ids.

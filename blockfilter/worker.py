@@ -25,8 +25,14 @@ import os
 import sys
 from typing import Any, Final
 
-from celery.signals import celeryd_after_setup, worker_init, worker_process_init
+from celery.signals import (
+    celeryd_after_setup,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+)
 
+from . import metrics
 from .config import Settings, load_settings
 from .errors import ConfigError, CredentialsRefused, UpstreamError
 from .redact import guard_library_logs
@@ -167,7 +173,17 @@ def _start_checked(app: Any) -> None:
         return
     guard_library_logs()
     try:
-        check_worker_settings(app.conf)
+        settings = check_worker_settings(app.conf)
+        if settings is None:  # the check is off; the metrics port is still wanted
+            try:
+                settings = load_settings(celery_conf=app.conf)
+            except ConfigError:
+                settings = None
+        if settings is not None and settings.metrics_port:
+            try:
+                metrics.serve_worker_metrics(settings.metrics_port)
+            except (ConfigError, OSError) as exc:
+                raise StartupRefused(f"BLOCKFILTER_METRICS_PORT: {exc}") from None
     except StartupRefused as refused:
         _refuse(refused.why)
         raise
@@ -193,3 +209,8 @@ def _on_worker_setup(sender: Any = None, instance: Any = None, **_: Any) -> None
 def _on_pool_process_init(**_: Any) -> None:
     # A pool process inherits the guard when forked; one started otherwise gets it here.
     guard_library_logs()
+
+
+@worker_process_shutdown.connect(weak=False, dispatch_uid="blockfilter.worker_process_shutdown")
+def _on_pool_process_shutdown(pid: Any = None, **_: Any) -> None:
+    metrics.forget_process(int(pid) if pid else os.getpid())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -517,3 +518,86 @@ def test_eager_mode_with_an_unreachable_broker_hands_every_deferred_message_to_a
     expected = messages if task == TASK_NAME else messages[:1]
     assert recorder.seen == [("suppressed", m["id"], "deferred", "check_failed") for m in expected]
     assert any("could not park" in r.getMessage() for r in caplog.records)
+
+
+# -- the smaller ones --------------------------------------------------------------------------
+
+
+def test_settings_with_celerys_namespace_are_read() -> None:
+    from celery import Celery
+
+    from blockfilter.config import load_settings
+
+    class Settings:
+        CELERY_BROKER_URL = "memory://"
+        CELERY_KALEYRA_SID = "NAMESPACED"
+        CELERY_BLOCKFILTER_ON_ERROR = "drop"
+        CELERY_BLOCKFILTER_COLLECT_FLUSH_INTERVAL = "0.5"
+
+    app = Celery("namespaced", set_as_current=False)
+    app.config_from_object(Settings, namespace="CELERY")
+    settings = load_settings(environ={}, celery_conf=app.conf)
+    assert (settings.sid, settings.on_error) == ("NAMESPACED", "drop")
+    assert settings.sources["sid"] == "celery conf kaleyra_sid"
+    if HAS_COLLECTOR:
+        from blockfilter.collector import collect_settings
+
+        assert collect_settings(app.conf, {}).flush_interval == 0.5
+
+
+def run_blockfilter(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "blockfilter", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_config_shows_what_a_worker_of_the_app_sees() -> None:
+    from tests.conftest import clean_environ
+
+    env = clean_environ()
+    env["PYTHONPATH"] = str(ROOT)
+    env["KALEYRA_SID"] = "FROMENV"
+    env["BFTEST_EXTRA_CONF"] = json.dumps(
+        {"kaleyra_sid": "FROMCONF", "blockfilter_collect_flush_interval": 0.5}
+    )
+    done = run_blockfilter("config", "--app", "tests.celery_support.app", env=env)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
+    assert rows["KALEYRA_SID"] == ["FROMCONF", "(celery", "conf", "kaleyra_sid)"]
+    if HAS_COLLECTOR:
+        assert rows["BLOCKFILTER_COLLECT_FLUSH_INTERVAL"][0] == "0.5"
+        assert rows["BLOCKFILTER_COLLECT_MAX_BUFFER"] == ["1000", "(default)"]
+    done = run_blockfilter("config", env=env)
+    assert "FROMENV" in done.stdout, "without --app: the environment's"
+
+
+def test_a_wrong_option_prints_its_subcommands_usage_and_every_option_has_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import argparse
+
+    from blockfilter.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["replay", "--brokr", "amqp://"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: blockfilter replay") and "--brokr" in err
+
+    def undocumented(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += undocumented(sub, f"{path} {name}")
+            elif not action.help:
+                found.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        return found
+
+    assert undocumented(build_parser(), "blockfilter") == []
