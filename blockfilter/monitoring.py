@@ -138,4 +138,4 @@ def hide_stored_arguments(sender: Any = None, task: Any = None, **_: Any) -> Non
         return
     request = task.request
     argsrepr, kwargsrepr = describe_arguments(request.args, request.kwargs)
-    request.args, request.kwargs = [argsrepr], {"summary": kwargsrepr}
+    request.args, request.kwargs = [argsrepr, kwargsrepr], {}

@@ -26,7 +26,9 @@ What one ``blockfilter.filter_messages`` task does with its batch:
 4. Once the retries are spent, the deferred messages go to ``blockfilter_suppressed`` (verdict
    ``deferred``) and their original dicts are published to the queue ``blockfilter.deferred``
    on the same broker, from which ``blockfilter replay`` (:func:`blockfilter.replay.
-   replay_deferred`) sends them through the filter again once the API is back.
+   replay_deferred`) sends them through the filter again once the API is back. Should the
+   broker not take them (eager mode with no broker), they are still suppressed, and the task
+   fails with :class:`DeferredNotParked` once the hooks ran.
 
 Retry budget. Each API request is tried ``BLOCKFILTER_RETRY_ATTEMPTS`` times by the client
 (within ``BLOCKFILTER_RETRY_DEADLINE``); each task runs at most ``1 + BLOCKFILTER_TASK_MAX_RETRIES``
@@ -35,7 +37,12 @@ times (5 x 4 = 20 with the defaults) over roughly ``TASK_RETRY_BACKOFF x (2^TASK
 1)`` seconds of task backoff (5 + 10 + 20 = 35 s by default, each countdown jittered to between
 half and all of it) before it is parked on ``blockfilter.deferred``. Refused credentials
 (``RBC001``, ``WA401``, ``WA-401``, ``E110``) are final at once: no task retry, since only a
-human can fix them.
+human can fix them; the task logs an ERROR naming the refusal and what to fix, and parks the
+messages with reason ``credentials_refused``. In eager mode the retries run in the task
+itself, without waiting their countdown (as Celery's own eager retries).
+
+What monitoring and the result backend see of a batch is a summary, never the messages:
+see :mod:`blockfilter.monitoring`.
 
 The retries are the task's own rather than Celery's ``autoretry_for``: an automatic retry
 would run the whole batch again and dispatch a second time what already went out.

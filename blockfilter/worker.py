@@ -16,6 +16,9 @@ every worker whose app has the tasks:
 * **Refusals.** :func:`report_refusal` is the ERROR line a task logs when Kaleyra refused the
   credentials or the account: the code, what to fix, where the setting came from; never the
   key.
+* **Metrics.** With ``BLOCKFILTER_METRICS_PORT`` set, the worker serves its Prometheus metrics
+  there, its pool processes' added up (:func:`blockfilter.metrics.serve_worker_metrics`); a
+  port that cannot be served refuses the start like a bad setting.
 """
 
 from __future__ import annotations

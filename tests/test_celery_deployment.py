@@ -287,7 +287,7 @@ def test_no_number_or_text_in_the_result_backend_or_a_debug_worker_log(
     assert leaks(text, numbers) == []
     assert TEXT not in text
     assert not any(r.id in key for r in collected for key in stored), "collect stored a result"
-    assert '"args": ["[30 messages]"]' in text, "result_extended was not in effect"
+    assert '"args": ["[30 messages]", "{}"]' in text, "result_extended was not in effect"
     states = Counter(json.loads(value)["status"] for value in tap.values)
     assert states["RETRY"] >= 2 and states["FAILURE"] == 1, states
     failure = next(v for v in tap.values if '"status": "FAILURE"' in v)
