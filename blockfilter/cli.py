@@ -56,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     check = commands.add_parser("check", help="which of these numbers are blocklisted on C")
-    check.add_argument("--channel", required=True, type=str.lower, choices=CHANNELS)
+    check.add_argument(
+        "--channel", required=True, type=str.lower, choices=CHANNELS, help="the channel to check"
+    )
     check.add_argument("--region", help="ISO 3166 alpha-2 region for national numbers")
     check.add_argument("--json", action="store_true", help="print a JSON object")
-    check.add_argument("numbers", nargs="+", metavar="NUMBER")
+    check.add_argument(
+        "numbers", nargs="+", metavar="NUMBER", help="E.164 (or national, with --region)"
+    )
 
     filt = commands.add_parser("filter", help="scrub a JSON Lines campaign file")
     filt.add_argument("input", metavar="INPUT", help="JSON Lines file of messages, - for stdin")
@@ -77,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("defer", "allow", "drop"),
         help="override BLOCKFILTER_ON_ERROR for this run",
     )
+    filt.add_argument(
+        "--metrics-file",
+        metavar="FILE",
+        help="write the run's Prometheus metrics to FILE (needs blockfilter[metrics])",
+    )
 
     sync = commands.add_parser(
         "sync", help="page whole blocklists into the cache (cheaper than lookups for big campaigns)"
@@ -92,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--quiet", action="store_true", help="no progress bar")
 
     sim = commands.add_parser("simulator", help="run the Kaleyra-compatible simulator")
-    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     sim.add_argument("--port", type=int, default=8080, help="0 picks a free port")
     sim.add_argument("--blocked", metavar="FILE", help="lines of channel,+E164")
     sim.add_argument("--latency", type=float, default=0.0, help="seconds added to each answer")
@@ -114,19 +123,39 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--app", metavar="MODULE:APP", help="your Celery app (as celery -A)")
     replay.add_argument("--broker", metavar="URL", help="or just the broker URL")
     replay.add_argument("--limit", type=int, help="replay at most this many messages")
+    replay.add_argument(
+        "--queue",
+        metavar="QUEUE",
+        help="send the tasks to this queue (default: where the app routes filter_messages)",
+    )
+
+    deferred = commands.add_parser(
+        "deferred", help="how many messages are parked, by reason and age (no number shown)"
+    )
+    deferred.add_argument("--app", metavar="MODULE:APP", help="your Celery app (as celery -A)")
+    deferred.add_argument("--broker", metavar="URL", help="or just the broker URL")
+    deferred.add_argument("--json", action="store_true", help="print the report as JSON")
 
     from .ledger.cli import add_parser as add_optout_parser
 
     add_optout_parser(commands)
 
-    commands.add_parser("config", help="print the effective settings and their sources")
+    config = commands.add_parser("config", help="print the effective settings and their sources")
+    config.add_argument(
+        "--app",
+        metavar="MODULE:APP",
+        help="as a worker of this Celery app sees them (its conf wins), collector's included",
+    )
     commands.add_parser("plugins", help="list the loaded plugins, their versions and hooks")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Said by the subcommand's parser, so its usage is the one printed.
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging(args.verbose)
     handler: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
     try:
@@ -147,6 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BlockfilterError, OSError) as exc:
         print(f"blockfilter: {_clean(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser | None = action.choices.get(command)
+            if found is not None:
+                return found
+    return parser
 
 
 def run() -> None:
@@ -322,6 +360,10 @@ def _filter(args: argparse.Namespace) -> int:
     if args.max_requests is not None and args.max_requests < 0:
         raise ConfigError("--max-requests must be >= 0")
     settings.require_credentials()
+    if args.metrics_file:
+        from . import metrics
+
+        metrics.require()
     progress = _Progress(sys.stderr.isatty() and not args.quiet)
     # The filter of the Python API, plugins and all; it shows its results to the observers.
     # Scrubbing a file sends nothing: dispatch and suppressed are never called.
@@ -343,12 +385,21 @@ def _filter(args: argparse.Namespace) -> int:
             shown = str(low) if low == high else f"{low} to {high}"
             print(f"{shown} API requests")
             return EXIT_OK
+        lines = engine.run_lines(open_lines)
+        if args.metrics_file:
+            from . import metrics
+            from .engine import observed_lines
+
+            lines = observed_lines(lines, metrics.count_verdicts)
         with _output_files(args.out, args.summary_json) as (out, summary_file):
-            out.writelines(engine.run_lines(open_lines))
+            out.writelines(lines)
             progress.close()
             summary = engine.summary.as_dict()
             if summary_file is not None:
                 summary_file.write(json.dumps(summary, indent=2).encode() + b"\n")
+        if args.metrics_file:
+            metrics.count_run(engine)
+            metrics.write_file(args.metrics_file)
     if not args.quiet:
         print(format_summary(summary), file=sys.stderr)
     return exit_code_for(summary)
@@ -478,16 +529,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import main_replay
+    from .replay import consumers_of, load_app, replay_deferred, target_queue
 
-    count = main_replay(args.app, args.broker, args.limit)
-    print(f"blockfilter: {count} deferred messages sent back through the filter", file=sys.stderr)
+    app = load_app(args.app, args.broker)
+    queue = target_queue(app, args.queue)
+    consumers = consumers_of(app, queue)
+    if consumers == 0:
+        print(
+            f"blockfilter: warning: no worker consumes queue {queue!r}: the replayed tasks "
+            f"will wait there until one does (celery -A ... worker -Q {queue}), or use --queue",
+            file=sys.stderr,
+        )
+    elif consumers is None:
+        print(
+            f"blockfilter: note: could not tell whether a worker consumes queue {queue!r} "
+            "(this broker does not say, and no worker answered `celery inspect`)",
+            file=sys.stderr,
+        )
+    count = replay_deferred(app, limit=args.limit, queue=args.queue)
+    print(f"blockfilter: {count} deferred messages sent to queue {queue!r}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_deferred(args: argparse.Namespace) -> int:
+    from .replay import deferred_report, load_app
+
+    report = deferred_report(load_app(args.app, args.broker))
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print("\n".join(report.lines()))
     return EXIT_OK
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    settings: Settings = load_settings()
+    conf = None
+    if args.app:
+        from .replay import load_app
+
+        conf = load_app(args.app, None).conf
+    settings: Settings = load_settings(celery_conf=conf)
     rows = settings.describe()
+    try:
+        from .collector import describe_collect_settings
+    except ImportError:  # the blockfilter[collector] extra is not installed
+        pass
+    else:
+        rows += describe_collect_settings(conf)
     width = max(len(name) for name, _, _ in rows)
     value_width = max(len(value) for _, value, _ in rows)
     for name, value, source in rows:
@@ -517,6 +605,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "simulator": cmd_simulator,
     "demo": cmd_demo,
     "replay": cmd_replay,
+    "deferred": cmd_deferred,
     "config": cmd_config,
     "plugins": cmd_plugins,
     "optout": cmd_optout,

@@ -49,6 +49,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import HTTPError as Urllib3HTTPError
 from urllib3.exceptions import ReadTimeoutError
 
+from . import metrics
 from .config import CHANNELS, Settings, load_settings
 from .errors import (
     BadRequest,
@@ -465,6 +466,7 @@ class KaleyraClient:
         started = time.monotonic()
         deadline = started + timeout
         status: int | None = None
+        outcome = "error"  # for the metrics: "ok", the error code, or this (a bug of ours)
         try:
             try:
                 response = self._http().get(
@@ -488,14 +490,18 @@ class KaleyraClient:
                 ) from None
             status = response.status_code
             body = self._read_body(response, deadline, shape)
-            return read(_interpret(status, response.headers.get("Retry-After"), body, shape))
+            data = read(_interpret(status, response.headers.get("Retry-After"), body, shape))
+            outcome = "ok"
+            return data
         except UpstreamError as exc:
-            self.stats.count_failure(exc.code or "unknown")
+            outcome = exc.code or "unknown"
+            self.stats.count_failure(outcome)
             problem = _problem(exc)
             if problem is not None:
                 self._warn_once(problem, str(exc))
             raise
         finally:
+            metrics.observe_api_request(outcome, time.monotonic() - started)
             log.debug(
                 "GET blocklisted %s: status %s in %.3fs",
                 shape.describe(),

@@ -27,8 +27,9 @@ The results go to the hooks exactly as ``blockfilter.filter_messages`` hands the
 same helpers): observers, then ``blockfilter_dispatch`` (``allowed``, ``rerouted``) and
 ``blockfilter_suppressed`` (``blocked``, ``invalid``). Messages whose check failed
 (``deferred``), and a whole batch whose hook raised, are handed to a
-``blockfilter.filter_messages`` task published by the route the messages came by (so the
-collector's worker runs it), with a backoff and counted as its first retry: from there they
+``blockfilter.filter_messages`` task published to the queue the messages came from (so the
+collector's worker runs it, even where no worker consumes the app's default queue), with a
+backoff and counted as its first retry (in eager mode it runs at once): from there they
 follow that task's retries and end on the deferred queue once the retries are spent.
 Refused credentials are final at once (suppressed, parked on the deferred queue). A
 flush that fails for any other reason parks its messages on the deferred queue.
@@ -81,13 +82,20 @@ acknowledged: if the worker dies, the broker redelivers it.
 Batch fill is recorded per flush: the return value of each batch (also sent with Celery's
 ``task_success`` signal) and an INFO log line give the messages, the distinct numbers per
 channel and the API requests made; :func:`collector_stats` adds them up for this process.
-Results are not stored (``ignore_result=True``): the hooks are the output. Send with
-``ignore_result=False`` and the verdict record of the message is stored as its result
-(except for a message handed off: its verdict is the ``filter_messages`` task's).
+Nothing of a message is stored as a result, however it was sent (``send_task`` asks for
+results by default): the hooks are the output. A message handed off has its verdict counted
+in the summary its ``filter_messages`` task returns.
+
+Broker reconnects. After a broker connection is lost and made again, Celery clears the
+worker's timers and builds the task strategies anew; celery-batches 0.11 then never arms
+its flush timer again (its issue #107) and the worker would hold its buffer for ever. The
+collector arms it again itself and keeps what was buffered (see
+:meth:`CollectorTask._rearm_after_reconnect`), and says so in a WARNING line.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -104,18 +112,22 @@ from celery import shared_task
 from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
+from . import metrics
 from .config import Settings, load_settings
 from .errors import ConfigError
 from .ledger.source import dispatch_gate
 from .messages import Parsed, parse_message
+from .monitoring import BlockfilterTask
 from .plugins import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
 from .tasks import (
-    PARKED_CHECK_FAILED,
     PARKED_TASK_FAILED,
     TASK_NAME,
+    DeferredNotParked,
     park_deferred,
+    park_final_deferred,
     retry_countdown,
 )
+from .worker import report_refusal
 
 log = logging.getLogger("blockfilter.collector")
 
@@ -176,6 +188,26 @@ def collect_settings(
             raise ConfigError(f"{variable}: must be > 0, got {raw!r}")
         values[name] = value
     return CollectSettings(**values)
+
+
+def describe_collect_settings(
+    conf: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> list[tuple[str, str, str]]:
+    """Rows of (variable, value, source) for ``blockfilter config``, as :func:`collect_settings`
+    reads them (a bad value raises its :class:`ConfigError`)."""
+    env = os.environ if environ is None else environ
+    effective = collect_settings(conf, env)
+    rows = []
+    for name, (variable, _) in _SETTINGS.items():
+        key = variable.lower()
+        if conf is not None and conf.get(key) is not None:
+            source = f"celery conf {key}"
+        elif env.get(variable):
+            source = f"env {variable}"
+        else:
+            source = "default"
+        rows.append((variable, str(getattr(effective, name)), source))
+    return rows
 
 
 # -- what is waiting -------------------------------------------------------------------------
@@ -303,14 +335,15 @@ class _WatchedBuffer(Queue):  # type: ignore[type-arg]
         super().put(item)
 
 
-class CollectorTask(Batches):
+class CollectorTask(Batches, BlockfilterTask):  # type: ignore[misc]
     """celery-batches' :class:`~celery_batches.Batches`, flushing per channel at full requests.
 
     Batches buffers requests in the worker's main process and flushes on a count and a timer;
     this class counts distinct numbers per channel as requests arrive, flushes a channel's
     messages when they fill a request, and acknowledges a batch only once it was handled.
-    Relies on Batches' buffer attributes (``_buffer``, ``_pending``, ``_count``), hence the
-    ``<1`` pin on celery-batches.
+    Relies on Batches' buffer attributes (``_buffer``, ``_pending``, ``_count``, ``_tref``),
+    hence the ``<1`` pin on celery-batches. :class:`~blockfilter.monitoring.BlockfilterTask`
+    gives it the summaries monitoring shows in place of the messages.
     """
 
     abstract = True
@@ -319,7 +352,11 @@ class CollectorTask(Batches):
     flush_every = CollectSettings.max_buffer
     flush_interval = CollectSettings.flush_interval / TICKS_PER_INTERVAL
 
-    def Strategy(self, task: Any, app: Any, consumer: Any) -> Callable[..., None]:  # noqa: N802
+    def Strategy(  # type: ignore[override]  # noqa: N802
+        self, task: Any, app: Any, consumer: Any
+    ) -> Callable[..., None]:
+        # Celery builds the strategies again after every broker reconnect, on the same task.
+        stale = self._rearm_after_reconnect()
         settings = collect_settings(app.conf)
         self.flush_every = settings.max_buffer
         # Batches' timer fires every flush_interval whatever the messages' age: at a steady
@@ -340,7 +377,54 @@ class CollectorTask(Batches):
         self._settings = settings
         self._prefetch_limit = int(getattr(consumer, "initial_prefetch_count", 0) or 0)
         self._first_seen = False
-        return super().Strategy(task, app, consumer)  # type: ignore[no-any-return]
+        handler: Callable[..., None] = super().Strategy(task, app, consumer)  # type: ignore[operator]
+        if stale:
+            self._take_back(stale, consumer.timer)
+        return handler
+
+    def _rearm_after_reconnect(self) -> list[tuple[Any, float]]:
+        """Work around celery-batches issue #107 (fixed upstream after 0.11, unreleased).
+
+        Batches arms its flush timer on the first message and keeps the handle in ``_tref``;
+        after a broker reconnect Celery clears the timer, builds the strategy again, and
+        Batches, seeing ``_tref`` set, never arms it again: the worker holds its buffer and
+        never flushes. Cancelling the old entry and forgetting it lets the next message (or
+        :meth:`_take_back`) arm the timer anew. Returns the requests still buffered, with
+        when they arrived: they are flushed as usual (their acknowledgement, on the dead
+        connection, fails; the broker redelivers them, so a hook may see them twice, with
+        the same ids, as after any reconnect).
+        """
+        tref = getattr(self, "_tref", None)
+        if tref is not None:
+            try:
+                tref.cancel()
+            except Exception:  # an entry of a timer that is gone: nothing to cancel
+                log.debug("%s: the old flush timer could not be cancelled", COLLECT_TASK_NAME)
+            self._tref = None
+        old = getattr(self, "_buffer", None)
+        if not isinstance(old, _WatchedBuffer):
+            return []  # the first start: nothing was buffered yet
+        arrived = getattr(self, "_arrived", {})
+        stale: list[tuple[Any, float]] = []
+        while not old.empty():
+            request = old.get_nowait()
+            stale.append((request, arrived.get(id(request), time.monotonic())))
+        log.warning(
+            "%s: the broker connection was restarted; the flush timer is armed again "
+            "(celery-batches #107)%s",
+            COLLECT_TASK_NAME,
+            f", {len(stale)} buffered message(s) kept" if stale else "",
+        )
+        return stale
+
+    def _take_back(self, stale: Sequence[tuple[Any, float]], timer: Any) -> None:
+        """Buffer again what was waiting before a reconnect, with its arrival times."""
+        for request, arrived in stale:
+            self._buffer.put(request)
+            if id(request) in self._arrived:
+                self._arrived[id(request)] = arrived
+        if self._tref is None and not self._buffer.empty():
+            self._tref = timer.call_repeatedly(self.flush_interval, self._do_flush)
 
     # The methods below run in the worker's main process: the message handler and the flush
     # timer (a thread of its own with transports that have no event loop), under self._lock.
@@ -403,8 +487,11 @@ class CollectorTask(Batches):
 
         As :meth:`Batches.flush`, except that a late-acknowledged batch that raised (the
         batch function returns ``None`` then) or whose process died is rejected with requeue
-        instead of acknowledged.
+        instead of acknowledged, and that a message delivered twice (kept from before a
+        reconnect, then redelivered) is filtered once: the filter would call the second copy
+        a ``duplicate_id``, and a pipeline would see one message with two verdicts.
         """
+        requests, copies = _without_redeliveries(requests)
         acks_late = [r for r in requests if r.task.acks_late]
         acks_early = [r for r in requests if not r.task.acks_late]
         # SimpleRequests pickle, for the prefork pool.
@@ -417,12 +504,16 @@ class CollectorTask(Batches):
         def on_return(result: Any) -> None:
             if result is None:
                 _requeue(acks_late, "the batch failed")
+                for copy in copies:  # the requeued one stands for it
+                    copy.reject(requeue=False)
                 return
-            for request in acks_late:
+            for request in acks_late + copies:
                 request.acknowledge()
 
         def on_error(*_: Any) -> None:
             _requeue(acks_late, "the process running the batch was lost")
+            for copy in copies:
+                copy.reject(requeue=False)
 
         return self._pool.apply_async(
             apply_batches_task,
@@ -431,6 +522,29 @@ class CollectorTask(Batches):
             callback=on_return,
             error_callback=on_error,
         )
+
+
+def _without_redeliveries(requests: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """``(requests to run, copies to acknowledge with them)``: of requests with the same task
+    id and the same message, the last delivered runs (after a reconnect, the one whose
+    acknowledgement can still reach the broker)."""
+    last: dict[Any, int] = {}
+    for index, request in enumerate(requests):
+        last[request.id, _fingerprint(message_of(request))] = index
+    if len(last) == len(requests):
+        return list(requests), []
+    keep = set(last.values())
+    return (
+        [r for i, r in enumerate(requests) if i in keep],
+        [r for i, r in enumerate(requests) if i not in keep],
+    )
+
+
+def _fingerprint(message: Any) -> str:
+    try:
+        return json.dumps(message, sort_keys=True, default=repr)
+    except (TypeError, ValueError):
+        return repr(message)
 
 
 def _requeue(requests: Sequence[Any], why: str) -> None:
@@ -469,6 +583,8 @@ def _describe(settings: CollectSettings, limit: int) -> None:
     base=CollectorTask,
     bind=True,
     acks_late=True,
+    # Nothing of a message is ever stored as a result, however the task is sent: a sender's
+    # ignore_result=False (send_task's default) is not looked at. The hooks are the output.
     ignore_result=True,
 )
 def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
@@ -479,7 +595,8 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
     :param requests: the batch's requests (celery-batches' ``SimpleRequest``), one message
         each, as ``args[0]`` or ``kwargs["message"]``.
     :return: the batch's report: ``messages``, ``numbers`` (distinct numbers per channel),
-        ``requests`` (API requests made), ``handed_off``, ``parked`` and ``summary``.
+        ``requests`` (API requests made), ``handed_off``, ``parked`` and ``summary``: counts
+        only (it goes to Celery's ``task_success`` signal, never to the result backend).
     """
     started = time.monotonic()
     messages = [message_of(request) for request in requests]
@@ -489,6 +606,8 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
         with build_filter(settings, pm) as engine:
             results = list(engine.run(messages))
             summary = engine.summary.as_dict()
+            refusal = engine.refusal
+            metrics.count_run(engine)
     except Exception:
         # Not about a check (bad settings, a broken source plugin, a bug): keep the batch.
         # Should parking fail too, the exception leaves and the batch is requeued.
@@ -507,10 +626,12 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
     handled = [results[i] for i in handled_indexes]
     handed_off: set[int] = set()
     parked = 0
+    not_parked: Exception | None = None
     if deferred and final:
-        parked = park_deferred(
-            self.app, [messages[i] for i in deferred], reason=PARKED_CHECK_FAILED
-        )
+        not_parked = park_final_deferred(self.app, [messages[i] for i in deferred], refused=True)
+        parked = 0 if not_parked is not None else len(deferred)
+        if refusal is not None:
+            report_refusal(refusal, settings, messages=len(deferred), task=COLLECT_TASK_NAME)
     elif deferred:
         _hand_off(self, settings, requests, messages, deferred, "check failed")
         handed_off.update(deferred)
@@ -520,6 +641,7 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
             if handled:
                 notify_verdicts(pm, handled)
             dispatch_results(pm, handled, deferred_final=True)
+        metrics.count_verdicts(handled)
     except Exception as exc:
         # The hook specification: "Raise to have the batch retried", hence all of it.
         log.warning(
@@ -530,10 +652,31 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
         )
         _hand_off(self, settings, requests, messages, handled_indexes, "hook failed")
         handed_off.update(handled_indexes)
+    if not_parked is not None:
+        raise DeferredNotParked(
+            f"{len(deferred)} deferred message(s) could not be parked on the deferred queue "
+            f"({type(not_parked).__name__}); they were handed to blockfilter_suppressed"
+        )
+    return _report(messages, summary, started, handed_off=len(handed_off), parked=parked)
 
-    report = _report(messages, summary, started, handed_off=len(handed_off), parked=parked)
-    _store_results(self, requests, results, skip=handed_off)
-    return report
+
+def handoff_options(delivery_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``send_task`` options that put a hand-off on the queue its message came from.
+
+    A message that came through the default exchange (what ``task_routes = {...: {"queue":
+    Q}}`` does) has ``Q`` as its routing key: it goes back to ``queue=Q``, as Celery's own
+    retries do. Passing the empty exchange instead would make Celery route it to the app's
+    default queue, which a collector-only deployment never consumes. A message of a named
+    exchange goes back through that exchange and routing key. A batch made by ``apply()``
+    (no route) goes by the app's routing.
+    """
+    info = delivery_info or {}
+    exchange, routing_key = info.get("exchange"), info.get("routing_key")
+    if not routing_key:
+        return {}
+    if not exchange:
+        return {"queue": routing_key}
+    return {"exchange": exchange, "routing_key": routing_key}
 
 
 def _hand_off(
@@ -546,28 +689,32 @@ def _hand_off(
 ) -> None:
     """Publish ``messages[indexes]`` as ``filter_messages`` tasks, as its first retry.
 
-    Each goes by the route its ``collect`` message came by (exchange and routing key), so the
-    collector's own worker runs it; a batch made by ``apply()`` (no route) goes by the app's
-    routing. ``retries=1`` makes the task count this as its first retry: a message is checked
-    at most ``1 + BLOCKFILTER_TASK_MAX_RETRIES`` times in all, as with ``filter_messages``.
+    Each goes back to the queue its ``collect`` message came from (:func:`handoff_options`),
+    so the collector's own worker runs it. ``retries=1`` makes the task count this as its
+    first retry: a message is checked at most ``1 + BLOCKFILTER_TASK_MAX_RETRIES`` times in
+    all, as with ``filter_messages``. In eager mode (``task_always_eager``, ``apply()``) the
+    task runs here and now, eagerly too: publishing it would need a broker, and a message
+    must reach a hook or the deferred queue whatever happens.
     """
-    by_route: dict[tuple[Any, Any], list[Any]] = defaultdict(list)
+    by_route: dict[tuple[tuple[str, Any], ...], list[Any]] = defaultdict(list)
+    eager = False
     for index in indexes:
         info = requests[index].delivery_info or {}
-        by_route[info.get("exchange"), info.get("routing_key")].append(messages[index])
+        eager = eager or bool(info.get("is_eager"))
+        by_route[tuple(sorted(handoff_options(info).items()))].append(messages[index])
     countdown = retry_countdown(settings.task_retry_backoff, 0)
-    for (exchange, routing_key), batch in by_route.items():
-        options: dict[str, Any] = {}
-        if routing_key:
-            options = {"exchange": exchange or "", "routing_key": routing_key}
-        task.app.send_task(TASK_NAME, args=(batch,), countdown=countdown, retries=1, **options)
+    for route, batch in by_route.items():
+        if eager:
+            task.app.tasks[TASK_NAME].apply(args=(batch,), retries=1, throw=True)
+            continue
+        task.app.send_task(TASK_NAME, args=(batch,), countdown=countdown, retries=1, **dict(route))
     log.info(
-        "%s: %d message(s) handed to %s (%s), in %.1f s",
+        "%s: %d message(s) handed to %s (%s)%s",
         COLLECT_TASK_NAME,
         len(indexes),
         TASK_NAME,
         why,
-        countdown,
+        " and run at once (eager)" if eager else f", in {countdown:.1f} s",
     )
 
 
@@ -595,6 +742,7 @@ def _report(
         "summary": dict(summary) if summary else None,
     }
     COLLECTOR_STATS.record(report)
+    metrics.observe_batch_fill(report["numbers"])
     log.info(
         "%s: batch of %d message(s), numbers %s, %d API request(s), %.3f s",
         COLLECT_TASK_NAME,
@@ -604,19 +752,3 @@ def _report(
         report["elapsed_s"],
     )
     return report
-
-
-def _store_results(
-    task: Any,
-    requests: Sequence[SimpleRequest],
-    results: Sequence[Any],
-    *,
-    skip: set[int],
-) -> None:
-    """Store each verdict as its request's result, for senders that asked for results.
-
-    Messages handed off (``skip``) get their verdict from ``filter_messages``, under its id.
-    """
-    for index, (request, result) in enumerate(zip(requests, results, strict=True)):
-        if not request.ignore_result and index not in skip:
-            task.backend.mark_as_done(request.id, result, request=request)

@@ -25,6 +25,7 @@ REGION_DOMAINS = {
 }
 CHANNELS = ("sms", "whatsapp", "voice")
 ON_ERROR_POLICIES = ("defer", "allow", "drop")
+STARTUP_CHECKS = ("settings", "api", "off")
 
 # A SID goes into the URL path, so it must not be able to change that path. fullmatch, not
 # match with "$": "$" also matches before a trailing newline.
@@ -107,6 +108,13 @@ def _positive_int(raw: Any) -> int:
         value = int(number)
     if not 1 <= value <= MAX_COUNT:
         raise ValueError(f"must be a whole number >= 1 (at most {MAX_COUNT}), got {raw!r}")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be a TCP port (1-65535), got {raw!r}")
     return value
 
 
@@ -263,6 +271,20 @@ SPECS: dict[str, _Spec] = {
     "write_back": _Spec(
         "BLOCKFILTER_WRITE_BACK", _parse_bool, False, "write ledger changes back to Kaleyra"
     ),
+    # Prometheus metrics of a worker (the blockfilter[metrics] extra): see blockfilter.metrics.
+    "metrics_port": _Spec(
+        "BLOCKFILTER_METRICS_PORT",
+        _optional(_port),
+        None,
+        "port a worker serves Prometheus metrics on (unset: none)",
+    ),
+    # A worker that cannot check anything must not start "ready": see blockfilter.worker.
+    "startup_check": _Spec(
+        "BLOCKFILTER_STARTUP_CHECK",
+        _choice(STARTUP_CHECKS),
+        "settings",
+        "what a worker checks when it starts: settings, api (one request too), off",
+    ),
 }
 
 # The settings whose every value, however it was given, is checked by its parser.
@@ -314,6 +336,8 @@ class Settings:
     optout_keywords: str | None = None
     optin_keywords: str | None = None
     write_back: bool = False
+    startup_check: str = "settings"
+    metrics_port: int | None = None
     # Where each value came from: "default", "env KALEYRA_SID", "celery conf kaleyra_sid".
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 

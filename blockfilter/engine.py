@@ -172,13 +172,20 @@ class Summary:
     # (verdict, final channel, source) -> messages: one increment a message on the hot path;
     # the per-verdict, per-channel and per-source views are derived from it.
     counts: Counter[tuple[str, str, str | None]] = field(default_factory=Counter)
+    # (requested channel, final channel) -> rerouted messages: so the summary can say which
+    # channel they asked for as well as where they go.
+    reroutes: Counter[tuple[str, str]] = field(default_factory=Counter)
     requests: int = 0
     cache_hits: int = 0
     elapsed_s: float = 0.0
     credentials_refused: bool = False
 
-    def count(self, verdict: str, channel: str, source: str | None = None) -> None:
+    def count(
+        self, verdict: str, channel: str, source: str | None = None, requested: str | None = None
+    ) -> None:
         self.counts[verdict, channel, source] += 1
+        if requested is not None and requested != channel:
+            self.reroutes[requested, channel] += 1
 
     @property
     def total(self) -> int:
@@ -207,12 +214,28 @@ class Summary:
                 sources[source][verdict] = sources[source].get(verdict, 0) + n
         return dict(sources)
 
+    def requested_channels(self) -> dict[str, dict[str, int]]:
+        """Verdicts by the channel each message asked for (``channels`` is by the channel it
+        goes out on: a rerouted message counts under its fallback there, under its own here)."""
+        requested: dict[str, Counter[str]] = defaultdict(Counter)
+        for (verdict, channel, _), n in self.counts.items():
+            requested[channel][verdict] += n
+        for (asked, final), n in self.reroutes.items():
+            requested[final]["rerouted"] -= n
+            requested[asked]["rerouted"] += n
+        return {
+            channel: {verdict: n for verdict, n in counts.items() if n}
+            for channel, counts in requested.items()
+            if any(counts.values())
+        }
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "total": self.total,
             "verdicts": dict(self.verdicts),
             "channels": self.channels,
             "sources": self.sources,
+            "requested_channels": self.requested_channels,
             "requests": self.requests,
             "cache_hits": self.cache_hits,
             "elapsed_s": round(self.elapsed_s, 3),
@@ -252,10 +275,11 @@ _NO_MESSAGE: Mapping[str, Any] = MappingProxyType({})
 class _Shared:
     """A verdict shared by every line of one route, encoded once."""
 
-    __slots__ = ("count_key", "_fields", "_tail")
+    __slots__ = ("count_key", "requested", "_fields", "_tail")
 
     def __init__(self, fields: dict[str, Any], channel: str) -> None:
         self.count_key = (fields["verdict"], channel, fields.get("source"))
+        self.requested: str | None = fields.get("original_channel")
         self._fields = fields
         # What the usual line's closing brace and newline give way to; None when a field of
         # the line must be replaced (a reroute changes the channel).
@@ -354,6 +378,12 @@ class Filter:
         self.fallback_policy = fallback_policy
         self._progress = progress
         self.summary = Summary()
+        #: The first refusal of the credentials or the account seen (``RBC001``...), if any:
+        #: what a worker tells its operator (the summary only says that there was one).
+        self.refusal: CredentialsRefused | None = None
+        #: Distinct (channel, number) pairs handed to the sources so far: with the summary's
+        #: ``cache_hits``, what the cache could not answer (the metrics' cache misses).
+        self.numbers_looked_up = 0
         self._iso = _IsoTimes()
 
     # -- plugins and sources ---------------------------------------------------------------
@@ -458,7 +488,9 @@ class Filter:
         batch: list[dict[str, Any]] = []
         for position, (message, p) in enumerate(replay(), 1):
             fields, channel = self._verdict(message, p, table, position)
-            self.summary.count(fields["verdict"], channel, fields.get("source"))
+            self.summary.count(
+                fields["verdict"], channel, fields.get("source"), fields.get("original_channel")
+            )
             result = {k: v for k, v in message.items() if k not in VERDICT_FIELDS}
             result.update(fields)
             if observe is None:
@@ -491,7 +523,7 @@ class Filter:
         observe = self._observer()
         try:
             lines = self._run_planned(open_lines, plan)
-            yield from lines if observe is None else _observed(lines, observe)
+            yield from lines if observe is None else observed_lines(lines, observe)
         finally:
             plan.close()
 
@@ -569,12 +601,16 @@ class Filter:
             else:
                 message, parsed = _decode_again(line, lines_read, is_duplicate)
                 fields, channel = self._verdict(message, parsed, table, lines_read)
-                self.summary.count(fields["verdict"], channel, fields.get("source"))
+                self.summary.count(
+                    fields["verdict"], channel, fields.get("source"), fields.get("original_channel")
+                )
                 yield render_line(line, message, fields)
         plan.check_line_count(lines_read)
         for verdict, lines in zip(shared, route_lines, strict=True):
             if verdict is not None:
                 self.summary.counts[verdict.count_key] += lines
+                if verdict.requested is not None:
+                    self.summary.reroutes[verdict.requested, verdict.count_key[1]] += lines
 
     def estimate(self, open_lines: Callable[[], Iterable[bytes]]) -> tuple[int, int]:
         """How many API requests :meth:`run_lines` would make: ``(at least, at most)``.
@@ -722,6 +758,7 @@ class Filter:
         channel: str,
         numbers: list[str],
     ) -> None:
+        self.numbers_looked_up += len(numbers)
         for stream, name in streams:
             stream.add(channel, numbers)
             for outcome in stream.completed():
@@ -736,6 +773,8 @@ class Filter:
         table.record(outcome, outcome.origin or name)
         if isinstance(outcome.error, CredentialsRefused):
             self.summary.credentials_refused = True
+            if self.refusal is None:
+                self.refusal = outcome.error
         if self._progress is not None:
             self._progress("numbers", len(outcome.numbers), None)
 
@@ -858,7 +897,7 @@ def _name_of(source: BlocklistSource) -> str:
     return str(getattr(source, "name", None) or type(source).__name__)
 
 
-def _observed(
+def observed_lines(
     lines: Iterable[bytes], observe: Callable[[list[dict[str, Any]]], None]
 ) -> Iterator[bytes]:
     """``lines`` as they come, each batch shown to ``observe`` (decoded) before it is yielded.

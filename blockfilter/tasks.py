@@ -26,7 +26,9 @@ What one ``blockfilter.filter_messages`` task does with its batch:
 4. Once the retries are spent, the deferred messages go to ``blockfilter_suppressed`` (verdict
    ``deferred``) and their original dicts are published to the queue ``blockfilter.deferred``
    on the same broker, from which ``blockfilter replay`` (:func:`blockfilter.replay.
-   replay_deferred`) sends them through the filter again once the API is back.
+   replay_deferred`) sends them through the filter again once the API is back. Should the
+   broker not take them (eager mode with no broker), they are still suppressed, and the task
+   fails with :class:`DeferredNotParked` once the hooks ran.
 
 Retry budget. Each API request is tried ``BLOCKFILTER_RETRY_ATTEMPTS`` times by the client
 (within ``BLOCKFILTER_RETRY_DEADLINE``); each task runs at most ``1 + BLOCKFILTER_TASK_MAX_RETRIES``
@@ -35,7 +37,12 @@ times (5 x 4 = 20 with the defaults) over roughly ``TASK_RETRY_BACKOFF x (2^TASK
 1)`` seconds of task backoff (5 + 10 + 20 = 35 s by default, each countdown jittered to between
 half and all of it) before it is parked on ``blockfilter.deferred``. Refused credentials
 (``RBC001``, ``WA401``, ``WA-401``, ``E110``) are final at once: no task retry, since only a
-human can fix them.
+human can fix them; the task logs an ERROR naming the refusal and what to fix, and parks the
+messages with reason ``credentials_refused``. In eager mode the retries run in the task
+itself, without waiting their countdown (as Celery's own eager retries).
+
+What monitoring and the result backend see of a batch is a summary, never the messages:
+see :mod:`blockfilter.monitoring`.
 
 The retries are the task's own rather than Celery's ``autoretry_for``: an automatic retry
 would run the whole batch again and dispatch a second time what already went out.
@@ -69,16 +76,25 @@ from datetime import datetime, timezone
 from typing import Any, Final, NoReturn, cast
 
 from celery import Celery, group, shared_task
-from celery.exceptions import Reject
+from celery.exceptions import Reject, TaskPredicate
 from celery.result import GroupResult
 from kombu import Exchange, Queue
 
+from . import metrics
 from .config import Settings, load_settings
+from .errors import BlockfilterError
 from .ledger.source import dispatch_gate
 from .messages import Parsed, channel_of, parse_message
+from .monitoring import BlockfilterTask
 from .plugins import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
+from .redact import guard_library_logs, masked_exception
+from .worker import report_refusal
 
 log = logging.getLogger("blockfilter.tasks")
+
+# Numbers are masked in the library's log records (Celery's included) from the moment the
+# tasks are registered: before any filter is built, in a worker's main process too.
+guard_library_logs()
 
 TASK_NAME: Final = "blockfilter.filter_messages"
 
@@ -95,6 +111,7 @@ REQUEST_SIZE: Final = 100
 
 # The reasons a message is parked on the deferred queue (its ``x-blockfilter-reason`` header).
 PARKED_CHECK_FAILED: Final = "check_failed"
+PARKED_CREDENTIALS_REFUSED: Final = "credentials_refused"
 PARKED_TASK_FAILED: Final = "task_failed"
 
 
@@ -146,6 +163,7 @@ def park_deferred(
                 retry=True,
                 retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5},
             )
+    metrics.count_parked(reason, len(messages))
     log.warning(
         "parked %d message(s) on queue %s (%s); replay them with `blockfilter replay`",
         len(messages),
@@ -191,6 +209,7 @@ def merge_summaries(summaries: Iterable[Mapping[str, Any] | None]) -> dict[str, 
     refused = False
     verdicts: Counter[str] = Counter()
     channels: dict[str, Counter[str]] = defaultdict(Counter)
+    requested: dict[str, Counter[str]] = defaultdict(Counter)
     for summary in summaries:
         if not summary:
             continue
@@ -202,18 +221,28 @@ def merge_summaries(summaries: Iterable[Mapping[str, Any] | None]) -> dict[str, 
         verdicts.update(summary.get("verdicts", {}))
         for channel, counts in summary.get("channels", {}).items():
             channels[channel].update(counts)
+        # A summary without it (an older worker's) asked for the channels it went out on.
+        for channel, counts in summary.get(
+            "requested_channels", summary.get("channels", {})
+        ).items():
+            requested[channel].update(counts)
     return {
         "total": total,
         "verdicts": {verdict: n for verdict, n in verdicts.items() if n},
-        "channels": {
-            channel: {verdict: n for verdict, n in counts.items() if n}
-            for channel, counts in channels.items()
-            if any(counts.values())
-        },
+        "channels": _nonzero(channels),
+        "requested_channels": _nonzero(requested),
         "requests": requests,
         "cache_hits": cache_hits,
         "elapsed_s": round(elapsed, 3),
         "credentials_refused": refused,
+    }
+
+
+def _nonzero(channels: Mapping[str, Counter[str]]) -> dict[str, dict[str, int]]:
+    return {
+        channel: {verdict: n for verdict, n in counts.items() if n}
+        for channel, counts in channels.items()
+        if any(counts.values())
     }
 
 
@@ -227,10 +256,13 @@ def _without_results(summary: Mapping[str, Any], results: Sequence[Mapping[str, 
     for result in results:
         negative[result["verdict"]] -= 1
         negative_channels[channel_of(result)][result["verdict"]] -= 1
+    # Deferred results go out on the channel they asked for: both views get the correction.
+    negative_by_channel = {channel: dict(counts) for channel, counts in negative_channels.items()}
     correction = {
         "total": -len(results),
         "verdicts": dict(negative),
-        "channels": {channel: dict(counts) for channel, counts in negative_channels.items()},
+        "channels": negative_by_channel,
+        "requested_channels": negative_by_channel,
     }
     return merge_summaries([summary, correction])
 
@@ -241,6 +273,7 @@ def _without_results(summary: Mapping[str, Any], results: Sequence[Mapping[str, 
 @shared_task(
     name=TASK_NAME,
     bind=True,
+    base=BlockfilterTask,
     # Acknowledge after the batch is handled, and give the batch back to the broker when the
     # worker process dies under it: a crash re-runs the batch rather than losing it.
     acks_late=True,
@@ -260,19 +293,55 @@ def filter_messages(
         already handled by earlier attempts, so the final return value covers the whole batch.
     :return: the summary of every message of the original batch.
     """
+    while True:
+        try:
+            return _filter_batch(self, messages, carried_summary)
+        except _EagerRetry as again:
+            # Eager mode retries here: Celery's eager retry raises Retry to the caller when
+            # task_eager_propagates is on. Like Celery's, it does not wait the countdown.
+            messages, carried_summary = again.messages, again.carried_summary
+            self.request.retries += 1
+        except TaskPredicate:
+            raise  # Retry, Reject, Ignore: Celery's own, carrying no message
+        except Exception as exc:
+            # Celery stores a failed task's exception and traceback in the result backend: a
+            # hook's or a plugin's message may quote a number.
+            raise masked_exception(exc) from None
+
+
+class _EagerRetry(Exception):  # noqa: N818 - a signal, not an error
+    def __init__(
+        self, messages: list[dict[str, Any]], carried_summary: dict[str, Any] | None
+    ) -> None:
+        super().__init__("retry")
+        self.messages = messages
+        self.carried_summary = carried_summary
+
+
+class DeferredNotParked(BlockfilterError):
+    """Deferred messages could not be parked on the deferred queue (the broker is away): they
+    were handed to ``blockfilter_suppressed`` as ``deferred``, and the task fails so that
+    someone looks. Nothing replays them: the pipeline's suppressed hook has the record."""
+
+
+def _filter_batch(
+    task: Any, messages: list[dict[str, Any]], carried_summary: dict[str, Any] | None
+) -> dict[str, Any]:
     if not isinstance(messages, (list, tuple)):
         raise TypeError(f"filter_messages takes a list of message dicts, not {type(messages)}")
     messages = list(messages)
-    request_id = self.request.id
+    request_id = task.request.id
     try:
-        settings = load_settings(celery_conf=self.app.conf)
+        settings = load_settings(celery_conf=task.app.conf)
         pm = get_plugin_manager(settings)
         with build_filter(settings, pm) as engine:
             results = list(engine.run(messages))
             summary = engine.summary.as_dict()
+            refusal = engine.refusal
+            metrics.count_run(engine)
     except Exception:
         # Not about a check (bad settings, a broken source plugin, a bug): keep the batch.
-        park_deferred(self.app, messages, reason=PARKED_TASK_FAILED, task_id=request_id)
+        park_deferred(task.app, messages, reason=PARKED_TASK_FAILED, task_id=request_id)
         raise
 
     deferred = [
@@ -280,7 +349,7 @@ def filter_messages(
         for message, result in zip(messages, results, strict=True)
         if result["verdict"] == "deferred"
     ]
-    retries_left = self.request.retries < settings.task_max_retries
+    retries_left = task.request.retries < settings.task_max_retries
     refused = bool(summary.get("credentials_refused")) or any(
         result.get("reason") == "credentials_refused" for _, result in deferred
     )
@@ -288,14 +357,18 @@ def filter_messages(
     # Deferred results that will be retried are nobody's business yet: the retry decides them.
     handled = results if final else [r for r in results if r["verdict"] != "deferred"]
 
+    not_parked: Exception | None = None
     if deferred and final:
         # Parked first: once on the queue, a hook failure below cannot lose them.
-        park_deferred(
-            self.app,
+        not_parked = park_final_deferred(
+            task.app,
             [message for message, _ in deferred],
-            reason=PARKED_CHECK_FAILED,
+            refused=refused,
             task_id=request_id,
         )
+        if refused and refusal is not None:
+            report_refusal(refusal, settings, messages=len(deferred), task=TASK_NAME)
+    hook_failure: Exception | None = None
     try:
         # One last ledger read under its fence: an opt-out reported during the check stops
         # the dispatch, and the report waits for this block (blockfilter.ledger.source).
@@ -303,35 +376,71 @@ def filter_messages(
             if handled:
                 notify_verdicts(pm, handled)
             dispatch_results(pm, handled, deferred_final=True)
+        metrics.count_verdicts(handled)
     except Exception as exc:
         # The hook specification: "Raise to have the batch retried". The whole batch, since we
         # cannot tell which hook got which messages; repeats carry the same ids.
         if not retries_left:
             # Out of retries: park what is not parked yet, so a replay can finish the job.
-            parked = {id(message) for message, _ in deferred}
+            parked = {id(message) for message, _ in deferred} if not_parked is None else set()
             park_deferred(
-                self.app,
+                task.app,
                 [message for message in messages if id(message) not in parked],
                 reason=PARKED_TASK_FAILED,
                 task_id=request_id,
             )
             raise
         log.warning("a dispatch hook failed (%s); retrying the batch", type(exc).__name__)
-        _retry(self, settings, messages, carried_summary, exc=exc)
+        hook_failure = exc
+    if hook_failure is not None:
+        # Retried outside the except block: the stored RETRY traceback would otherwise carry
+        # the hook's exception unmasked, as the context of Celery's Retry.
+        _retry(task, settings, messages, carried_summary, exc=masked_exception(hook_failure))
+    if not_parked is not None:
+        raise DeferredNotParked(
+            f"{len(deferred)} deferred message(s) could not be parked on the deferred queue "
+            f"({type(not_parked).__name__}: {not_parked}); they were handed to "
+            "blockfilter_suppressed as deferred"
+        )
 
     if not final:
         log.info(
             "%d of %d message(s) could not be checked; retrying them (retry %d of %d)",
             len(deferred),
             len(messages),
-            self.request.retries + 1,
+            task.request.retries + 1,
             settings.task_max_retries,
         )
         carried = merge_summaries(
             [carried_summary, _without_results(summary, [r for _, r in deferred])]
         )
-        _retry(self, settings, [message for message, _ in deferred], carried)
+        _retry(task, settings, [message for message, _ in deferred], carried)
     return merge_summaries([carried_summary, summary]) if carried_summary else summary
+
+
+def park_final_deferred(
+    app: Celery, messages: Sequence[Any], *, refused: bool, task_id: str | None = None
+) -> Exception | None:
+    """Park messages whose deferral is final; the error when the broker would not take them.
+
+    The caller then still hands them to ``blockfilter_suppressed`` (they are final) and fails
+    loudly afterwards: a message always reaches a hook or the deferred queue, and here both
+    were wanted and only one is possible.
+    """
+    reason = PARKED_CREDENTIALS_REFUSED if refused else PARKED_CHECK_FAILED
+    try:
+        park_deferred(app, messages, reason=reason, task_id=task_id)
+    except Exception as exc:
+        log.error(
+            "could not park %d deferred message(s) on queue %s (%s: %s); they go to "
+            "blockfilter_suppressed as deferred, and the task fails",
+            len(messages),
+            deferred_queue(app).name,
+            type(exc).__name__,
+            exc,
+        )
+        return exc
+    return None
 
 
 def _retry(
@@ -342,6 +451,8 @@ def _retry(
     exc: BaseException | None = None,
 ) -> NoReturn:
     """Raise the task's retry with ``messages``."""
+    if task.request.is_eager:
+        raise _EagerRetry(messages, carried_summary)
     countdown = retry_countdown(settings.task_retry_backoff, task.request.retries)
     try:
         raise task.retry(
@@ -455,5 +566,12 @@ def filter_campaign(
 
 # Registered with the tasks above, so ``app.autodiscover_tasks(["blockfilter"])`` also finds
 # ``blockfilter.collect``; imported last because the collector uses this module's helpers.
-from . import collector  # noqa: E402,F401
+# It needs celery-batches, the ``blockfilter[collector]`` extra (which pins Celery below 5.7):
+# without it the other tasks are registered all the same.
+try:
+    from . import collector  # noqa: E402,F401
+except ModuleNotFoundError as _missing:  # pragma: no cover - exercised by the Celery 5.7 CI run
+    if _missing.name != "celery_batches":
+        raise
+    log.debug("blockfilter.collect is not registered: install blockfilter[collector] for it")
 from .ledger import tasks as _ledger_tasks  # noqa: E402,F401  (send_results, inbound)

@@ -8,7 +8,9 @@ simulator, send messages one task each, and check what reached the test plugin's
 
 from __future__ import annotations
 
+import contextlib
 import math
+import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -17,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# The collector is the blockfilter[collector] extra (celery-batches pins Celery below 5.7).
+pytest.importorskip("celery_batches", reason="blockfilter[collector] is not installed")
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
@@ -33,11 +38,17 @@ from blockfilter.errors import ConfigError  # noqa: E402
 from blockfilter.simulator import FaultRule  # noqa: E402
 from tests.celery_support.factory import make_app  # noqa: E402
 from tests.celery_support.harness import (  # noqa: E402
+    REDIS_URL,
     RETRY_ATTEMPTS,
     Stack,
     Worker,
     install_plugin_dist,
+    reachable,
     require_broker,
+)
+from tests.celery_support.private_servers import (  # noqa: E402
+    PrivateRabbit,
+    rabbit_unavailable_reason,
 )
 
 # -- fast: settings and counting -------------------------------------------------------------
@@ -94,57 +105,11 @@ app.autodiscover_tasks(["blockfilter"], related_name="collector")
 """
 
 
-class CollectorWorker(Worker):
-    """A worker process on the collector's app module (``-A collector_app``)."""
-
-    def start(self, timeout: float = 40.0) -> CollectorWorker:
-        import subprocess
-
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "collector_app",
-            "worker",
-            "--pool=prefork",
-            "-c",
-            "2",
-            "--without-heartbeat",
-            "--without-gossip",
-            "--without-mingle",
-            "-Q",
-            self.queue,
-            "-n",
-            f"{self.name}@localhost",
-            "--loglevel=INFO",
-        ]
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                command,
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if " ready." in self.log_path.read_bytes()[offset:].decode(errors="replace"):
-                return self
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError(f"worker did not start; its log:\n{self.log_text()[-4000:]}")
-
-
 class CollectorStack(Stack):
     """A :class:`Stack` whose workers run the collector with the given settings."""
 
-    def start_collector(self, prefetch: int = 0, **settings: str) -> CollectorWorker:
+    def collector_env(self, prefetch: int = 0, **settings: str) -> dict[str, str]:
+        """The worker environment with the collector's app module on the path."""
         app_dir = self.tmp / f"collector_app_{prefetch}"
         app_dir.mkdir(exist_ok=True)
         (app_dir / "collector_app.py").write_text(
@@ -153,12 +118,14 @@ class CollectorStack(Stack):
         env = self.worker_env()
         env["PYTHONPATH"] = f"{app_dir}:{env['PYTHONPATH']}"
         env.update(settings)
-        index = len(self.workers)
-        worker = CollectorWorker(
-            env, self.queue, self.tmp / f"worker-{index}.log", f"bfcollect-{self.unique}-{index}"
-        )
-        self.workers.append(worker)
-        return worker.start()
+        return env
+
+    def start_collector(
+        self, prefetch: int = 0, *, queue: str | None = None, **settings: str
+    ) -> Worker:
+        """A collector worker (the collector's app: unlimited prefetch) on ``queue``."""
+        env = self.collector_env(prefetch, **settings)
+        return self.start_worker(env=env, queue=queue, app="collector_app")
 
     def send_one_at_a_time(self, messages: list[dict[str, Any]]) -> float:
         """One ``collect`` task per message, as a pipeline emits them; returns the seconds."""
@@ -387,3 +354,122 @@ def test_a_worker_that_cannot_hold_a_batch_warns_and_still_delivers(
         ("dispatch", m["id"], "allowed", "sms") for m in messages
     )
     assert "this worker prefetches at most 2 messages" in stack.log_text()
+
+
+# -- slow: the broker restarts under a filling buffer ----------------------------------------
+
+
+@pytest.fixture
+def private_rabbit(tmp_path: Path) -> Iterator[PrivateRabbit]:
+    reason = rabbit_unavailable_reason()
+    if reason:
+        pytest.skip(f"no private RabbitMQ node: {reason}")
+    if not reachable(REDIS_URL):
+        pytest.skip("Redis (records and results) not reachable at 127.0.0.1:6379")
+    rabbit = PrivateRabbit(tmp_path / "rabbit")
+    try:
+        rabbit.start()
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        rabbit.stop()
+        pytest.skip(f"a private RabbitMQ node cannot be started here: {exc}")
+    try:
+        yield rabbit
+    finally:
+        rabbit.stop()
+
+
+def wait_for(condition: Any, timeout: float, what: str, logs: Any) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}; worker logs:\n{logs()[-4000:]}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+def test_a_rabbitmq_restart_with_messages_in_the_buffer_does_not_wedge_the_collector(
+    private_rabbit: PrivateRabbit, plugin_dir: Path, tmp_path: Path
+) -> None:
+    """celery-batches issue #107: after a reconnect its flush timer was never armed again."""
+    stack = CollectorStack("amqp", private_rabbit.url, tmp_path, plugin_dir)
+    try:
+        # Long enough that nothing leaves before the broker is gone, with fewer numbers
+        # than fill a request: only the timer can flush them.
+        interval = 30.0
+        worker = stack.start_collector(BLOCKFILTER_COLLECT_FLUSH_INTERVAL=str(interval))
+        before = [{"id": f"x{i}", "channel": "sms", "to": number(600 + i)} for i in range(30)]
+        stack.send_one_at_a_time(before)
+        assert stack.settled_queue_length(stack.queue, 0, timeout=10) == 0, "not all taken"
+
+        private_rabbit.stop()
+        assert stack.records() == [], "the buffer was flushed before the broker went away"
+        private_rabbit.start()  # the same node: durable queue, persistent messages survive
+        wait_for(
+            lambda: worker.log_text().count("Connected to amqp://") >= 2,
+            timeout=90,
+            what="the worker to reconnect",
+            logs=worker.log_text,
+        )
+
+        after = [{"id": f"y{i}", "channel": "sms", "to": number(700 + i)} for i in range(30)]
+        stack.send_one_at_a_time(after)
+        wanted = {m["id"] for m in before + after}
+        records = stack.wait_records(
+            lambda rs: {r["id"] for r in rs} >= wanted,
+            timeout=3 * interval + 30,
+            what="every message, before and after the restart",
+        )
+        # Redelivered ones may come twice, always the same message with the same verdict
+        # (a copy kept from before the restart is not called a duplicate_id).
+        assert {(r["hook"], r["verdict"]) for r in records} == {("dispatch", "allowed")}
+        assert {r["id"] for r in records} == wanted
+        assert "the flush timer is armed again (celery-batches #107)" in worker.log_text()
+    finally:
+        stack.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_hand_offs_stay_on_the_collectors_queue_in_a_collector_only_deployment(
+    stack: CollectorStack,
+) -> None:
+    """Routed as the README shows; no worker consumes the app's default queue."""
+    import json
+
+    collect_queue = f"{stack.queue}.collect"
+    routes = {COLLECT_TASK_NAME: {"queue": collect_queue}}
+    stack.app.conf.task_routes = routes
+    try:
+        stack.start_collector(
+            queue=collect_queue,
+            BLOCKFILTER_COLLECT_FLUSH_INTERVAL="0.3",
+            BFTEST_EXTRA_CONF=json.dumps({"task_routes": routes}),
+        )
+        # The first SMS request fails (both attempts): its messages are handed off.
+        stack.simulator.set_faults([FaultRule("wa500", channel="sms", first=RETRY_ATTEMPTS)])
+        messages = [{"id": f"o{i}", "channel": "sms", "to": number(900 + i)} for i in range(20)]
+        stack.send_one_at_a_time(messages)
+        stack.wait_records(lambda rs: len(rs) >= 20, timeout=40, what="the handed-off ones")
+        assert recorded(stack.records()) == Counter(
+            ("dispatch", m["id"], "allowed", "sms") for m in messages
+        )
+        assert "handed to blockfilter.filter_messages (check failed)" in stack.log_text()
+        assert stack.queue_length(stack.queue) == 0, "a hand-off went to the default queue"
+    finally:
+        with stack.app.connection_for_write() as connection, contextlib.suppress(Exception):
+            connection.default_channel.queue_delete(queue=collect_queue)
+
+
+def test_handoff_options_follow_the_messages_route() -> None:
+    from blockfilter.collector import handoff_options
+
+    assert handoff_options({"exchange": "", "routing_key": "blockfilter.collect"}) == {
+        "queue": "blockfilter.collect"
+    }
+    assert handoff_options({"exchange": "pipeline", "routing_key": "collect.sms"}) == {
+        "exchange": "pipeline",
+        "routing_key": "collect.sms",
+    }
+    assert handoff_options({"is_eager": True, "exchange": None, "routing_key": None}) == {}
+    assert handoff_options(None) == {}

@@ -7,6 +7,9 @@ messages replay sent off the task queue; the full outage-then-replay story with 
 
 from __future__ import annotations
 
+import contextlib
+import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,3 +148,103 @@ def test_replay_sends_batches_and_acks_only_what_it_sent(stack: Stack) -> None:
     assert [len(b) for b in rest] == [10, 4]
     assert rest[0] + rest[1][:3] == messages[12:]
     assert isinstance(rest[1][3], str) and "not json" in rest[1][3]
+
+
+def run_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    """``blockfilter ARGS`` with the test app's environment (``--app tests.celery_support.app``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "blockfilter", *args, "--app", "tests.celery_support.app"],
+        cwd=ROOT,
+        env=stack.worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_replay_warns_when_no_worker_consumes_its_queue(tmp_path: Path) -> None:
+    stack = Stack("amqp", require_broker("amqp"), tmp_path, install_plugin_dist(tmp_path / "p"))
+    target = f"{stack.queue}.replayed"
+    try:
+        first = parked_messages(10)
+        park_deferred(stack.app, first, reason="check_failed")
+        done = run_cli(stack, "replay", "--queue", target)
+        assert done.returncode == 0, done.stderr
+        assert f"no worker consumes queue {target!r}" in done.stderr
+        assert f"10 deferred messages sent to queue {target!r}" in done.stderr
+        assert stack.settled_queue_length(target, 1) == 1, "the task is not waiting there"
+
+        # A worker on that queue runs what waited; a replay to it now says nothing alarming.
+        stack.start_worker(queue=target)
+        stack.wait_records(lambda rs: len(rs) >= 10, timeout=30, what="the first replay")
+        park_deferred(stack.app, parked_messages(15)[10:], reason="check_failed")
+        done = run_cli(stack, "replay", "--queue", target)
+        assert done.returncode == 0 and "warning" not in done.stderr, done.stderr
+        records = stack.wait_records(lambda rs: len(rs) >= 15, timeout=30, what="the second")
+        assert sorted(r["id"] for r in records) == sorted(f"p{i}" for i in range(15))
+
+        # Without --queue: where the app routes the task (its default queue), unconsumed here.
+        park_deferred(stack.app, parked_messages(1), reason="check_failed")
+        done = run_cli(stack, "replay")
+        assert f"no worker consumes queue {stack.queue!r}" in done.stderr, done.stderr
+    finally:
+        with stack.app.connection_for_write() as connection, contextlib.suppress(Exception):
+            connection.default_channel.queue_delete(queue=target)
+        stack.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_deferred_counts_by_reason_and_age_and_shows_no_number(stack: Stack) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    messages = parked_messages(9)
+    park_deferred(stack.app, messages[:3], reason="check_failed")
+    park_deferred(stack.app, messages[3:5], reason="credentials_refused")
+    park_deferred(stack.app, messages[5:6], reason="task_failed")
+    queue = deferred_queue(stack.app)
+    three_days_ago = (datetime.now(timezone.utc) - timedelta(days=3)).isoformat()
+    with stack.app.producer_or_acquire() as producer:
+        for message, headers in (
+            (messages[6], {"x-blockfilter-reason": "check_failed"}),
+            (messages[7], {"x-blockfilter-reason": "check_failed"}),
+            (messages[8], {}),  # parked by something else: no headers
+        ):
+            if headers:
+                headers["x-blockfilter-parked-at"] = three_days_ago
+            producer.publish(
+                message,
+                exchange=queue.exchange,
+                routing_key=queue.routing_key,
+                declare=[queue],
+                serializer="json",
+                headers=headers,
+            )
+    assert stack.settled_queue_length(stack.deferred_queue, 9) == 9
+
+    done = run_cli(stack, "deferred", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["queue"] == stack.deferred_queue and report["total"] == 9
+    reasons = report["reasons"]
+    assert {r: v["count"] for r, v in reasons.items()} == {
+        "check_failed": 5,
+        "credentials_refused": 2,
+        "task_failed": 1,
+        "unknown": 1,
+    }
+    assert reasons["check_failed"]["ages"] == {"< 1 h": 3, "1 d - 7 d": 2}
+    assert 3 * 86400 - 120 < reasons["check_failed"]["oldest_s"] < 3 * 86400 + 120
+    assert reasons["unknown"]["ages"] == {"unknown": 1}
+
+    done = run_cli(stack, "deferred")
+    assert done.returncode == 0, done.stderr
+    assert f"9 message(s) parked on queue {stack.deferred_queue}" in done.stdout
+    assert "credentials_refused" in done.stdout and "3.0 d" in done.stdout
+    for message in messages:
+        assert message["to"][3:] not in done.stdout + done.stderr
+    # Looking leaves everything where it was.
+    assert stack.settled_queue_length(stack.deferred_queue, 9) == 9

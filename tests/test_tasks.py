@@ -192,12 +192,49 @@ def test_merge_summaries_adds_up() -> None:
         "total": 5,
         "verdicts": {"allowed": 3, "blocked": 1, "deferred": 1},
         "channels": {"sms": {"allowed": 3, "deferred": 1}, "voice": {"blocked": 1}},
+        "requested_channels": {"sms": {"allowed": 3, "deferred": 1}, "voice": {"blocked": 1}},
         "requests": 5,
         "cache_hits": 1,
         "elapsed_s": 0.75,
         "credentials_refused": True,
     }
     assert merge_summaries([])["total"] == 0
+
+
+def test_the_summary_names_the_requested_and_the_final_channel_of_a_reroute() -> None:
+    import json
+
+    from blockfilter.config import load_settings
+    from blockfilter.engine import Filter
+    from blockfilter.sources import FunctionSource
+
+    # An SMS-only campaign: 29 messages rerouted to WhatsApp, one allowed.
+    messages = [
+        {"id": str(i), "channel": "sms", "to": number(i), "fallback": ["whatsapp"]}
+        for i in range(30)
+    ]
+    blocked = {number(i) for i in range(29)}
+
+    def blocklist(channel: str, numbers: list[str]) -> set[str]:
+        return {n for n in numbers if n in blocked} if channel == "sms" else set()
+
+    expected_channels = {"sms": {"allowed": 1}, "whatsapp": {"rerouted": 29}}
+    expected_requested = {"sms": {"allowed": 1, "rerouted": 29}}
+    settings = load_settings(environ={}, sid="S", api_key="K")
+    with Filter(settings, sources=[FunctionSource("test", blocklist)]) as engine:
+        list(engine.run(messages))
+        summary = engine.summary.as_dict()
+    assert summary["channels"] == expected_channels
+    assert summary["requested_channels"] == expected_requested
+    lines = [json.dumps(m).encode() + b"\n" for m in messages]  # the CLI's path
+    with Filter(settings, sources=[FunctionSource("test", blocklist)]) as engine:
+        list(engine.run_lines(lambda: iter(lines)))
+        summary = engine.summary.as_dict()
+    assert summary["channels"] == expected_channels
+    assert summary["requested_channels"] == expected_requested
+    assert merge_summaries([summary, summary])["requested_channels"] == {
+        "sms": {"allowed": 2, "rerouted": 58}
+    }
 
 
 def test_retry_countdown_grows_exponentially_with_bounded_jitter() -> None:

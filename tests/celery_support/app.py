@@ -1,10 +1,13 @@
 """The Celery app of a test worker: ``celery -A tests.celery_support.app worker ...``.
 
-Configured from ``BFTEST_*`` variables set by the test that starts the worker.
+Configured from ``BFTEST_*`` variables set by the test that starts the worker;
+``BFTEST_EXTRA_CONF`` (a JSON object) adds conf keys of the test's own
+(``{"result_extended": true}``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from tests.celery_support.factory import make_app
@@ -19,3 +22,4 @@ app = make_app(
     keyprefix=os.environ.get("BFTEST_KEYPREFIX", "bftest:"),
     visibility_timeout=float(_visibility) if _visibility else None,
 )
+app.conf.update(json.loads(os.environ.get("BFTEST_EXTRA_CONF") or "{}"))

@@ -99,47 +99,78 @@ def install_plugin_dist(directory: Path) -> Path:
 
 
 class Worker:
-    """A ``celery worker`` process (prefork, 2 children) in a process group of its own."""
+    """A ``celery worker`` process in a process group of its own: the one launcher of the tests.
 
-    def __init__(self, env: dict[str, str], queue: str, log_path: Path, name: str) -> None:
+    Prefork with 2 children on the test app by default; ``app`` names another app module (the
+    collector's), ``pool``, ``concurrency`` and ``loglevel`` what the test needs.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        queue: str,
+        log_path: Path,
+        name: str,
+        *,
+        app: str = "tests.celery_support.app",
+        pool: str = "prefork",
+        concurrency: int = 2,
+        loglevel: str = "INFO",
+    ) -> None:
         self.env = env
         self.queue = queue
         self.log_path = log_path
         self.name = name
+        self.app = app
+        self.pool = pool
+        self.concurrency = concurrency
+        self.loglevel = loglevel
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 40.0) -> Worker:
-        command = [
+    @property
+    def nodename(self) -> str:
+        return f"{self.name}@localhost"
+
+    def command(self) -> list[str]:
+        return [
             sys.executable,
             "-m",
             "celery",
             "-A",
-            "tests.celery_support.app",
+            self.app,
             "worker",
-            "--pool=prefork",
+            f"--pool={self.pool}",
             "-c",
-            "2",
+            str(self.concurrency),
             "--without-heartbeat",
             "--without-gossip",
             "--without-mingle",
             "-Q",
             self.queue,
             "-n",
-            f"{self.name}@localhost",
-            "--loglevel=INFO",
+            self.nodename,
+            f"--loglevel={self.loglevel}",
         ]
+
+    def launch(self) -> int:
+        """Start the process; returns the log's size before it, where its own lines begin."""
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: killed as a whole, children too
-        )
-        log.close()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.command(),
+                cwd=ROOT,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: killed as a whole, children too
+            )
+        return offset
+
+    def start(self, timeout: float = 40.0) -> Worker:
+        """Start the worker and wait until it says it is ready (a ping, not a sleep)."""
+        offset = self.launch()
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_bytes()[offset:].decode(errors="replace")
@@ -150,6 +181,19 @@ class Worker:
             time.sleep(0.1)
         self.stop()
         raise AssertionError(f"worker did not start; its log:\n{self.log_text()[-4000:]}")
+
+    def run_to_exit(self, timeout: float = 60.0) -> tuple[int, str]:
+        """Start a worker that is expected to stop by itself: its exit status and its output."""
+        offset = self.launch()
+        assert self.process is not None
+        try:
+            status = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(
+                f"the worker did not stop by itself; its log:\n{self.log_text()[-4000:]}"
+            ) from None
+        return status, self.log_path.read_bytes()[offset:].decode(errors="replace")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -250,16 +294,23 @@ class Stack:
             env["BFTEST_VISIBILITY_TIMEOUT"] = str(self.visibility_timeout)
         return env
 
-    def start_worker(self) -> Worker:
+    def make_worker(
+        self, *, env: dict[str, str] | None = None, queue: str | None = None, **options: Any
+    ) -> Worker:
+        """A worker of this stack, not started yet (``options``: see :class:`Worker`)."""
         index = len(self.workers)
         worker = Worker(
-            self.worker_env(),
-            self.queue,
+            self.worker_env() if env is None else env,
+            queue or self.queue,
             self.tmp / f"worker-{index}.log",
             f"bftest-{self.unique}-{index}",
+            **options,
         )
         self.workers.append(worker)
-        return worker.start()
+        return worker
+
+    def start_worker(self, **options: Any) -> Worker:
+        return self.make_worker(**options).start()
 
     # -- what the test plugin recorded -------------------------------------------------------
 

@@ -134,7 +134,10 @@ class PrivateRabbit:
             timeout=30,
             check=True,
         )
-        waited = self._ctl("wait", str(self.pid_file), "--timeout", str(int(timeout)))
+        # The script's own limit first: on a loaded machine the node takes its time.
+        waited = self._ctl(
+            "wait", str(self.pid_file), "--timeout", str(int(timeout)), timeout=timeout + 30
+        )
         if waited.returncode != 0 or not wait_for_port(self.port, 10):
             raise RuntimeError(
                 f"private RabbitMQ node {self.node} did not start: {waited.stdout[-1500:]}"

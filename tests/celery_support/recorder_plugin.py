@@ -54,7 +54,13 @@ def blockfilter_dispatch(messages: list[dict[str, Any]]) -> None:
     # A test sets BFTEST_FAIL_KEY to N to make the next N calls fail, before recording.
     fail_key = os.environ.get("BFTEST_FAIL_KEY")
     if fail_key and _redis().decr(fail_key) >= 0:
-        raise RuntimeError("bftest: the dispatch hook fails on purpose")
+        # Quoting the first message, as a careless pipeline's error would: the number must
+        # not reach a stored exception or a log line whole.
+        first = messages[0]
+        raise RuntimeError(
+            f"bftest: the dispatch hook fails on purpose (to {first.get('to')}, "
+            f"e164 {first.get('e164')})"
+        )
     # A send takes time (BFTEST_DISPATCH_DELAY seconds): the record is written when it is done.
     delay = float(os.environ.get("BFTEST_DISPATCH_DELAY") or 0)
     if delay:
