@@ -214,6 +214,7 @@ class Summary:
                 sources[source][verdict] = sources[source].get(verdict, 0) + n
         return dict(sources)
 
+    @property
     def requested_channels(self) -> dict[str, dict[str, int]]:
         """Verdicts by the channel each message asked for (``channels`` is by the channel it
         goes out on: a rerouted message counts under its fallback there, under its own here)."""

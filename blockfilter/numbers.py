@@ -214,6 +214,9 @@ def _not_valid(e164: str) -> InvalidNumber:
 # -- the slow path: phonenumbers.parse --------------------------------------------------------
 
 
+_E164_MAX_LENGTH = 16  # "+" and 15 digits
+
+
 def _parse(raw: str, region_code: str | None) -> str:
     if not raw.strip():
         raise InvalidNumber("the number is empty")
@@ -224,7 +227,9 @@ def _parse(raw: str, region_code: str | None) -> str:
     except NumberParseException as exc:
         raise InvalidNumber(_parse_error_detail(exc, raw)) from None
     e164 = phonenumbers.format_number(number, PhoneNumberFormat.E164)
-    if not phonenumbers.is_valid_number(number):
+    # E.164 allows 15 digits at most; phonenumbers' metadata deems some longer ones valid
+    # (+49 30000000000000), which the API could never be asked about.
+    if len(e164) > _E164_MAX_LENGTH or not phonenumbers.is_valid_number(number):
         raise _not_valid(e164)
     return e164
 

@@ -46,12 +46,14 @@ def add_parser(commands: Any) -> None:
         parser = sub.add_parser(name, help=text)
         channel(parser)
         who(parser)
-        parser.add_argument("numbers", nargs="+", metavar="NUMBER")
+        parser.add_argument(
+            "numbers", nargs="+", metavar="NUMBER", help="E.164, or national with --region"
+        )
 
     show = sub.add_parser("show", help="whether one number is opted out, and why")
-    show.add_argument("number", metavar="NUMBER")
-    show.add_argument("--region")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("number", metavar="NUMBER", help="E.164, or national with --region")
+    show.add_argument("--region", help="ISO 3166 alpha-2 region for a national number")
+    show.add_argument("--json", action="store_true", help="print the answer as JSON")
 
     imported = sub.add_parser("import", help="record a file of numbers (one a line) as opt-outs")
     channel(imported)
