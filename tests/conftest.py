@@ -78,3 +78,14 @@ def hostile_upstream() -> Iterator[Callable[..., HostileUpstream]]:
         upstream.stop()
     errors = [error for upstream in started for error in upstream.errors]
     assert not errors, f"an answer function raised: {errors!r}"
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_state_left_behind() -> Iterator[None]:
+    """A Celery worker run inside the test process (the demo's) marks the process as a
+    worker's for good: every later ``result.get()`` would then raise "Never call result.get()
+    within a task!". Each test starts as a plain producer again."""
+    yield
+    from celery._state import _set_task_join_will_block
+
+    _set_task_join_will_block(False)

@@ -264,7 +264,9 @@ def test_the_tasks_hide_their_arguments_from_monitoring() -> None:
     finally:
         before_task_publish.disconnect(capture)
         app.close()
-    assert seen == {
-        "blockfilter.send_results": ("(...)", "{}"),
-        "blockfilter.inbound": ("(...)", "{}"),
-    }
+    # Each shown as a summary (which one depends on the handlers registered), never the
+    # number in any spelling.
+    assert set(seen) == {"blockfilter.send_results", "blockfilter.inbound"}
+    for argsrepr, kwargsrepr in seen.values():
+        shown = f"{argsrepr} {kwargsrepr}"
+        assert N1 not in shown and N1[1:] not in shown and N1[-8:] not in shown
