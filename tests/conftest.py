@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -89,3 +92,27 @@ def _no_worker_state_left_behind() -> Iterator[None]:
     from celery._state import _set_task_join_will_block
 
     _set_task_join_will_block(False)
+
+
+@pytest.fixture
+def private_rabbit(tmp_path: Path) -> Iterator[Any]:
+    """A RabbitMQ node of the test's own (a test stops and restarts it), stopped afterwards;
+    the test is skipped where none can be started, or Redis (records, results) is away."""
+    from tests.celery_support.harness import REDIS_URL, reachable
+    from tests.celery_support.private_servers import PrivateRabbit, rabbit_unavailable_reason
+
+    reason = rabbit_unavailable_reason()
+    if reason:
+        pytest.skip(f"no private RabbitMQ node: {reason}")
+    if not reachable(REDIS_URL):
+        pytest.skip("Redis (records and results) not reachable at 127.0.0.1:6379")
+    rabbit = PrivateRabbit(tmp_path / "rabbit")
+    try:
+        rabbit.start()
+    except (RuntimeError, subprocess.SubprocessError) as exc:
+        rabbit.stop()
+        pytest.skip(f"a private RabbitMQ node cannot be started here: {exc}")
+    try:
+        yield rabbit
+    finally:
+        rabbit.stop()

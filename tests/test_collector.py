@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -38,17 +37,14 @@ from blockfilter.errors import ConfigError  # noqa: E402
 from blockfilter.simulator import FaultRule  # noqa: E402
 from tests.celery_support.factory import make_app  # noqa: E402
 from tests.celery_support.harness import (  # noqa: E402
-    REDIS_URL,
     RETRY_ATTEMPTS,
     Stack,
     Worker,
     install_plugin_dist,
-    reachable,
     require_broker,
 )
 from tests.celery_support.private_servers import (  # noqa: E402
     PrivateRabbit,
-    rabbit_unavailable_reason,
 )
 
 # -- fast: settings and counting -------------------------------------------------------------
@@ -357,25 +353,6 @@ def test_a_worker_that_cannot_hold_a_batch_warns_and_still_delivers(
 
 
 # -- slow: the broker restarts under a filling buffer ----------------------------------------
-
-
-@pytest.fixture
-def private_rabbit(tmp_path: Path) -> Iterator[PrivateRabbit]:
-    reason = rabbit_unavailable_reason()
-    if reason:
-        pytest.skip(f"no private RabbitMQ node: {reason}")
-    if not reachable(REDIS_URL):
-        pytest.skip("Redis (records and results) not reachable at 127.0.0.1:6379")
-    rabbit = PrivateRabbit(tmp_path / "rabbit")
-    try:
-        rabbit.start()
-    except (RuntimeError, subprocess.SubprocessError) as exc:
-        rabbit.stop()
-        pytest.skip(f"a private RabbitMQ node cannot be started here: {exc}")
-    try:
-        yield rabbit
-    finally:
-        rabbit.stop()
 
 
 def wait_for(condition: Any, timeout: float, what: str, logs: Any) -> None:

@@ -37,17 +37,14 @@ from blockfilter.simulator import Simulator  # noqa: E402
 from blockfilter.tasks import filter_campaign, merge_summaries  # noqa: E402
 from tests.celery_support.campaigns import DISPATCHED, Campaign, make_campaign  # noqa: E402
 from tests.celery_support.harness import (  # noqa: E402
-    REDIS_URL,
     TEST_KEY,
     TEST_SID,
     install_plugin_dist,
-    reachable,
     require_broker,
 )
 from tests.celery_support.private_servers import (  # noqa: E402
     PrivateRabbit,
     PrivateRedis,
-    rabbit_unavailable_reason,
 )
 from tests.celery_support.tuned import TunedStack  # noqa: E402
 from tests.conftest import clean_environ  # noqa: E402
@@ -100,25 +97,6 @@ def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # -- RabbitMQ restarts mid-campaign ----------------------------------------------------------
-
-
-@pytest.fixture
-def private_rabbit(tmp_path: Path) -> Iterator[PrivateRabbit]:
-    reason = rabbit_unavailable_reason()
-    if reason:
-        pytest.skip(f"no private RabbitMQ node: {reason}")
-    if not reachable(REDIS_URL):
-        pytest.skip("Redis (records and results) not reachable at 127.0.0.1:6379")
-    rabbit = PrivateRabbit(tmp_path / "rabbit")
-    try:
-        rabbit.start()
-    except (RuntimeError, subprocess.SubprocessError) as exc:
-        rabbit.stop()
-        pytest.skip(f"a private RabbitMQ node cannot be started here: {exc}")
-    try:
-        yield rabbit
-    finally:
-        rabbit.stop()
 
 
 @pytest.mark.timeout(240)

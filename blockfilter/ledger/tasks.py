@@ -32,6 +32,20 @@ def _hide_arguments(sender: Any = None, headers: Any = None, **_: Any) -> None:
         headers["kwargsrepr"] = "{}"
 
 
+# Both tasks: redelivered after a worker crash (a report must not be lost), and retried for as
+# long as the ledger is away, backing off to five minutes.
+_LEDGER_TASK_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "autoretry_for": (LedgerUnavailable,),
+    "retry_backoff": 1,
+    "retry_backoff_max": 300,
+    "retry_jitter": True,
+    "max_retries": None,
+}
+
+
 def _context(task: Any) -> tuple[Any, Any]:
     from ..plugins import get_plugin_manager
 
@@ -39,17 +53,7 @@ def _context(task: Any) -> tuple[Any, Any]:
     return settings, get_plugin_manager(settings)
 
 
-@shared_task(
-    name=SEND_RESULTS_TASK,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(LedgerUnavailable,),
-    retry_backoff=1,
-    retry_backoff_max=300,
-    retry_jitter=True,
-    max_retries=None,
-)
+@shared_task(name=SEND_RESULTS_TASK, **_LEDGER_TASK_OPTIONS)
 def send_results(self: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
     """Record what the provider said of sent messages (see
     :func:`blockfilter.ledger.report_send_results`); returns the counts."""
@@ -61,17 +65,7 @@ def send_results(self: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
     return report_send_results(results, settings=settings, pm=pm).as_dict()
 
 
-@shared_task(
-    name=INBOUND_TASK,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(LedgerUnavailable,),
-    retry_backoff=1,
-    retry_backoff_max=300,
-    retry_jitter=True,
-    max_retries=None,
-)
+@shared_task(name=INBOUND_TASK, **_LEDGER_TASK_OPTIONS)
 def inbound_reply(self: Any, message: dict[str, Any]) -> dict[str, Any]:
     """Read one reply (see :func:`blockfilter.ledger.inbound`); returns what it made of it,
     ``confirm`` included. An unusable message is not retried: ``error`` says why."""
