@@ -43,6 +43,10 @@ DRAIN_TIMEOUT_S = 60.0
 # SQLite's wait for a lock held by another process (a writer, a rotation).
 _SQLITE_BUSY_S = 30.0
 _SQLITE_CHUNK = 500
+# Connections of one process that set a new file up (WAL, schema) take turns: SQLite answers a
+# journal-mode change that meets another connection's with "database is locked" at once,
+# without waiting out its busy timeout.
+_SQLITE_SETUP_LOCK = threading.Lock()
 
 _COLUMNS = (
     "seq, number_hash, channel, opted_out, occurred_at, recorded_at, source, provider, code, actor"
@@ -328,6 +332,17 @@ class SQLiteStore(Store):
             db.execute("PRAGMA journal_mode=DELETE")
         return db
 
+    def _open_ready(self) -> sqlite3.Connection:
+        db = self._connect(self.path, wal=True)
+        try:
+            if not self._schema_ready:
+                db.executescript(_SQLITE_SCHEMA)
+                self._schema_ready = True
+        except BaseException:
+            db.close()
+            raise
+        return db
+
     def _db(self, create: bool) -> sqlite3.Connection | None:
         if self._pid != os.getpid():  # a fork: the parent's connections are not ours
             self._local, self._pid = threading.local(), os.getpid()
@@ -339,10 +354,7 @@ class SQLiteStore(Store):
                 return None
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            db = self._connect(self.path, wal=True)
-            if not self._schema_ready:
-                db.executescript(_SQLITE_SCHEMA)
-                self._schema_ready = True
+            db = _set_up_while_busy(self._open_ready, self.path)
         except sqlite3.Error as exc:
             raise LedgerUnavailable(f"opt-out ledger {self.path}: {exc}") from None
         self._local.db = db
@@ -834,3 +846,21 @@ def _pg_error(exc: BaseException) -> str:
     # (libpq keeps it out); they never hold a number, which only travels as a hash.
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _set_up_while_busy(open_ready: Callable[[], T], path: Path) -> T:
+    """``open_ready()``, tried again while SQLite says the file is locked, for as long as its
+    own busy timeout would have waited: the journal-mode switch and the schema script of a new
+    file do not wait for another process's connection (or one of ours) that sets it up too."""
+    deadline = time.monotonic() + _SQLITE_BUSY_S
+    pause = 0.01
+    while True:
+        try:
+            with _SQLITE_SETUP_LOCK:
+                return open_ready()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            log.debug("opt-out ledger %s is being set up elsewhere; trying again", path)
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
