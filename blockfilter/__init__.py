@@ -1,15 +1,14 @@
 """blockfilter: check recipients against Kaleyra's blocklist before a message goes out.
 
 ``from blockfilter import hookimpl`` marks a pipeline's hook implementations;
-``blockfilter.Filter`` runs the filter without Celery (imported on first use, so that a
-plugin importing ``hookimpl`` does not pay for the whole library).
+``blockfilter.Filter`` runs the filter without Celery. Both are imported on first use, so that
+a plugin importing ``hookimpl`` does not pay for the whole library, nor
+``blockfilter --version`` for pluggy.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-
-from .hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
@@ -18,8 +17,14 @@ __all__ = ["Filter", "Settings", "__version__", "hookimpl", "load_settings"]
 if TYPE_CHECKING:
     from .config import Settings, load_settings
     from .engine import Filter
+    from .hookspecs import hookimpl
 
-_LAZY = {"Filter": "engine", "Settings": "config", "load_settings": "config"}
+_LAZY = {
+    "Filter": "engine",
+    "Settings": "config",
+    "hookimpl": "hookspecs",
+    "load_settings": "config",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -11,30 +11,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
-import shutil
-import signal
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import __version__
-from .atomicfile import AtomicFile, Terminated, stop_on_signals
-from .config import CHANNELS, Settings, load_settings
-from .errors import (
-    BlockfilterError,
-    ConfigError,
-    CredentialsRefused,
-    InputChanged,
-)
-from .redact import install_secret_filter, mask_numbers_in, redact
+
+# The rest of the package is imported where a command needs it: `blockfilter --version`
+# (what packagers and health checks run) then costs the interpreter's start and little more.
+if TYPE_CHECKING:
+    from .atomicfile import AtomicFile
+    from .config import Settings
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_DEFERRED = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
-
-log = logging.getLogger("blockfilter.cli")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +35,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import CHANNELS
+
     parser = _Parser(
         prog="blockfilter",
         description="Check message recipients against Kaleyra's blocklist before sending.",
@@ -151,8 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments == ["--version"]:
+        # Answered as argparse would, before the parser is built: its subcommands import the
+        # settings and the ledger.
+        print(f"blockfilter {__version__}")
+        return EXIT_OK
+    from .atomicfile import Terminated
+    from .errors import BlockfilterError, ConfigError, CredentialsRefused
+
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(arguments)
     if extra:
         # Said by the subcommand's parser, so its usage is the one printed.
         _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
@@ -193,6 +195,10 @@ def run() -> None:
 
 
 def _setup_logging(verbosity: int) -> None:
+    import logging
+
+    from .redact import install_secret_filter
+
     level = logging.WARNING - 10 * min(verbosity, 2)
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
@@ -201,6 +207,8 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def _clean(text: str) -> str:
+    from .redact import mask_numbers_in, redact
+
     return mask_numbers_in(redact(text, os.environ.get("KALEYRA_API_KEY")))
 
 
@@ -215,6 +223,7 @@ def _silence_stdout() -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from .config import load_settings
     from .engine import Filter
     from .errors import CheckFailed
     from .numbers import InvalidNumber, normalize
@@ -251,6 +260,7 @@ def _line_opener(
     """Opens ``path`` anew for each pass of the filter (through ``open_file`` when given), and
     makes sure each pass reads the file the first one read: same file, size and modification
     time, before and after."""
+    from .errors import InputChanged
     from .jsonlines import file_lines
 
     first_seen: tuple[int, ...] | None = None
@@ -278,6 +288,11 @@ def _line_opener(
 @contextlib.contextmanager
 def _replayable_input(path: str) -> Iterator[Callable[[], Iterator[bytes]]]:
     """The input as something that can be read several times: stdin is spooled to a file."""
+    import shutil
+    import tempfile
+
+    from .errors import ConfigError
+
     if path != "-":
         if not os.path.isfile(path):
             raise ConfigError(f"INPUT {path!r} is not a readable file")
@@ -305,6 +320,8 @@ def _output_files(
     """The output (stdout, or a file) and the summary file, if any. Files appear whole or not
     at all, and together: both are on disk before either replaces its old file, so a failure
     (a full disk, a signal) leaves both old files as they were."""
+    from .atomicfile import AtomicFile
+
     with contextlib.ExitStack() as stack:
         files = [
             stack.enter_context(AtomicFile(path, label=label))
@@ -348,13 +365,17 @@ class _Progress:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
+    from .atomicfile import stop_on_signals
+
     # Stopped by a signal, the run unwinds: its temporary files go, the old ones stay.
     with stop_on_signals():
         return _filter(args)
 
 
 def _filter(args: argparse.Namespace) -> int:
+    from .config import load_settings
     from .engine import Filter
+    from .errors import ConfigError
 
     settings = load_settings()
     if args.max_requests is not None and args.max_requests < 0:
@@ -444,6 +465,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
     from .builtin import close_kaleyra_source
+    from .config import CHANNELS, load_settings
     from .kaleyra import KaleyraSource
 
     settings = load_settings()
@@ -501,6 +523,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 def cmd_simulator(args: argparse.Namespace) -> int:
+    import signal
+
+    from .errors import ConfigError
     from .simulator import run_simulator
 
     def ready(base_url: str) -> None:
@@ -563,6 +588,8 @@ def cmd_deferred(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from .config import load_settings
+
     conf = None
     if args.app:
         from .replay import load_app
