@@ -1,9 +1,13 @@
 """The HTTP client of Kaleyra's "Get Blocklist" API.
 
-One :class:`KaleyraClient` per process is the intended use. It owns a pooled
-:class:`requests.Session`, made on first use (never at import, since Celery imports this
-module in every worker) and made again when the process id changes, so prefork children never
-share their parent's sockets.
+One :class:`KaleyraClient` per process is the intended use. It sends every attempt through a
+*transport* (:mod:`blockfilter.transport`): by default a pool of urllib3 keep-alive
+connections, made on first use (never at import, since Celery imports this module in every
+worker) and made again when the process id changes, so prefork children never share their
+parent's sockets. Proxy and CA variables (``HTTPS_PROXY``, ``NO_PROXY``,
+``REQUESTS_CA_BUNDLE``...) are read when the client is made, by requests' rules. Handed a
+function instead (``transport=answer``, ``answer(request) -> response``, as httpx's
+``MockTransport``), the client asks that function and opens no socket: unit tests use it.
 
 Every request is one *logical* request (at most 100 numbers, or one page of the whole
 blocklist) tried within a retry budget: at most ``retry_attempts`` attempts, none started (and
@@ -42,12 +46,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
-from urllib.parse import quote
-
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import HTTPError as Urllib3HTTPError
-from urllib3.exceptions import ReadTimeoutError
 
 from . import metrics
 from .config import CHANNELS, Settings, load_settings
@@ -61,6 +59,16 @@ from .errors import (
 )
 from .numbers import normalize_answer, regions_of
 from .redact import guard_library_logs
+from .transport import (
+    BodyTooLarge,
+    NetworkEnvironment,
+    Request,
+    Response,
+    Transport,
+    TransportError,
+    TransportTimeout,
+    Urllib3Transport,
+)
 
 __all__ = [
     "MAX_NUMBERS_PER_REQUEST",
@@ -84,8 +92,9 @@ _REFUSED_CODES = frozenset({"RBC001", "WA401", "WA-401", "E110"})
 _TRANSIENT_CODES = frozenset({"WA500", "CNT195", "WA202"})
 # A full answer of 100 entries is a few kilobytes; anything far bigger is not an answer.
 _MAX_BODY_BYTES = 4 * 1024 * 1024
-_READ_CHUNK = 64 * 1024
-_NUMBER = re.compile(r"^\+[0-9]{1,15}$")
+# fullmatch: "$" would also match before a trailing newline. A number that matches needs no
+# percent-encoding but its "+" (%2B: a raw "+" decodes to a space).
+_NUMBER = re.compile(r"\+[0-9]{1,15}")
 # No field of an answer needs a longer integer; a longer one is not Kaleyra's answer.
 _MAX_INTEGER_DIGITS = 64
 # A problem already logged is not logged again for this long (per client), so a broken
@@ -211,6 +220,8 @@ class KaleyraClient:
     :param sleep: how to wait between attempts (tests inject a fake).
     :param clock: the monotonic clock of the retry budget (tests inject a fake).
     :param rng: the source of backoff jitter (tests inject a seeded one).
+    :param transport: what sends each attempt, ``(Request) -> Response``
+        (:mod:`blockfilter.transport`); default: urllib3 connections, one pool per process.
 
     Thread-safe: :meth:`blocked` itself runs requests on a thread pool, and many threads may
     share one client.
@@ -224,6 +235,7 @@ class KaleyraClient:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self._sid, self._api_key = settings.require_credentials()
         # urllib3's own debug lines carry the request URL: mask its numbers, guard the key.
@@ -235,9 +247,26 @@ class KaleyraClient:
         self._rng = rng or random.Random()
         self.stats = ClientStats()
         self.endpoint = f"{settings.api_root}/v1/{self._sid}/contacts/blocklisted"
-        self._session: requests.Session | None = None
-        self._session_pid: int | None = None
-        self._session_lock = threading.Lock()
+        # Built once: a request only appends its numbers (or its page) to these.
+        self._lookup_urls = {
+            channel: f"{self.endpoint}?limit={MAX_PAGE_SIZE}&offset=0&channel={channel}&mobile="
+            for channel in CHANNELS
+        }
+        from . import __version__  # late: the package root may import this module
+
+        self._headers = {
+            "api-key": self._api_key,
+            "User-Agent": f"blockfilter/{__version__}",
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",
+        }
+        self._post_headers = {**self._headers, "Content-Type": "application/json"}
+        self._given_transport = transport
+        # Read now, once: requests re-read the proxy variables on every request.
+        self._network = NetworkEnvironment.read() if transport is None else None
+        self._transport: Urllib3Transport | None = None
+        self._transport_pid: int | None = None
+        self._transport_lock = threading.Lock()
         self._warned: dict[tuple[object, ...], float] = {}
         self._warned_lock = threading.Lock()
 
@@ -259,45 +288,66 @@ class KaleyraClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- the session ---------------------------------------------------------------------------
+    # -- the transport -------------------------------------------------------------------------
 
-    def _http(self) -> requests.Session:
-        """This process's pooled session, made on first use and again after a fork."""
+    def _http(self) -> Transport:
+        """The transport handed in, or this process's pooled one, made on first use and again
+        after a fork."""
+        if self._given_transport is not None:
+            return self._given_transport
         pid = os.getpid()
-        with self._session_lock:
-            if self._session is None or self._session_pid != pid:
-                # After a fork the inherited session's sockets are the parent's too: closing
-                # them here could cut the parent's connections, so they are just abandoned.
-                self._session = self._new_session()
-                self._session_pid = pid
-            return self._session
-
-    def _new_session(self) -> requests.Session:
-        from . import __version__  # late: the package root may import this module
-
-        session = requests.Session()
-        # One connection per concurrent request, so none is opened and thrown away per call.
-        # urllib3 retries nothing: the retry budget below is the only one.
-        adapter = HTTPAdapter(
-            pool_connections=4,
-            pool_maxsize=max(self.settings.concurrency, 10),
-            max_retries=0,
-        )
-        session.mount("https://", adapter)
-        session.mount("http://", adapter)
-        session.headers["User-Agent"] = f"blockfilter/{__version__}"
-        session.headers["Accept"] = "application/json"
-        # trust_env stays on: HTTPS_PROXY, NO_PROXY and REQUESTS_CA_BUNDLE apply, and TLS
-        # verification stays on.
-        return session
+        with self._transport_lock:
+            if self._transport is None or self._transport_pid != pid:
+                # After a fork the inherited connections are the parent's too: closing them
+                # here could cut the parent's, so they are just abandoned.
+                self._transport = Urllib3Transport(
+                    # One connection per concurrent request, none opened and thrown away.
+                    maxsize=max(self.settings.concurrency, 10),
+                    environment=self._network,
+                )
+                self._transport_pid = pid
+            return self._transport
 
     def close(self) -> None:
-        """Close the pooled connections. The client may still be used; it reconnects."""
-        with self._session_lock:
-            session, self._session = self._session, None
-            if session is not None and self._session_pid == os.getpid():
-                session.close()
-            self._session_pid = None
+        """Close the pooled connections. The client may still be used; it reconnects. A
+        transport handed in is its owner's to close."""
+        with self._transport_lock:
+            transport, self._transport = self._transport, None
+            if transport is not None and self._transport_pid == os.getpid():
+                transport.close()
+            self._transport_pid = None
+
+    def _send(self, request: Request, shape: _Shape) -> Response:
+        """One exchange through the transport; its failures as the client's transient errors
+        (no cause attached: an exception of the HTTP stack may show the URL, and with it the
+        numbers asked)."""
+        try:
+            return self._http()(request)
+        except TransportTimeout:
+            raise _transient(
+                f"Kaleyra did not answer in time ({shape.describe()})", "timeout"
+            ) from None
+        except BodyTooLarge:
+            raise _transient(
+                f"Kaleyra's answer is implausibly large ({shape.describe()})", "bad_body"
+            ) from None
+        except TransportError as exc:
+            raise _transient(
+                f"connection to Kaleyra failed: {exc} ({shape.describe()})", "connection"
+            ) from None
+
+    def _request_of(
+        self, method: str, url: str, timeout: float, body: bytes | None = None
+    ) -> Request:
+        return Request(
+            method,
+            url,
+            self._headers if body is None else self._post_headers,
+            body,
+            connect_timeout=min(self.settings.connect_timeout, timeout),
+            timeout=timeout,
+            max_body_bytes=_MAX_BODY_BYTES,
+        )
 
     # -- the public calls ----------------------------------------------------------------------
 
@@ -321,18 +371,15 @@ class KaleyraClient:
             )
         if not unique:
             return set()
-        bad = sum(1 for n in unique if not isinstance(n, str) or not _NUMBER.match(n))
-        if bad:
+        if not _all_numbers(unique):
+            bad = sum(1 for n in unique if not isinstance(n, str) or not _NUMBER.fullmatch(n))
             raise ValueError(f"{bad} of {len(unique)} numbers are not E.164 ('+' and digits)")
         # limit=100 with every batch: should the API page mobile queries too, one page still
-        # holds every number of a batch, so none can be missed.
-        query = (
-            f"limit={MAX_PAGE_SIZE}&offset=0&channel={channel}&mobile="
-            # quote(safe=""): '+' must travel as %2B (a raw '+' decodes to a space).
-            + ",".join(quote(n, safe="") for n in unique)
-        )
+        # holds every number of a batch, so none can be missed. '+' travels as %2B (a raw '+'
+        # decodes to a space); nothing else of a checked number needs encoding.
+        url = self._lookup_urls[channel] + ",".join(unique).replace("+", "%2B")
         shape = _Shape(channel, len(unique))
-        return self._request(query, shape, lambda data: _match_answer(data, unique, shape))
+        return self._request(url, shape, lambda data: _match_answer(data, unique, shape))
 
     def blocked(self, channel: str, numbers: Iterable[str]) -> set[str]:
         """Which of any number of E.164 numbers are blocklisted on ``channel``.
@@ -392,12 +439,12 @@ class KaleyraClient:
             raise ValueError(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size}")
         if offset < 0:
             raise ValueError(f"offset must be >= 0, got {offset}")
-        query = f"limit={page_size}&offset={offset}&channel={channel}"
-        return self._request(query, _Shape(channel, 0, offset), _mobiles)
+        url = f"{self.endpoint}?limit={page_size}&offset={offset}&channel={channel}"
+        return self._request(url, _Shape(channel, 0, offset), _mobiles)
 
     # -- one logical request: the retry budget -------------------------------------------------
 
-    def _request(self, query: str, shape: _Shape, read: Callable[[_Data], _T]) -> _T:
+    def _request(self, url: str, shape: _Shape, read: Callable[[_Data], _T]) -> _T:
         """``read`` of the ``data`` of the first good answer; ``read`` may raise a transient
         error to have an answer that is not good enough retried like any other."""
         settings = self.settings
@@ -416,7 +463,7 @@ class KaleyraClient:
             # The attempt may not outlive the budget: the budget is a promise to the caller.
             attempt_timeout = max(min(settings.request_timeout, remaining), 0.001)
             try:
-                return self._attempt(query, shape, attempt_timeout, read)
+                return self._attempt(url, shape, attempt_timeout, read)
             except TransientUpstreamError as exc:
                 error = exc
             retry_after = error.retry_after
@@ -456,7 +503,7 @@ class KaleyraClient:
 
     def _attempt(
         self,
-        query: str,
+        url: str,
         shape: _Shape,
         timeout: float,
         read: Callable[[_Data], _T],
@@ -464,33 +511,13 @@ class KaleyraClient:
         """One HTTP exchange within ``timeout`` seconds in total; ``read`` of its ``data``."""
         self.stats.count_attempt(shape.numbers)
         started = time.monotonic()
-        deadline = started + timeout
         status: int | None = None
         outcome = "error"  # for the metrics: "ok", the error code, or this (a bug of ours)
         try:
-            try:
-                response = self._http().get(
-                    f"{self.endpoint}?{query}",
-                    headers={"api-key": self._api_key},
-                    timeout=(min(self.settings.connect_timeout, timeout), timeout),
-                    stream=True,
-                    # A redirect would carry the api-key header to wherever it points.
-                    allow_redirects=False,
-                )
-            except requests.exceptions.Timeout:
-                raise _transient(
-                    f"Kaleyra did not answer in time ({shape.describe()})", "timeout"
-                ) from None
-            except requests.exceptions.RequestException as exc:
-                # The cause is dropped on purpose: urllib3's messages carry the full URL, and
-                # with it the phone numbers asked.
-                raise _transient(
-                    f"connection to Kaleyra failed: {type(exc).__name__} ({shape.describe()})",
-                    "connection",
-                ) from None
-            status = response.status_code
-            body = self._read_body(response, deadline, shape)
-            data = read(_interpret(status, response.headers.get("Retry-After"), body, shape))
+            # No redirect is followed: it would carry the api-key header wherever it points.
+            response = self._send(self._request_of("GET", url, timeout), shape)
+            status = response.status
+            data = read(_interpret(status, response.header("Retry-After"), response.body, shape))
             outcome = "ok"
             return data
         except UpstreamError as exc:
@@ -523,56 +550,6 @@ class KaleyraClient:
             self._warned[problem] = now
         log.warning("%s", message)
 
-    def _read_body(self, response: requests.Response, deadline: float, shape: _Shape) -> bytes:
-        """The whole body by ``deadline``, or a ``timeout`` error and a discarded connection.
-
-        The body is read in chunks of whatever has arrived (``read1``), with the socket's
-        timeout set to the time left before each read, so a server sending a byte a second
-        cannot stretch the attempt past its deadline.
-        """
-        raw = response.raw
-        chunks: list[bytes] = []
-        size = 0
-        complete = False
-        try:
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise _transient(
-                        f"Kaleyra's answer did not arrive in time ({shape.describe()})", "timeout"
-                    )
-                _set_read_timeout(raw, remaining)
-                try:
-                    chunk = raw.read1(_READ_CHUNK, decode_content=True)
-                except (ReadTimeoutError, TimeoutError):
-                    raise _transient(
-                        f"Kaleyra's answer did not arrive in time ({shape.describe()})",
-                        "timeout",
-                    ) from None
-                except (Urllib3HTTPError, OSError, requests.exceptions.RequestException) as exc:
-                    raise _transient(
-                        f"connection to Kaleyra broke mid-answer: {type(exc).__name__} "
-                        f"({shape.describe()})",
-                        "connection",
-                    ) from None
-                if not chunk:
-                    complete = True
-                    return b"".join(chunks)
-                size += len(chunk)
-                if size > _MAX_BODY_BYTES:
-                    raise _transient(
-                        f"Kaleyra's answer is implausibly large ({shape.describe()})", "bad_body"
-                    )
-                chunks.append(chunk)
-        finally:
-            if complete:
-                raw.release_conn()  # read to the end: the connection is clean, reuse it
-            else:
-                # Unread bytes would be taken for the next answer on this connection: close
-                # it, so the pool opens a fresh one.
-                raw.close()
-                response.close()
-
     # -- "Change Blocklist Status for Number" (the ledger's write-back) -------------------------
 
     def change_blocklist(
@@ -593,7 +570,7 @@ class KaleyraClient:
             raise ValueError(f"1 to {MAX_NUMBERS_PER_REQUEST} numbers per request, got {count}")
         if set(add) & set(remove):
             raise ValueError("a number cannot be added and removed in one request")
-        if not all(isinstance(n, str) and _NUMBER.match(n) for n in add + remove):
+        if not _all_numbers(add + remove):
             raise ValueError("numbers must be E.164 ('+' and digits)")
         contacts = [
             {"blocklist_status": status, "numbers": numbers}
@@ -641,51 +618,32 @@ class KaleyraClient:
 
     def _post_attempt(self, body: bytes, shape: _Shape, timeout: float) -> None:
         self.stats.count_attempt(shape.numbers)
-        deadline = time.monotonic() + timeout
         try:
-            try:
-                response = self._http().post(
-                    self.endpoint,
-                    data=body,
-                    headers={"api-key": self._api_key, "content-type": "application/json"},
-                    timeout=(min(self.settings.connect_timeout, timeout), timeout),
-                    stream=True,
-                    allow_redirects=False,
-                )
-            except requests.exceptions.Timeout:
-                raise _transient(
-                    f"Kaleyra did not answer in time ({shape.describe()})", "timeout"
-                ) from None
-            except requests.exceptions.RequestException as exc:
-                raise _transient(
-                    f"connection to Kaleyra failed: {type(exc).__name__} ({shape.describe()})",
-                    "connection",
-                ) from None
-            answer = self._read_body(response, deadline, shape)
-            if 200 <= response.status_code < 300:
+            response = self._send(self._request_of("POST", self.endpoint, timeout, body), shape)
+            status, answer = response.status, response.body
+            if 200 <= status < 300:
                 try:
                     json.loads(answer)
                     return
                 except (ValueError, UnicodeDecodeError):
                     raise _transient(
-                        f"Kaleyra's answer was not JSON (HTTP {response.status_code})",
-                        "bad_body",
-                        response.status_code,
+                        f"Kaleyra's answer was not JSON (HTTP {status})", "bad_body", status
                     ) from None
-            _interpret(response.status_code, response.headers.get("Retry-After"), answer, shape)
+            _interpret(status, response.header("Retry-After"), answer, shape)
             raise FinalUpstreamError(  # pragma: no cover - _interpret raises for non-2xx
-                f"Kaleyra answered HTTP {response.status_code}", status=response.status_code
+                f"Kaleyra answered HTTP {status}", status=status
             )
         except UpstreamError as exc:
             self.stats.count_failure(exc.code or "unknown")
             raise
 
 
-def _set_read_timeout(raw: Any, seconds: float) -> None:
-    connection = getattr(raw, "connection", None)
-    sock = getattr(connection, "sock", None)
-    if sock is not None:
-        sock.settimeout(max(seconds, 0.001))
+def _all_numbers(values: Sequence[object]) -> bool:
+    # map() keeps the loop in C: this runs on every request.
+    try:
+        return all(map(_NUMBER.fullmatch, values))  # type: ignore[arg-type]
+    except TypeError:  # not a string
+        return False
 
 
 def _channel(channel: str) -> str:

@@ -194,7 +194,8 @@ def test_the_key_never_shows_in_the_python_api(
     texts += [repr(source), repr(source.client), str(source.client.stats)]
     source.close()
     texts += log_texts(debug_logs.records)
-    assert any("urllib3" in text for text in texts)  # the DEBUG lines were really there
+    # The transport's DEBUG request lines were really there.
+    assert any("blockfilter.transport" in text for text in texts)
     for text in texts:
         assert_no_key(text, "the Python API's reprs, results or logs")
 
@@ -246,8 +247,9 @@ def test_cli_debug_logs_mask_every_number(sim: Simulator, tmp_path: Path) -> Non
     sim.set_faults([FaultRule("wa500", every=2)])
     done = run_cli("-vv", "filter", str(path), env=env_for(sim))
     assert done.returncode == 0, done.stderr
-    # urllib3's request lines were printed (so the numbers really went through the logs)...
-    assert b"urllib3.connectionpool" in done.stderr and b"mobile=%2B" in done.stderr
+    # The transport's request lines were printed (so the numbers really went through the
+    # logs)...
+    assert b"blockfilter.transport" in done.stderr and b"mobile=%2B" in done.stderr
     # ...and masked, in the contract's form (the "+" percent-encoded as it was sent).
     assert re.search(rb"mobile=%2B[0-9]{5}X+[0-9]{2}(,|%2C)%2B", done.stderr)
     assert_no_full_number(done.stderr, campaign, "the -vv log of filter")
@@ -269,7 +271,7 @@ def test_python_api_logs_mask_numbers_for_handlers_added_later(
             late.append(record)
 
     handler = Collect(logging.DEBUG)
-    logging.getLogger("urllib3").addHandler(handler)
+    logging.getLogger("blockfilter.transport").addHandler(handler)
     try:
         with engine:
             list(
@@ -278,7 +280,7 @@ def test_python_api_logs_mask_numbers_for_handlers_added_later(
                 )
             )
     finally:
-        logging.getLogger("urllib3").removeHandler(handler)
+        logging.getLogger("blockfilter.transport").removeHandler(handler)
     assert any("mobile=%2B" in record.getMessage() for record in late)
     for text in log_texts(late) + log_texts(debug_logs.records):
         assert_no_full_number(text, campaign, "a DEBUG log line of the Python API")
@@ -440,7 +442,7 @@ def test_tls_is_verified_by_default_and_the_ca_bundle_variable_is_honoured(
     settings = fast_settings(base_url, sid=SID, api_key=KEY, retry_attempts=1)
     number = numbers(1)[0]
     with KaleyraClient(settings) as client:
-        assert client._http().verify is True
+        assert client._http().ssl_context.verify_mode == ssl.CERT_REQUIRED
         # A self-signed certificate is refused: the check fails, it is not skipped.
         with pytest.raises(UpstreamError) as caught:
             client.blocked_batch("sms", [number])
