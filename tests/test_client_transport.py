@@ -176,7 +176,8 @@ def test_a_failed_exchange_names_the_shape_never_the_numbers(make_client) -> Non
     assert last.code == "connection"
     assert "SSLError" in str(last) and "2 numbers" in str(last)
     assert "802000005" not in str(last) and KEY not in str(last)
-    assert last.__cause__ is None and last.__context__ is None or BLOCKED not in repr(last)
+    # No cause is attached: an HTTP stack's exception may show the URL, numbers and all.
+    assert last.__cause__ is None and last.__suppress_context__
 
 
 def test_retry_after_of_a_429_is_slept_and_the_limiter_hears_it(make_client) -> None:
