@@ -258,7 +258,8 @@ class KaleyraClient:
             "api-key": self._api_key,
             "User-Agent": f"blockfilter/{__version__}",
             "Accept": "application/json",
-            "Accept-Encoding": "gzip, deflate",
+            # No content coding asked (http.client sends "identity"): an answer is a few
+            # kilobytes, and decompressing it would cost more CPU than it saves on the wire.
         }
         self._post_headers = {**self._headers, "Content-Type": "application/json"}
         self._given_transport = transport

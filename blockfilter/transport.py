@@ -385,13 +385,12 @@ class _Origin:
             # urllib3's pool logs this line; -vv shows it (its numbers masked, as every
             # record of the library's loggers is).
             log.debug(
-                '%s://%s:%s "%s %s %s" %s %s',
+                '%s://%s:%s "%s %s" %s %s',
                 self.scheme,
                 self.host,
                 self.port,
                 request.method,
                 target,
-                raw.version_string,
                 raw.status,
                 raw.length_remaining,
             )
@@ -460,6 +459,9 @@ def _read_body(raw: BaseHTTPResponse, sock: Any, deadline: float, limit: int) ->
     second cannot stretch the exchange past its deadline."""
     chunks: list[bytes] = []
     size = 0
+    # Without a content coding, the last byte Content-Length announced ends the body: no
+    # further read is needed to learn it (with one, the decoder may still hold some).
+    plain = "content-encoding" not in raw.headers
     while True:
         if deadline - time.monotonic() <= 0:
             raise TransportTimeout("the answer did not arrive in time")
@@ -475,6 +477,8 @@ def _read_body(raw: BaseHTTPResponse, sock: Any, deadline: float, limit: int) ->
         if size > limit:
             raise BodyTooLarge(f"the body is longer than {limit} bytes")
         chunks.append(chunk)
+        if plain and raw.length_remaining == 0:
+            return b"".join(chunks)
 
 
 def _failure(exc: BaseException) -> TransportError:
