@@ -37,7 +37,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from blockfilter.simulator import Simulator
+from blockfilter.testing.simulator import Simulator
 
 SID, KEY = "BENCH", "bench-key-000"
 RESULTS = Path(__file__).resolve().parent / "results" / "core.md"

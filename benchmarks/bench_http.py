@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from blockfilter.simulator import Simulator
+from blockfilter.testing.simulator import Simulator
 
 SID, KEY = "BENCH", "bench-key-000"
 HERE = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, sys, time
 import blockfilter
-from blockfilter.client import KaleyraClient
+from blockfilter.kaleyra.client import KaleyraClient
 from blockfilter.config import load_settings
 
 base_url, count = sys.argv[1], int(sys.argv[2])

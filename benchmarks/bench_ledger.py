@@ -36,8 +36,8 @@ from blockfilter.config import load_settings
 from blockfilter.ledger import add_optouts, report_send_results
 from blockfilter.ledger.crypto import generate_secret
 from blockfilter.ledger.ledger import forget_shared_ledgers
-from blockfilter.plugins import build_filter, make_plugin_manager
-from blockfilter.simulator import Simulator
+from blockfilter.plugins.manager import build_filter, make_plugin_manager
+from blockfilter.testing.simulator import Simulator
 
 SID, KEY = "BENCH", "bench-key-000"
 RESULTS = Path(__file__).resolve().parent / "results" / "ledger.md"
@@ -46,7 +46,7 @@ PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
 WATCHER = r"""
 import json, sys, time
 from blockfilter.config import load_settings
-from blockfilter.plugins import build_filter, make_plugin_manager
+from blockfilter.plugins.manager import build_filter, make_plugin_manager
 settings = load_settings(environ={}, **json.loads(sys.argv[1]))
 numbers = json.loads(sys.argv[2])
 pm = make_plugin_manager(settings)

@@ -43,7 +43,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_process_init
 
-from blockfilter.hookspecs import hookimpl
+from blockfilter.plugins.hookspecs import hookimpl
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "pipeline.md"
@@ -88,7 +88,7 @@ class Sink:
 
 def _plugin_manager() -> Any:
     from blockfilter.config import load_settings
-    from blockfilter.plugins import get_plugin_manager
+    from blockfilter.plugins.manager import get_plugin_manager
 
     return get_plugin_manager(load_settings(celery_conf=app.conf))
 
@@ -116,7 +116,7 @@ class Bench:
     """One benchmark run's simulator, worker processes, queues and counter."""
 
     def __init__(self, workdir: Path, concurrency: int) -> None:
-        from blockfilter.simulator import Simulator
+        from blockfilter.testing.simulator import Simulator
 
         self.workdir = workdir
         self.concurrency = concurrency

@@ -65,7 +65,7 @@ import redis  # noqa: E402
 # The same bare loop the core benchmark races against (stdlib json, the same validation).
 from bench_core import BARE_LOOP, spread  # noqa: E402
 
-from blockfilter.simulator import Simulator  # noqa: E402
+from blockfilter.testing.simulator import Simulator  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 REDIS_URL = "redis://127.0.0.1:6379/14"

@@ -47,8 +47,8 @@ if str(ROOT) not in sys.path:
 
 import redis  # noqa: E402
 
-from blockfilter.simulator import RemoteSimulator, parse_fault_spec  # noqa: E402
 from blockfilter.tasks import filter_campaign, merge_summaries  # noqa: E402
+from blockfilter.testing.simulator import RemoteSimulator, parse_fault_spec  # noqa: E402
 from tests.celery_support.campaigns import truth  # noqa: E402
 from tests.celery_support.counting_plugin import (  # noqa: E402
     ENTRY_POINT,
@@ -66,7 +66,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "soak.md"
 # The simulator in a process of its own, so it does not share this script's interpreter lock.
 SIMULATOR = (
     "import sys\n"
-    "from blockfilter.simulator import run_simulator\n"
+    "from blockfilter.testing.simulator import run_simulator\n"
     "run_simulator('127.0.0.1', 0, sys.argv[1], [], 0.0,"
     " lambda url: print(url, flush=True), seed=int(sys.argv[2]))\n"
 )

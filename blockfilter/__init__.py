@@ -16,13 +16,13 @@ __all__ = ["Filter", "Settings", "__version__", "hookimpl", "load_settings"]
 
 if TYPE_CHECKING:
     from .config import Settings, load_settings
-    from .engine import Filter
-    from .hookspecs import hookimpl
+    from .engine.filter import Filter
+    from .plugins.hookspecs import hookimpl
 
 _LAZY = {
-    "Filter": "engine",
+    "Filter": "engine.filter",
     "Settings": "config",
-    "hookimpl": "hookspecs",
+    "hookimpl": "plugins.hookspecs",
     "load_settings": "config",
 }
 

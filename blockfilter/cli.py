@@ -224,7 +224,7 @@ def _silence_stdout() -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .config import load_settings
-    from .engine import Filter
+    from .engine.filter import Filter
     from .errors import CheckFailed
     from .numbers import InvalidNumber, normalize
 
@@ -260,8 +260,8 @@ def _line_opener(
     """Opens ``path`` anew for each pass of the filter (through ``open_file`` when given), and
     makes sure each pass reads the file the first one read: same file, size and modification
     time, before and after."""
+    from .engine.lines import file_lines
     from .errors import InputChanged
-    from .jsonlines import file_lines
 
     first_seen: tuple[int, ...] | None = None
 
@@ -396,7 +396,7 @@ def fewer_collections() -> Iterator[None]:
 
 def _filter(args: argparse.Namespace) -> int:
     from .config import load_settings
-    from .engine import Filter
+    from .engine.filter import Filter
     from .errors import ConfigError
 
     settings = load_settings()
@@ -416,7 +416,7 @@ def _filter(args: argparse.Namespace) -> int:
             settings, on_error=args.on_error, max_requests=args.max_requests, progress=progress
         ) as engine,
     ):
-        from .kaleyra import KaleyraSource
+        from .kaleyra.source import KaleyraSource
 
         for source in engine.sources:
             if isinstance(source, KaleyraSource):
@@ -431,7 +431,7 @@ def _filter(args: argparse.Namespace) -> int:
         lines = engine.run_lines(open_lines)
         if args.metrics_file:
             from . import metrics
-            from .engine import observed_lines
+            from .engine.filter import observed_lines
 
             lines = observed_lines(lines, metrics.count_verdicts)
         with _output_files(args.out, args.summary_json) as (out, summary_file):
@@ -486,9 +486,9 @@ def format_summary(summary: dict[str, Any]) -> str:
 def cmd_sync(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
-    from .builtin import close_kaleyra_source
     from .config import CHANNELS, load_settings
-    from .kaleyra import KaleyraSource
+    from .kaleyra.source import KaleyraSource
+    from .plugins.builtin import close_kaleyra_source
 
     settings = load_settings()
     settings.require_credentials()
@@ -548,7 +548,7 @@ def cmd_simulator(args: argparse.Namespace) -> int:
     import signal
 
     from .errors import ConfigError
-    from .simulator import run_simulator
+    from .testing.simulator import run_simulator
 
     def ready(base_url: str) -> None:
         print(base_url, flush=True)
@@ -563,20 +563,20 @@ def cmd_simulator(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .testing.demo import run_demo
 
     report = run_demo(messages=args.messages)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        from .demo import format_report
+        from .testing.demo import format_report
 
         print(format_report(report))
     return EXIT_OK
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import consumers_of, load_app, replay_deferred, target_queue
+    from .pipeline.replay import consumers_of, load_app, replay_deferred, target_queue
 
     app = load_app(args.app, args.broker)
     queue = target_queue(app, args.queue)
@@ -599,7 +599,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_deferred(args: argparse.Namespace) -> int:
-    from .replay import deferred_report, load_app
+    from .pipeline.replay import deferred_report, load_app
 
     report = deferred_report(load_app(args.app, args.broker))
     if args.json:
@@ -614,13 +614,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 
     conf = None
     if args.app:
-        from .replay import load_app
+        from .pipeline.replay import load_app
 
         conf = load_app(args.app, None).conf
     settings: Settings = load_settings(celery_conf=conf)
     rows = settings.describe()
     try:
-        from .collector import describe_collect_settings
+        from .pipeline.collector import describe_collect_settings
     except ImportError:  # the blockfilter[collector] extra is not installed
         pass
     else:
@@ -640,7 +640,7 @@ def cmd_optout(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from .plugins import describe_plugins
+    from .plugins.manager import describe_plugins
 
     for line in describe_plugins():
         print(line)

@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 import redis
 
-from blockfilter.cache import (
+from blockfilter.config import Settings
+from blockfilter.errors import BlockfilterError, ConfigError
+from blockfilter.store.cache import (
     CachedStatus,
     CacheUnavailable,
     MemoryCache,
@@ -28,8 +30,6 @@ from blockfilter.cache import (
     SyncInfo,
     open_cache,
 )
-from blockfilter.config import Settings
-from blockfilter.errors import BlockfilterError, ConfigError
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"

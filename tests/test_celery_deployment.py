@@ -29,14 +29,14 @@ if str(ROOT) not in sys.path:  # the support package is imported as tests.celery
 from celery.signals import before_task_publish  # noqa: E402
 
 from blockfilter import hookimpl  # noqa: E402
-from blockfilter.monitoring import (  # noqa: E402
+from blockfilter.pipeline.monitoring import (  # noqa: E402
     MaskedRequest,
     describe_arguments,
     hide_published_arguments,
 )
 from blockfilter.redact import HIDDEN_ARGUMENTS  # noqa: E402
-from blockfilter.simulator import FaultRule  # noqa: E402
 from blockfilter.tasks import TASK_NAME, filter_campaign  # noqa: E402
+from blockfilter.testing.simulator import FaultRule  # noqa: E402
 from tests.celery_support.harness import (  # noqa: E402
     RETRY_ATTEMPTS,
     TASK_MAX_RETRIES,
@@ -473,9 +473,9 @@ def test_eager_mode_with_an_unreachable_broker_hands_every_deferred_message_to_a
     from celery import Celery
 
     from blockfilter.config import load_settings
-    from blockfilter.plugins import get_plugin_manager, reset_plugin_manager
-    from blockfilter.simulator import Simulator
+    from blockfilter.plugins.manager import get_plugin_manager, reset_plugin_manager
     from blockfilter.tasks import DeferredNotParked
+    from blockfilter.testing.simulator import Simulator
     from tests.celery_support.harness import TEST_KEY, TEST_SID
     from tests.celery_support.private_servers import free_port
 
@@ -540,7 +540,7 @@ def test_settings_with_celerys_namespace_are_read() -> None:
     assert (settings.sid, settings.on_error) == ("NAMESPACED", "drop")
     assert settings.sources["sid"] == "celery conf kaleyra_sid"
     if HAS_COLLECTOR:
-        from blockfilter.collector import collect_settings
+        from blockfilter.pipeline.collector import collect_settings
 
         assert collect_settings(app.conf, {}).flush_interval == 0.5
 

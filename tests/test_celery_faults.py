@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
     sys.path.insert(0, str(ROOT))
 
-from blockfilter.messages import VERDICT_FIELDS  # noqa: E402
-from blockfilter.simulator import FaultRule, SimulatorStats  # noqa: E402
+from blockfilter.model import VERDICT_FIELDS  # noqa: E402
 from blockfilter.tasks import TASK_NAME, filter_campaign, merge_summaries, split_campaign  # noqa: E402
+from blockfilter.testing.simulator import FaultRule, SimulatorStats  # noqa: E402
 from tests.celery_support.campaigns import (  # noqa: E402
     DISPATCHED,
     Campaign,

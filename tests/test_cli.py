@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from blockfilter.simulator import FaultRule, Simulator
+from blockfilter.testing.simulator import FaultRule, Simulator
 from tests.conftest import TEST_KEY, TEST_SID, clean_environ
 
 

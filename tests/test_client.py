@@ -21,7 +21,6 @@ from typing import Any
 import pytest
 
 from blockfilter import __version__
-from blockfilter.client import KaleyraClient, parse_retry_after
 from blockfilter.config import Settings, load_settings
 from blockfilter.errors import (
     BadRequest,
@@ -32,8 +31,9 @@ from blockfilter.errors import (
     TransientUpstreamError,
     UpstreamError,
 )
-from blockfilter.simulator import FaultRule, Simulator
-from blockfilter.transport import Urllib3Transport
+from blockfilter.kaleyra.client import KaleyraClient, parse_retry_after
+from blockfilter.kaleyra.transport import Urllib3Transport
+from blockfilter.testing.simulator import FaultRule, Simulator
 from tests.fakes import FakeTime
 
 SID = "CLIENTSID"

@@ -15,14 +15,14 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from blockfilter import __version__
-from blockfilter.client import KaleyraClient
 from blockfilter.config import Settings, load_settings
 from blockfilter.errors import (
     ConfigError,
     CredentialsRefused,
     RetryBudgetExhausted,
 )
-from blockfilter.transport import (
+from blockfilter.kaleyra.client import KaleyraClient
+from blockfilter.kaleyra.transport import (
     BodyTooLarge,
     NetworkEnvironment,
     Request,

@@ -26,15 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
     sys.path.insert(0, str(ROOT))
 
-from blockfilter.collector import (  # noqa: E402
+from blockfilter.errors import ConfigError  # noqa: E402
+from blockfilter.pipeline.collector import (  # noqa: E402
     COLLECT_TASK_NAME,
     BatchFill,
     CollectSettings,
     collect_settings,
     route_of,
 )
-from blockfilter.errors import ConfigError  # noqa: E402
-from blockfilter.simulator import FaultRule  # noqa: E402
+from blockfilter.testing.simulator import FaultRule  # noqa: E402
 from tests.celery_support.factory import make_app  # noqa: E402
 from tests.celery_support.harness import (  # noqa: E402
     RETRY_ATTEMPTS,
@@ -439,7 +439,7 @@ def test_hand_offs_stay_on_the_collectors_queue_in_a_collector_only_deployment(
 
 
 def test_handoff_options_follow_the_messages_route() -> None:
-    from blockfilter.collector import handoff_options
+    from blockfilter.pipeline.collector import handoff_options
 
     assert handoff_options({"exchange": "", "routing_key": "blockfilter.collect"}) == {
         "queue": "blockfilter.collect"

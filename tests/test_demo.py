@@ -18,7 +18,7 @@ from typing import Any
 
 import phonenumbers
 
-from blockfilter.demo import distinct_for, sample_blocklist, sample_campaign, sample_numbers
+from blockfilter.testing.demo import distinct_for, sample_blocklist, sample_campaign, sample_numbers
 
 CHANNELS = ("sms", "whatsapp", "voice")
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from blockfilter.config import load_settings
-from blockfilter.engine import Filter
+from blockfilter.engine.filter import Filter
 from blockfilter.sources import CheckOutcome, FunctionSource, SourceStats
 
 A = "+919812345678"

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from blockfilter.simulator import Simulator
+from blockfilter.testing.simulator import Simulator
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "sms_pipeline"

@@ -42,11 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
     sys.path.insert(0, str(ROOT))
 
-from blockfilter.cache import open_cache  # noqa: E402
 from blockfilter.config import Settings, load_settings  # noqa: E402
-from blockfilter.engine import Filter  # noqa: E402
-from blockfilter.kaleyra import KaleyraSource  # noqa: E402
-from blockfilter.simulator import Simulator  # noqa: E402
+from blockfilter.engine.filter import Filter  # noqa: E402
+from blockfilter.kaleyra.source import KaleyraSource  # noqa: E402
+from blockfilter.store.cache import open_cache  # noqa: E402
+from blockfilter.testing.simulator import Simulator  # noqa: E402
 from tests.celery_support.private_servers import PrivateRedis, Tenant  # noqa: E402
 from tests.conftest import TEST_KEY, TEST_SID, clean_environ  # noqa: E402
 

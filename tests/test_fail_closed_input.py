@@ -31,13 +31,13 @@ from hypothesis import strategies as st
 
 from blockfilter.atomicfile import AtomicFile, OutputError
 from blockfilter.config import CHANNELS, SPECS, Settings, load_settings
-from blockfilter.engine import Filter
+from blockfilter.engine.filter import Filter
+from blockfilter.engine.lines import repeats_a_key
 from blockfilter.errors import ConfigError
-from blockfilter.jsonlines import repeats_a_key
-from blockfilter.replay import replay_deferred
-from blockfilter.simulator import Simulator
+from blockfilter.pipeline.replay import replay_deferred
 from blockfilter.sources import FunctionSource
 from blockfilter.tasks import deferred_queue
+from blockfilter.testing.simulator import Simulator
 from tests.conftest import TEST_KEY, TEST_SID
 from tests.test_cli import blockfilter, cli_env, numbers, records, write_campaign
 from tests.test_replay import sent_batches

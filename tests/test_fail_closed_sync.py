@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from blockfilter.cache import MemoryCache
-from blockfilter.engine import Filter
+from blockfilter.engine.filter import Filter
 from blockfilter.errors import SyncAborted
-from blockfilter.kaleyra import KaleyraSource
-from blockfilter.sync import sync_channel
+from blockfilter.kaleyra.source import KaleyraSource
+from blockfilter.kaleyra.sync import sync_channel
+from blockfilter.store.cache import MemoryCache
 from tests.conftest import fast_settings
 from tests.hostile_upstream import Answer, HostileUpstream, blocklist, national, no_plus, spaced
 from tests.test_cli import blockfilter, cli_env

@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 
 from blockfilter import Filter
-from blockfilter.client import KaleyraClient
 from blockfilter.errors import FinalUpstreamError, RetryBudgetExhausted
+from blockfilter.kaleyra.client import KaleyraClient
 from tests.conftest import TEST_KEY, TEST_SID, clean_environ, fast_settings
 from tests.hostile_upstream import (
     AnswerFunction,

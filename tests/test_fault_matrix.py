@@ -28,7 +28,7 @@ import pytest
 
 from blockfilter.cli import format_summary
 from blockfilter.config import CHANNELS
-from blockfilter.simulator import FAULT_KINDS, FaultRule, Simulator
+from blockfilter.testing.simulator import FAULT_KINDS, FaultRule, Simulator
 from tests.conftest import TEST_KEY, TEST_SID, clean_environ
 from tests.test_cli import numbers, write_campaign
 

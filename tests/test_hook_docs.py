@@ -14,7 +14,7 @@ from types import FunctionType
 
 import pytest
 
-from blockfilter import hookspecs
+from blockfilter.plugins import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -22,14 +22,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockfilter import messages as messages_module
+from blockfilter import model as messages_module
 from blockfilter.config import CHANNELS, load_settings
-from blockfilter.engine import Filter
-from blockfilter.jsonlines import MAX_LINE_BYTES, text_repeats_a_key
-from blockfilter.messages import VERDICT_FIELDS, Invalid, Parsed, has_usable_id, parse_message
+from blockfilter.engine.filter import Filter
+from blockfilter.engine.lines import MAX_LINE_BYTES, text_repeats_a_key
+from blockfilter.model import VERDICT_FIELDS, Invalid, Parsed, has_usable_id, parse_message
 from blockfilter.numbers import InvalidNumber, normalize
-from blockfilter.simulator import Simulator
 from blockfilter.sources import FunctionSource
+from blockfilter.testing.simulator import Simulator
 from tests.conftest import TEST_KEY, TEST_SID
 from tests.test_cli import blockfilter, cli_env, numbers
 
@@ -599,7 +599,7 @@ def test_an_observer_sees_records_nested_as_deep_as_the_input_allows(
     """A ``blockfilter_verdicts`` observer gets every record decoded, however deep."""
     from blockfilter import hookimpl
     from blockfilter.cli import main
-    from blockfilter.plugins import get_plugin_manager, reset_plugin_manager
+    from blockfilter.plugins.manager import get_plugin_manager, reset_plugin_manager
 
     for name, value in cli_env(sim).items():
         if name.startswith(("KALEYRA_", "BLOCKFILTER_")):

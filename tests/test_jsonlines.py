@@ -19,12 +19,13 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from blockfilter import cli, jsonlines
-from blockfilter.engine import Filter
+from blockfilter import cli
+from blockfilter.engine import lines as jsonlines
+from blockfilter.engine.filter import Filter
+from blockfilter.engine.lines import LinePlan
 from blockfilter.errors import InputChanged
-from blockfilter.jsonlines import LinePlan
-from blockfilter.messages import Parsed
-from blockfilter.simulator import Simulator
+from blockfilter.model import Parsed
+from blockfilter.testing.simulator import Simulator
 from tests.conftest import TEST_KEY, TEST_SID
 from tests.test_cli import cli_env
 from tests.test_hostile_input import VALID, any_messages, good_messages, make_filter
@@ -191,7 +192,7 @@ def test_a_file_edited_during_a_run_stops_it_and_writes_nothing(
     """The command line checks the file is the same on every pass, so a line edited in place
     (same number of lines) cannot get the verdict meant for what was there before."""
     from blockfilter import hookimpl
-    from blockfilter.plugins import get_plugin_manager, reset_plugin_manager
+    from blockfilter.plugins.manager import get_plugin_manager, reset_plugin_manager
 
     for name, value in cli_env(sim).items():
         if name.startswith(("KALEYRA_", "BLOCKFILTER_")):

@@ -3,7 +3,7 @@ the next batch suppresses that number (the ledger decided, though Kaleyra says c
 
 from __future__ import annotations
 
-from blockfilter.demo import run_demo
+from blockfilter.testing.demo import run_demo
 
 
 def test_the_demo_shows_the_loop() -> None:

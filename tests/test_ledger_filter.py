@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from blockfilter.engine import Filter
-from blockfilter.kaleyra import KaleyraSource
+from blockfilter.engine.filter import Filter
+from blockfilter.kaleyra.source import KaleyraSource
 from blockfilter.ledger import add_optouts, remove_optouts, report_send_results
 from blockfilter.ledger.ledger import forget_shared_ledgers
-from blockfilter.plugins import build_filter, make_plugin_manager
-from blockfilter.simulator import Simulator
+from blockfilter.plugins.manager import build_filter, make_plugin_manager
+from blockfilter.testing.simulator import Simulator
 from tests.conftest import TEST_KEY, TEST_SID, clean_environ, fast_settings
 from tests.ledger_support import KEY_A, LedgerPlace
 
@@ -145,7 +145,7 @@ def test_a_ledger_that_cannot_be_read_defers_the_messages(
 def test_blocking_kaleyra_leaves_the_ledger_alone_and_refuses_to_start(
     simulator: Simulator, sqlite_place: LedgerPlace
 ) -> None:
-    from blockfilter.plugins import PluginError
+    from blockfilter.plugins.manager import PluginError
 
     settings = settings_for(simulator, sqlite_place, disable_plugins=["kaleyra"])
     with pytest.raises(PluginError, match="no blocklist source"):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 
 from blockfilter.config import load_settings
-from blockfilter.hookspecs import hookimpl
 from blockfilter.ledger import add_optouts, inbound, remove_optouts, report_send_results
 from blockfilter.ledger.keywords import Keywords
 from blockfilter.ledger.ledger import forget_shared_ledgers, shared_ledger
-from blockfilter.plugins import make_plugin_manager
+from blockfilter.plugins.hookspecs import hookimpl
+from blockfilter.plugins.manager import make_plugin_manager
 from tests.ledger_support import KEY_A, LedgerPlace
 
 N1, N2 = "+919812300001", "+919812300002"

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from blockfilter.client import KaleyraClient
+from blockfilter.kaleyra.client import KaleyraClient
 from blockfilter.ledger import add_optouts, remove_optouts
 from blockfilter.ledger.ledger import forget_shared_ledgers, shared_ledger
 from blockfilter.ledger.writeback import flush_write_back
-from blockfilter.plugins import reset_plugin_manager
-from blockfilter.simulator import Simulator
+from blockfilter.plugins.manager import reset_plugin_manager
+from blockfilter.testing.simulator import Simulator
 from tests.conftest import TEST_KEY, TEST_SID, fast_settings
 from tests.ledger_support import KEY_A, LedgerPlace
 

@@ -25,8 +25,8 @@ if str(ROOT) not in sys.path:  # the support package is imported as tests.celery
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from blockfilter import metrics  # noqa: E402
-from blockfilter.simulator import FaultRule, Simulator  # noqa: E402
 from blockfilter.tasks import TASK_NAME, filter_campaign  # noqa: E402
+from blockfilter.testing.simulator import FaultRule, Simulator  # noqa: E402
 from tests.celery_support.harness import (  # noqa: E402
     RETRY_ATTEMPTS,
     TASK_MAX_RETRIES,
@@ -95,7 +95,7 @@ def test_names_and_labels_follow_prometheus_conventions() -> None:
 def test_parked_and_replayed_messages_are_counted() -> None:
     from celery import Celery
 
-    from blockfilter.replay import replay_deferred
+    from blockfilter.pipeline.replay import replay_deferred
     from blockfilter.tasks import park_deferred
 
     def value(name: str, **labels: str) -> float:

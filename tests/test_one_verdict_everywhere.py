@@ -28,14 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
     sys.path.insert(0, str(ROOT))
 
-from blockfilter.collector import COLLECT_TASK_NAME  # noqa: E402
-from blockfilter.engine import Filter  # noqa: E402
+from blockfilter.engine.filter import Filter  # noqa: E402
 from blockfilter.errors import CheckFailed  # noqa: E402
-from blockfilter.hookspecs import hookimpl  # noqa: E402
-from blockfilter.plugins import make_plugin_manager, reset_plugin_manager  # noqa: E402
-from blockfilter.simulator import Simulator  # noqa: E402
+from blockfilter.pipeline.collector import COLLECT_TASK_NAME  # noqa: E402
+from blockfilter.plugins.hookspecs import hookimpl  # noqa: E402
+from blockfilter.plugins.manager import make_plugin_manager, reset_plugin_manager  # noqa: E402
 from blockfilter.sources import FunctionSource  # noqa: E402
 from blockfilter.tasks import TASK_NAME  # noqa: E402
+from blockfilter.testing.simulator import Simulator  # noqa: E402
 from tests.celery_support.harness import (  # noqa: E402
     Stack,
     Worker,

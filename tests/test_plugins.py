@@ -23,8 +23,8 @@ import pytest
 from blockfilter import __version__
 from blockfilter.config import Settings, load_settings
 from blockfilter.errors import ConfigError
-from blockfilter.hookspecs import hookimpl
-from blockfilter.plugins import (
+from blockfilter.plugins.hookspecs import hookimpl
+from blockfilter.plugins.manager import (
     PluginError,
     build_filter,
     describe_plugins,
@@ -34,7 +34,7 @@ from blockfilter.plugins import (
     notify_verdicts,
     reset_plugin_manager,
 )
-from blockfilter.simulator import Simulator
+from blockfilter.testing.simulator import Simulator
 from tests.conftest import TEST_KEY, TEST_SID, fast_settings
 
 A = "+919812345678"
@@ -110,7 +110,7 @@ def install(
 
 
 OPTOUT_PLUGIN = f"""
-    from blockfilter.hookspecs import hookimpl
+    from blockfilter.plugins.hookspecs import hookimpl
 
     DISPATCHED = []
 
@@ -173,7 +173,7 @@ def test_a_plugin_with_a_wrong_hook_signature_is_skipped_not_half_registered(
         "blockfilter-badsig",
         {
             "badsig": """
-                from blockfilter.hookspecs import hookimpl
+                from blockfilter.plugins.hookspecs import hookimpl
 
                 @hookimpl
                 def blockfilter_dispatch(messages):
@@ -210,7 +210,7 @@ def test_strict_mode_turns_a_broken_plugin_into_an_error_naming_it(
 def test_load_plugins_is_an_allowlist_of_entry_points(
     install: Callable[..., dict[str, str]], caplog: pytest.LogCaptureFixture
 ) -> None:
-    noop = "from blockfilter.hookspecs import hookimpl\n"
+    noop = "from blockfilter.plugins.hookspecs import hookimpl\n"
     install("blockfilter-two", {"alpha": noop, "beta": noop})
 
     only_beta = make_plugin_manager(load_settings(environ={"BLOCKFILTER_LOAD_PLUGINS": "beta"}))
@@ -273,7 +273,7 @@ def test_a_misspelt_hook_fails_loudly_naming_the_plugin(
         "blockfilter-typo",
         {
             "typo": """
-                from blockfilter.hookspecs import hookimpl
+                from blockfilter.plugins.hookspecs import hookimpl
 
                 @hookimpl
                 def blockfilter_dispach(messages):
@@ -309,7 +309,7 @@ def test_startup_hook_sees_the_settings_and_may_refuse(
         "blockfilter-picky",
         {
             "picky": """
-                from blockfilter.hookspecs import hookimpl
+                from blockfilter.plugins.hookspecs import hookimpl
 
                 SEEN = []
 
@@ -338,7 +338,8 @@ def test_importing_blockfilter_loads_no_plugin(
     install("blockfilter-marker", {"marker": f"open({str(marker)!r}, 'w').close()\n"})
     site = tmp_path / "site-packages"
     code = (
-        "import os, blockfilter, blockfilter.plugins, blockfilter.builtin, blockfilter.hookspecs\n"
+        "import os, blockfilter, blockfilter.plugins.manager, blockfilter.plugins.builtin\n"
+        "import blockfilter.plugins.hookspecs\n"
         f"assert not os.path.exists({str(marker)!r}), 'a plugin was loaded at import'\n"
         "from blockfilter.config import load_settings\n"
         "blockfilter.plugins.get_plugin_manager(load_settings(environ={}))\n"
@@ -477,7 +478,7 @@ def test_max_requests_reaches_the_kaleyra_source(simulator: Simulator) -> None:
 
 
 VOICE_FIRST_PLUGIN = """
-    from blockfilter.hookspecs import hookimpl
+    from blockfilter.plugins.hookspecs import hookimpl
 
     @hookimpl
     def blockfilter_fallback_channels(message, channel, fallback):

@@ -14,9 +14,9 @@ import pytest
 import redis
 
 from blockfilter.config import load_settings
-from blockfilter.kaleyra import KaleyraSource
-from blockfilter.ratelimit import RateLimiter, build_limiter, rate_window
-from blockfilter.simulator import FaultRule, Simulator
+from blockfilter.kaleyra.source import KaleyraSource
+from blockfilter.store.ratelimit import RateLimiter, build_limiter, rate_window
+from blockfilter.testing.simulator import FaultRule, Simulator
 from tests.test_scale import (
     REDIS_HOST,
     REDIS_PORT,

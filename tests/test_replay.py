@@ -25,7 +25,7 @@ from celery import Celery  # noqa: E402
 from kombu import Exchange, Queue  # noqa: E402
 
 from blockfilter.errors import ConfigError  # noqa: E402
-from blockfilter.replay import load_app, main_replay, replay_deferred  # noqa: E402
+from blockfilter.pipeline.replay import load_app, main_replay, replay_deferred  # noqa: E402
 from blockfilter.tasks import TASK_NAME, deferred_queue, park_deferred  # noqa: E402
 from tests.celery_support.harness import Stack, install_plugin_dist, require_broker  # noqa: E402
 

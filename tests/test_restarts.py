@@ -32,9 +32,9 @@ if str(ROOT) not in sys.path:  # the support package is imported as tests.celery
     sys.path.insert(0, str(ROOT))
 
 from blockfilter.config import Settings, load_settings  # noqa: E402
-from blockfilter.engine import Filter  # noqa: E402
-from blockfilter.simulator import Simulator  # noqa: E402
+from blockfilter.engine.filter import Filter  # noqa: E402
 from blockfilter.tasks import filter_campaign, merge_summaries  # noqa: E402
+from blockfilter.testing.simulator import Simulator  # noqa: E402
 from tests.celery_support.campaigns import DISPATCHED, Campaign, make_campaign  # noqa: E402
 from tests.celery_support.harness import (  # noqa: E402
     TEST_KEY,
@@ -351,8 +351,8 @@ def test_a_long_lived_process_uses_the_cache_again_once_it_is_back(
     simulator: Simulator, cache_server: PrivateRedis
 ) -> None:
     """The path of a worker: sources shared for the process's life (``build_filter``)."""
-    from blockfilter.builtin import SHARED_SOURCES
-    from blockfilter.plugins import build_filter, get_plugin_manager, reset_plugin_manager
+    from blockfilter.plugins.builtin import SHARED_SOURCES
+    from blockfilter.plugins.manager import build_filter, get_plugin_manager, reset_plugin_manager
 
     settings = cache_settings(simulator.base_url, cache_server.url, load_plugins=[])
     blip = big_campaign("blip", parts=2, base=34_000_000)

@@ -28,13 +28,13 @@ from typing import Any
 import pytest
 import redis
 
-from blockfilter.cache import MemoryCache, RedisCache
 from blockfilter.config import Settings, load_settings
-from blockfilter.engine import Filter
-from blockfilter.kaleyra import KaleyraSource
-from blockfilter.ratelimit import RateLimiter
-from blockfilter.simulator import Simulator
-from blockfilter.sync import sync_pages
+from blockfilter.engine.filter import Filter
+from blockfilter.kaleyra.source import KaleyraSource
+from blockfilter.kaleyra.sync import sync_pages
+from blockfilter.store.cache import MemoryCache, RedisCache
+from blockfilter.store.ratelimit import RateLimiter
+from blockfilter.testing.simulator import Simulator
 from tests.conftest import clean_environ
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379

@@ -23,14 +23,14 @@ from typing import Any
 
 import pytest
 
-from blockfilter.client import KaleyraClient
 from blockfilter.config import ConfigError, Settings, load_settings, validate_base_url
-from blockfilter.engine import Filter
+from blockfilter.engine.filter import Filter
 from blockfilter.errors import UpstreamError
-from blockfilter.kaleyra import KaleyraSource
-from blockfilter.plugins import reset_plugin_manager
+from blockfilter.kaleyra.client import KaleyraClient
+from blockfilter.kaleyra.source import KaleyraSource
+from blockfilter.plugins.manager import reset_plugin_manager
 from blockfilter.redact import SECRET_FILTER, guard_library_logs, mask_number
-from blockfilter.simulator import FaultRule, Simulator
+from blockfilter.testing.simulator import FaultRule, Simulator
 from tests.conftest import clean_environ, fast_settings
 from tests.test_cli import numbers, records, write_campaign
 

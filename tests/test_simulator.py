@@ -20,7 +20,7 @@ import pytest
 import requests
 
 import blockfilter
-from blockfilter.simulator import (
+from blockfilter.testing.simulator import (
     FAULT_KINDS,
     FaultRule,
     RemoteSimulator,
@@ -683,7 +683,7 @@ def child_env(**extra: str) -> dict[str, str]:
 RUN_SIMULATOR = textwrap.dedent(
     """
     import sys
-    from blockfilter.simulator import run_simulator
+    from blockfilter.testing.simulator import run_simulator
     run_simulator("127.0.0.1", 0, sys.argv[1], ["wa500:first=1"], 0.0,
                   lambda url: print(url, flush=True))
     print("stopped", flush=True)
@@ -761,7 +761,7 @@ def test_pytest_plugin_fixtures(tmp_path: Path) -> None:
             "pytest",
             "-q",
             "-p",
-            "blockfilter.pytest_plugin",
+            "blockfilter.testing.pytest_plugin",
             "-p",
             "no:cacheprovider",
             str(tmp_path),

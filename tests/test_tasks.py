@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
     sys.path.insert(0, str(ROOT))
 
-from blockfilter.messages import VERDICT_FIELDS  # noqa: E402
-from blockfilter.simulator import FaultRule  # noqa: E402
+from blockfilter.model import VERDICT_FIELDS  # noqa: E402
 from blockfilter.tasks import (  # noqa: E402
     DEFERRED_QUEUE,
     TASK_NAME,
@@ -35,6 +34,7 @@ from blockfilter.tasks import (  # noqa: E402
     retry_countdown,
     split_campaign,
 )
+from blockfilter.testing.simulator import FaultRule  # noqa: E402
 from tests.celery_support.factory import make_app  # noqa: E402
 from tests.celery_support.harness import (  # noqa: E402
     BROKEN_ENTRY_POINT,
@@ -205,7 +205,7 @@ def test_the_summary_names_the_requested_and_the_final_channel_of_a_reroute() ->
     import json
 
     from blockfilter.config import load_settings
-    from blockfilter.engine import Filter
+    from blockfilter.engine.filter import Filter
     from blockfilter.sources import FunctionSource
 
     # An SMS-only campaign: 29 messages rerouted to WhatsApp, one allowed.
@@ -381,7 +381,7 @@ def test_worker_killed_mid_run_loses_nothing(stack: Stack) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_outage_defers_parks_and_replay_completes(stack: Stack) -> None:
-    from blockfilter.replay import replay_deferred
+    from blockfilter.pipeline.replay import replay_deferred
 
     messages = [
         {"id": f"s{i}", "channel": "sms", "to": number(i), "payload": {"big": 2**70 + i}}

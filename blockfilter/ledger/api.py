@@ -36,7 +36,7 @@ def _context(
 ) -> tuple[Settings, Ledger, Any]:
     settings = settings or load_settings()
     if pm is None:
-        from ..plugins import get_plugin_manager
+        from ..plugins.manager import get_plugin_manager
 
         pm = get_plugin_manager(settings)
     return settings, ledger or shared_ledger(settings), pm

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import ConfigError
-from ..hookspecs import hookimpl
+from ..plugins.hookspecs import hookimpl
 from ..sources import CheckOutcome, SourceStats
 from .mappings import BUILTIN_CODES, merge_codes
 

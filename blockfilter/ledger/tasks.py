@@ -47,7 +47,7 @@ _LEDGER_TASK_OPTIONS: dict[str, Any] = {
 
 
 def _context(task: Any) -> tuple[Any, Any]:
-    from ..plugins import get_plugin_manager
+    from ..plugins.manager import get_plugin_manager
 
     settings = load_settings(celery_conf=task.app.conf)
     return settings, get_plugin_manager(settings)

@@ -50,7 +50,7 @@ def flush_write_back(
 
     ledger = ledger or shared_ledger(settings)
     if client is None:
-        from ..builtin import SHARED_SOURCES
+        from ..plugins.builtin import SHARED_SOURCES
 
         client = SHARED_SOURCES.get(settings).client
     sealer = ledger._require_sealer()

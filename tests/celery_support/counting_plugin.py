@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from blockfilter.hookspecs import hookimpl
+from blockfilter.plugins.hookspecs import hookimpl
 
 DIST = "bfsoak_plugins"
 ENTRY_POINT = "bfsoak_counter"

@@ -27,7 +27,7 @@ import pytest
 import redis
 from celery import Celery
 
-from blockfilter.simulator import Simulator
+from blockfilter.testing.simulator import Simulator
 from tests.celery_support.factory import make_app
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from blockfilter.hookspecs import hookimpl
+from blockfilter.plugins.hookspecs import hookimpl
 
 _client: redis.Redis | None = None
 _client_pid = 0

@@ -25,7 +25,7 @@ app = Celery(
 )
 app.conf.update(
     task_default_queue=QUEUE,
-    # Messages sent one at a time go to the collector's queue (see blockfilter.collector).
+    # Messages sent one at a time go to the collector's queue (see blockfilter.pipeline.collector).
     task_routes={"blockfilter.collect": {"queue": f"{QUEUE}.collect"}},
     # Messages whose check could not be made wait here for `blockfilter replay`.
     blockfilter_deferred_queue=f"{QUEUE}.deferred",

@@ -32,9 +32,20 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 import orjson
 
-from .config import CHANNELS, Settings, load_settings
-from .errors import CheckFailed, CredentialsRefused, RequestBudgetExhausted
-from .jsonlines import (
+from ..config import CHANNELS, Settings, load_settings
+from ..errors import CheckFailed, CredentialsRefused, RequestBudgetExhausted
+from ..model import (
+    VERDICT_FIELDS,
+    Invalid,
+    Parsed,
+    channel_of,
+    has_usable_id,
+    parse_message,
+)
+from ..numbers import normalize
+from ..redact import guard_library_logs, mask_numbers_in
+from ..sources import BlocklistSource, CheckOutcome, CheckStream, open_stream
+from .lines import (
     BLANK,
     PAST_END,
     LinePlan,
@@ -47,17 +58,6 @@ from .jsonlines import (
     render_line,
     splice,
 )
-from .messages import (
-    VERDICT_FIELDS,
-    Invalid,
-    Parsed,
-    channel_of,
-    has_usable_id,
-    parse_message,
-)
-from .numbers import normalize
-from .redact import guard_library_logs, mask_numbers_in
-from .sources import BlocklistSource, CheckOutcome, CheckStream, open_stream
 
 if TYPE_CHECKING:
     import pluggy
@@ -373,7 +373,7 @@ class Filter:
             if self.plugin_manager is None:
                 fallback_policy = default_fallback_policy
             else:
-                from .plugins import make_fallback_policy
+                from ..plugins.manager import make_fallback_policy
 
                 fallback_policy = make_fallback_policy(self.plugin_manager)
         self.fallback_policy = fallback_policy
@@ -393,7 +393,7 @@ class Filter:
 
     def _manager(self, plugins: bool | pluggy.PluginManager | None) -> pluggy.PluginManager:
         if plugins is None or plugins is True:
-            from .plugins import get_plugin_manager
+            from ..plugins.manager import get_plugin_manager
 
             return get_plugin_manager(self.settings)
         import pluggy
@@ -406,9 +406,9 @@ class Filter:
     def sources(self) -> list[BlocklistSource]:
         if self._sources is None:
             if self.plugin_manager is None:
-                from .kaleyra import KaleyraSource
-                from .ledger.ledger import shared_ledger
-                from .ledger.source import LedgerSource
+                from ..kaleyra.source import KaleyraSource
+                from ..ledger.ledger import shared_ledger
+                from ..ledger.source import LedgerSource
 
                 source = KaleyraSource(self.settings, max_requests=self.max_requests)
                 self._owned.append(source)
@@ -416,7 +416,7 @@ class Filter:
                 # an opt-out it holds beats any clean answer.
                 self._sources = [source, LedgerSource(shared_ledger(self.settings))]
             else:
-                from .plugins import sources_from_plugins
+                from ..plugins.manager import sources_from_plugins
 
                 self._sources, owned = sources_from_plugins(
                     self.plugin_manager, self.settings, self.max_requests
@@ -427,7 +427,7 @@ class Filter:
     def close(self) -> None:
         """Release what the filter made for itself (thread pools, connections); the sources
         given to it and those the plugins share stay open."""
-        from .builtin import close_kaleyra_source
+        from ..plugins.builtin import close_kaleyra_source
 
         owned, self._owned = self._owned, []
         for source in owned:
@@ -446,7 +446,7 @@ class Filter:
             return None
         if not pm.hook.blockfilter_verdicts.get_hookimpls():
             return None
-        from .plugins import notify_verdicts
+        from ..plugins.manager import notify_verdicts
 
         def observe(results: list[dict[str, Any]]) -> None:
             notify_verdicts(pm, results)

@@ -33,12 +33,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Final, TypeVar
 
-from .cache import CachedStatus, CacheUnavailable, Clock, MemoryCache, StatusCache, open_cache
+from ..config import CHANNELS, Settings
+from ..errors import ConfigError, CredentialsRefused, RequestBudgetExhausted
+from ..sources import CheckOutcome, SourceStats
+from ..store.cache import (
+    CachedStatus,
+    CacheUnavailable,
+    Clock,
+    MemoryCache,
+    StatusCache,
+    open_cache,
+)
+from ..store.ratelimit import build_limiter
 from .client import KaleyraClient, RequestLimiter
-from .config import CHANNELS, Settings
-from .errors import ConfigError, CredentialsRefused, RequestBudgetExhausted
-from .ratelimit import build_limiter
-from .sources import CheckOutcome, SourceStats
 from .sync import SyncProgress, SyncResult, check_eviction_policy, sync_channel, sync_pages
 
 log = logging.getLogger("blockfilter.kaleyra")

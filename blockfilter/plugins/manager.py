@@ -31,7 +31,15 @@ from typing import Any
 
 import pluggy
 
-from . import __version__, hookspecs
+from .. import __version__
+from ..config import CHANNELS, Settings, load_settings
+from ..engine.filter import FallbackPolicy, Filter, message_independent
+from ..errors import ConfigError
+from ..ledger.source import LEDGER
+from ..model import Parsed
+from ..redact import mask_numbers_in
+from ..sources import BlocklistSource, FunctionSource
+from . import hookspecs
 from .builtin import (
     BUILTIN_PLUGINS,
     DEFAULT_REROUTE,
@@ -41,14 +49,7 @@ from .builtin import (
     KaleyraPlugin,
     close_kaleyra_source,
 )
-from .config import CHANNELS, Settings, load_settings
-from .engine import FallbackPolicy, Filter, message_independent
-from .errors import ConfigError
 from .hookspecs import PROJECT_NAME
-from .ledger.source import LEDGER
-from .messages import Parsed
-from .redact import mask_numbers_in
-from .sources import BlocklistSource, FunctionSource
 
 log = logging.getLogger("blockfilter.plugins")
 

@@ -1,0 +1,455 @@
+"""JSON Lines: reading an input line, the output line that carries its verdict, and the plan
+that lets the filter read a file several times while decoding most lines only once.
+
+The filter reads its input more than once (see :mod:`blockfilter.engine`). Decoding a line is
+most of what a pass costs, so the first pass writes down, for every line, what it found: a
+*route* number for the usual line (a JSON object whose channel, number, region and fallback
+list are those of an earlier line), or "blank", or "look again" for anything unusual. The
+verdict pass then splices a route's verdict onto the line's own bytes without decoding it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tempfile
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from functools import partial
+from itertools import chain, count, repeat
+from typing import IO, Any, Final, TypeVar
+
+import orjson
+
+from ..errors import InputChanged
+from ..model import VERDICT_FIELDS, Invalid, Parsed, parse_message
+
+MAX_LINE_BYTES = 1 << 20  # a message is small; a bigger line is malformed, not a memory hazard
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def strip_bom(line: bytes) -> bytes:
+    """The first line without a UTF-8 byte order mark: spreadsheet exports ("CSV UTF-8",
+    "Unicode text") start with one, and it is not part of the JSON."""
+    return line[3:] if line.startswith(_BOM) else line
+
+
+class MalformedLine(dict):  # type: ignore[type-arg]
+    """Stands in for a line that is not a JSON object: its record is ``{"id": "<line>"}``."""
+
+    def __init__(self, line_number: int) -> None:
+        super().__init__(id=str(line_number))
+
+
+def decode_line(line: bytes, line_number: int) -> tuple[Any, Parsed | Invalid] | None:
+    """Decode one input line; ``None`` for a blank line."""
+    if len(line) > MAX_LINE_BYTES:
+        return MalformedLine(line_number), Invalid(
+            "malformed_line", f"line {line_number} is longer than {MAX_LINE_BYTES} bytes"
+        )
+    try:
+        message = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        if not line.strip():
+            return None
+        return MalformedLine(line_number), Invalid(
+            "malformed_line", f"line {line_number} is not JSON: {str(exc)[:120]}"
+        )
+    if type(message) is not dict:
+        return MalformedLine(line_number), Invalid(
+            "malformed_line", f"line {line_number} is not a JSON object"
+        )
+    if repeats_a_key(line, message):
+        return MalformedLine(line_number), repeated_key(line_number)
+    return message, parse_message(message)
+
+
+def repeated_key(line_number: int) -> Invalid:
+    """Why a line that repeats a key is malformed: see :func:`repeats_a_key`."""
+    return Invalid("malformed_line", f"line {line_number} repeats a key")
+
+
+def repeats_a_key(line: bytes, message: dict[str, Any]) -> bool:
+    """Whether some object of ``line`` (``message`` is what orjson made of it) has a key twice.
+
+    orjson keeps the last of two equal keys, other parsers the first: a line that repeats
+    ``channel`` would be checked on one channel and sent on another. Exact, and cheap on the
+    usual line, because every key written in the line is followed by a colon: the colons of
+    the line are its keys (repeats too) plus the colons inside its strings, while
+    ``orjson.dumps(message)`` has one colon a key it kept plus the same colons in strings.
+    The counts are equal only when nothing was dropped; a line they cannot settle (a colon
+    written ``\\u003a``, nesting deeper than orjson writes) gets the standard library's look
+    at every object's keys.
+    """
+    colons = line.count(b":")
+    if colons == len(message):  # a colon a top-level key and none anywhere else
+        return False
+    return _repeats_past_the_top(line, message, colons)
+
+
+def _repeats_past_the_top(line: bytes, message: dict[str, Any], colons: int) -> bool:
+    """:func:`repeats_a_key` for a line of ``colons`` colons, more than ``message`` has keys."""
+    if b"\\u003" not in line:  # so each string has the colons it is written with
+        try:
+            if colons == orjson.dumps(message).count(b":"):
+                return False
+        except orjson.JSONEncodeError:  # nested deeper than orjson writes
+            pass
+    return text_repeats_a_key(line)
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _no_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    decoded = dict(pairs)
+    if len(decoded) != len(pairs):
+        raise _RepeatedKey
+    return decoded
+
+
+def text_repeats_a_key(text: bytes | str) -> bool:
+    """Whether some object of the JSON ``text`` has a key twice, by the standard library's
+    look at every object's keys (slow and exact). Text it cannot read counts as repeating:
+    it is not a message every parser reads the same way."""
+    loads = partial(json.loads, object_pairs_hook=_no_repeated_keys)
+    try:
+        _with_room_to_recurse(loads, text.decode() if isinstance(text, bytes) else text)
+    except _RepeatedKey:
+        return True
+    except ValueError:  # not UTF-8, or not JSON to the standard library
+        return True
+    return False
+
+
+_BLOCK_BYTES = 1 << 20
+
+
+def file_lines(handle: IO[bytes]) -> Iterator[bytes]:
+    """The lines of a binary file, each at most ``MAX_LINE_BYTES`` + a block long: a longer
+    line is cut short to ``MAX_LINE_BYTES + 1`` bytes (malformed whatever it holds, so only
+    its length matters; reading a 1 GB line whole would cost 1 GB of memory).
+
+    Blocks of whole lines are split in C: a ``readline`` call a line is a good share of
+    the time a pass takes.
+    """
+    return chain.from_iterable(map(io.BytesIO, _line_blocks(handle)))
+
+
+def _line_blocks(handle: IO[bytes]) -> Iterator[bytes]:
+    """The content of ``handle`` in blocks of whole lines; a line cut short comes as a block
+    of its own."""
+    pending = b""  # the start of a line whose end has not been read yet
+    skipping = False  # in the rest of a long line that was cut short
+    while True:
+        block = handle.read(_BLOCK_BYTES)
+        if not block:
+            if pending:
+                yield pending  # the last line, without a newline
+            return
+        if skipping:
+            end = block.find(b"\n")
+            if end < 0:
+                continue
+            block, skipping = block[end + 1 :], False
+        data = pending + block if pending else block
+        cut = data.rfind(b"\n") + 1
+        if cut:
+            yield data[:cut]  # its lines are at most MAX_LINE_BYTES + a block long
+            data = data[cut:]
+        if len(data) > MAX_LINE_BYTES:
+            yield data[: MAX_LINE_BYTES + 1]
+            pending, skipping = b"", True
+        else:
+            pending = data
+
+
+def read_pass(open_lines: Callable[[], Iterable[bytes]]) -> Iterator[bytes]:
+    """The lines of one pass over the input, with any byte order mark taken off the first."""
+    lines = iter(open_lines())
+    first = next(lines, None)
+    return chain(() if first is None else (strip_bom(first),), lines)
+
+
+def decode_again(line: bytes, line_number: int) -> tuple[Any, Parsed | Invalid]:
+    """Decode a line a later pass knows is not blank."""
+    decoded = decode_line(line, line_number)
+    if decoded is None:
+        raise InputChanged("the input changed while it was being filtered")
+    return decoded
+
+
+def render_line(
+    line: bytes, message: dict[str, Any], fields: dict[str, Any], encoded: bytes | None = None
+) -> bytes:
+    """The output line: the input's own bytes with the verdict fields appended.
+
+    Splicing instead of re-encoding keeps every field exactly as given (big integers, number
+    spelling, unicode escapes) and is faster. When a field must be *replaced* (a reroute
+    changes ``channel``; an unusable ``id`` gives way to the line number; an input that
+    already has verdict fields), the line is re-encoded with the standard library, which
+    keeps integers of any size. ``encoded`` is ``orjson.dumps(fields)[1:]`` when the caller
+    has it already.
+    """
+    if type(message) is MalformedLine:
+        return orjson.dumps({**message, **fields}) + b"\n"
+    if (
+        "original_channel" not in fields  # a reroute replaces the channel
+        and ("id" not in fields or "id" not in message)  # an unusable id is replaced
+        and VERDICT_FIELDS.isdisjoint(message)
+    ):
+        if encoded is None:
+            encoded = orjson.dumps(fields)[1:]
+        return splice(line, encoded)
+    return reencode(line, fields)
+
+
+def reencode(line: bytes, fields: dict[str, Any]) -> bytes:
+    """``line`` with ``fields`` set, replacing any of the same name: decoded and encoded
+    again with the standard library, which keeps integers of any size."""
+    return _with_room_to_recurse(_reencode, line, fields)
+
+
+# What may come right before an object's closing brace when it holds no field: the usual
+# path would put a comma after the opening brace.
+_NO_VALUE_BEFORE = frozenset({b"{", b" ", b"\t", b"\r", b"\n", b""})
+
+
+def splice(line: bytes, encoded: bytes) -> bytes:
+    """``line`` (a JSON object, maybe an empty one) with ``encoded`` (verdict fields as JSON,
+    without the opening brace) appended before its closing brace."""
+    if line.endswith(b"}\n") and line[-3:-2] not in _NO_VALUE_BEFORE:
+        return line[:-2] + b"," + encoded + b"\n"  # the usual line: a value, then "}"
+    head = line.rstrip()[:-1].rstrip()  # orjson took it as an object: it ends with "}"
+    separator = b"" if head.endswith(b"{") else b","
+    return head + separator + encoded + b"\n"
+
+
+def load_record(line: bytes) -> Any:
+    """Decode an output line with the standard library (integers of any size), however
+    deep it nests: the input was accepted by orjson, so at most 1024 levels."""
+    return _with_room_to_recurse(json.loads, line)
+
+
+_ORJSON_MAX_DEPTH = 1024
+_T = TypeVar("_T")
+
+
+def _with_room_to_recurse(call: Callable[..., _T], *args: Any) -> _T:
+    try:
+        return call(*args)
+    except RecursionError:
+        # orjson took the line, so it nests at most 1024 deep; the standard library needs a
+        # deeper recursion limit than the default for that. Raised for this one call only.
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(limit + 4 * _ORJSON_MAX_DEPTH)
+        try:
+            return call(*args)
+        finally:
+            sys.setrecursionlimit(limit)
+
+
+def _reencode(line: bytes, fields: dict[str, Any]) -> bytes:
+    original = json.loads(line)
+    for name in VERDICT_FIELDS:
+        original.pop(name, None)
+    original.update(fields)
+    return json.dumps(original, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+# -- the plan of a file ----------------------------------------------------------------------
+
+#: A line's code in the plan: a route number (>= 0), or one of these.
+BLANK: Final = -2
+LOOK_AGAIN: Final = -1
+PAST_END: Final = -3  # a later pass read more lines than the first
+
+# Distinct routes a plan numbers; later new ones are looked at again like unusual lines. A
+# route costs a few hundred bytes, so the table stays under about 40 MB on a campaign of a
+# million distinct numbers, while campaigns of fewer (most) are all routed.
+ROUTE_LIMIT = 100_000
+
+
+class DuplicateIds:
+    """Finds repeated ids with 8 bytes a message instead of a set of every id.
+
+    The first pass records each id's hash; hashes seen twice are *suspects*, and only ids with
+    a suspect hash are remembered (exactly) in later passes, so a hash collision can never turn
+    a unique id into a duplicate.
+    """
+
+    def __init__(self) -> None:
+        # hash(id) of every valid message, appended to by the first pass.
+        self.first_pass_hashes = array("q")
+        self._suspects: frozenset[int] = frozenset()
+
+    def close_first_pass(self) -> None:
+        ordered = sorted(self.first_pass_hashes)
+        self._suspects = frozenset(
+            ordered[i] for i in range(1, len(ordered)) if ordered[i] == ordered[i - 1]
+        )
+        del self.first_pass_hashes[:]
+
+    def pass_checker(self) -> Callable[[str], bool] | None:
+        """A fresh ``is_duplicate(id)`` for one pass over the messages, in input order;
+        ``None`` when no id can be a repeat (the common case: nothing to ask per message)."""
+        suspects = self._suspects
+        if not suspects:
+            return None
+        seen: set[str] = set()
+
+        def is_duplicate(message_id: str) -> bool:
+            if hash(message_id) not in suspects:
+                return False
+            if message_id in seen:
+                return True
+            seen.add(message_id)
+            return False
+
+        return is_duplicate
+
+
+class LinePlan:
+    """What the first pass learnt about each line of a file, for the passes after it.
+
+    Routes are numbered by the fields a verdict depends on (channel, to, region, fallback).
+    A line gets a route only when its verdict can be spliced onto its own bytes: a JSON
+    object with a valid ``id``, a valid number and no verdict fields of its own.
+
+    With ``share_verdicts`` (the fallback policy looks only at the parsed message), all lines
+    of a route share one verdict, and only a route's first line is worth showing the resolver.
+
+    The codes (one int32 a line) go to a temporary file once past a few MB: memory follows
+    the distinct routes, not the messages.
+    """
+
+    _CHUNK = 1 << 16
+
+    def __init__(self, *, share_verdicts: bool) -> None:
+        self.share_verdicts = share_verdicts
+        self.routes: list[Parsed] = []
+        self._route_ids: dict[tuple[Any, ...], int] = {}
+        self._codes = array("i")
+        # Open as long as the plan; close() closes it.
+        self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+            max_size=1 << 22, prefix="blockfilter-"
+        )
+        self.ids = DuplicateIds()
+        self._id_hashes = self.ids.first_pass_hashes
+        self.line_count = 0  # known once the first pass is over
+        # Valid messages on lines coded LOOK_AGAIN: a later pass must decode those lines.
+        self.valid_unrouted = 0
+
+    def read(self, line: bytes, line_number: int) -> tuple[Any, Parsed | Invalid] | None:
+        """Decode and code one line (the first pass, in order).
+
+        :returns: the message and its parse for the resolver, or ``None`` when the line has
+            nothing new for it: a blank line, or another line of a known route when routes
+            share verdicts.
+        """
+        codes = self._codes
+        if len(codes) >= self._CHUNK:
+            self._spool.write(codes.tobytes())
+            codes = self._codes = array("i")
+        message: Any = None
+        if len(line) <= MAX_LINE_BYTES:
+            try:  # noqa: SIM105 (contextlib.suppress costs more than the decode, here)
+                message = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                pass
+        if type(message) is dict:
+            # A flat line settles it here, without a call: see repeats_a_key.
+            colons = line.count(b":")
+            if colons != len(message) and _repeats_past_the_top(line, message, colons):
+                return MalformedLine(line_number), self._unrouted(repeated_key(line_number))
+            return self._read_object(message)
+        decoded = decode_line(line, line_number)  # blank, not JSON, too long, or not an object
+        if decoded is None:
+            codes.append(BLANK)
+            return None
+        return decoded[0], self._unrouted(decoded[1])
+
+    def _read_object(self, message: dict[str, Any]) -> tuple[Any, Parsed | Invalid] | None:
+        codes = self._codes
+        if VERDICT_FIELDS.isdisjoint(message):
+            get = message.get
+            message_id, to, fallback = get("id"), get("to"), get("fallback")
+            # parse_message's memo makes the same type tests: equal keys, equal answers.
+            if (
+                type(message_id) is str
+                and message_id
+                and type(to) is str
+                and (fallback is None or type(fallback) is list)
+            ):
+                try:
+                    key: Any = (
+                        get("channel"),
+                        to,
+                        get("region"),
+                        None if fallback is None else tuple(fallback),
+                    )
+                    route = self._route_ids.get(key)
+                except TypeError:  # an unhashable value somewhere: not a route
+                    key, route = None, None
+                if route is not None:
+                    codes.append(route)
+                    self._id_hashes.append(hash(message_id))
+                    if self.share_verdicts:
+                        return None
+                    return message, replace(self.routes[route], id=message_id)
+                parsed = parse_message(message)
+                if key is not None and type(parsed) is Parsed and len(self.routes) < ROUTE_LIMIT:
+                    self._route_ids[key] = len(self.routes)
+                    codes.append(len(self.routes))
+                    self.routes.append(parsed)
+                    self._id_hashes.append(hash(message_id))
+                    return message, parsed
+                return message, self._unrouted(parsed)
+        return message, self._unrouted(parse_message(message))
+
+    def _unrouted(self, parsed: Parsed | Invalid) -> Parsed | Invalid:
+        self._codes.append(LOOK_AGAIN)
+        if type(parsed) is Parsed:
+            self.valid_unrouted += 1
+            self._id_hashes.append(hash(parsed.id))
+        return parsed
+
+    def finish_first_pass(self) -> None:
+        self.line_count = self._spool.tell() // self._codes.itemsize + len(self._codes)
+        self.ids.close_first_pass()
+        self._route_ids.clear()  # only the first pass numbers routes
+
+    def lines(self, lines: Iterable[bytes]) -> Iterator[tuple[int, bytes, int]]:
+        """``(line number, line, code)`` for each line of ``lines``, the input read again.
+
+        A line past the plan's last has the code :data:`PAST_END`: a caller that meets it,
+        or that got fewer lines than :attr:`line_count`, must raise :class:`InputChanged`.
+        """
+        codes = chain.from_iterable(self._code_chunks())
+        return zip(count(1), lines, chain(codes, repeat(PAST_END)))
+
+    def check_line_count(self, lines_read: int) -> None:
+        """Raise :class:`InputChanged` if a later pass read another number of lines."""
+        if lines_read != self.line_count:
+            raise InputChanged(
+                f"the input changed while it was being filtered: {self.line_count} lines "
+                f"at first, {lines_read} lines later"
+            )
+
+    def _code_chunks(self) -> Iterator[array[int]]:
+        self._spool.seek(0)
+        while True:
+            data = self._spool.read(self._CHUNK * self._codes.itemsize)
+            if not data:
+                break
+            chunk = array("i")
+            chunk.frombytes(data)
+            yield chunk
+        yield self._codes
+
+    def close(self) -> None:
+        self._spool.close()

@@ -1,0 +1,10 @@
+"""Kaleyra, the built-in blocklist source: its HTTP client, sync and the source.
+
+The names of :mod:`blockfilter.kaleyra.source` are importable from here too
+(``from blockfilter.kaleyra import ...``, as before the package was split); they are looked
+up on first use, so that importing one submodule does not import the others.
+"""
+
+from blockfilter._moved import names_from
+
+__getattr__ = names_from("blockfilter.kaleyra.source", __name__)

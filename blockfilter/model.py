@@ -1,0 +1,179 @@
+"""Reading one message: which fields matter, what makes it unusable, and the verdict records.
+
+A message is a JSON object with ``id``, ``channel`` and ``to`` (plus an optional ``region`` for
+national numbers and ``fallback``). Everything else is carried through untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+from .config import CHANNELS
+from .numbers import MAX_INPUT_LENGTH, InvalidNumber, normalize
+
+# The fields a verdict adds. A message that already carries one of them (a file of earlier
+# output fed back in, say) gets them replaced, never duplicated.
+VERDICT_FIELDS = frozenset(
+    {"verdict", "e164", "checked_at", "reason", "detail", "original_channel", "source"}
+)
+
+_KNOWN_CHANNELS = frozenset(CHANNELS)
+
+
+@dataclass(slots=True)
+class Parsed:
+    """The parts of a valid message the filter needs."""
+
+    id: str
+    channel: str
+    e164: str
+    fallback: tuple[str, ...]
+    # The number's digits as an int: the compact key the filter's status table uses (E.164
+    # never starts with a 0 after the "+", so nothing is lost).
+    key: int
+
+
+@dataclass(slots=True)
+class Invalid:
+    """Why a message cannot be used; ``reason`` is one of the contract's stable codes."""
+
+    reason: str
+    detail: str
+
+
+def channel_of(message: Any) -> str:
+    """The message's channel in lower case if it is a known one, else ``"unknown"``.
+
+    Used for the per-channel counts of the summary, which must not grow with junk input.
+    """
+    if isinstance(message, dict):
+        channel = message.get("channel")
+        if isinstance(channel, str) and channel.lower() in _KNOWN_CHANNELS:
+            return channel.lower()
+    return "unknown"
+
+
+# Campaigns repeat numbers, and a run reads each message more than once: remembering the last
+# fifty thousand (channel, to, region, fallback) answers makes the second read nearly
+# free. Bounded, so a campaign of a million distinct numbers does not keep them all.
+_ROUTES_MEMO_LIMIT = 50_000
+_routes: dict[tuple[Any, ...], tuple[str, str, tuple[str, ...], int] | Invalid] = {}
+
+
+def parse_message(message: Any) -> Parsed | Invalid:
+    """Validate one decoded message. Never raises: bad input is an :class:`Invalid`."""
+    if not isinstance(message, dict):
+        return Invalid(
+            "malformed_line", f"a message is a JSON object, not {type(message).__name__}"
+        )
+    get = message.get
+    message_id = get("id")
+    to = get("to")
+    fallback = get("fallback")
+    try:
+        # Equal keys must mean equal answers: a tuple equals the list it came from, but only
+        # a list is a valid fallback (and 1 == True == 1.0, though their details differ).
+        if type(to) is not str or (fallback is not None and type(fallback) is not list):
+            raise TypeError
+        memo_key = (
+            get("channel"),
+            to,
+            get("region"),
+            None if fallback is None else tuple(fallback),
+        )
+        route = _routes.get(memo_key)
+    except TypeError:  # an unhashable or odd value somewhere: nothing to remember, just parse
+        memo_key, route = None, None
+    if type(message_id) is not str or not message_id or route is None:
+        problem = _missing_field(message_id, get("channel"), to)
+        if problem is not None:
+            return problem
+        if route is None:
+            route = _route(get("channel"), to, get("region"), fallback)
+            if memo_key is not None and _worth_remembering(route, to, get("region")):
+                if len(_routes) >= _ROUTES_MEMO_LIMIT:
+                    _routes.clear()
+                _routes[memo_key] = route
+    if isinstance(route, Invalid):
+        return route
+    return Parsed(cast(str, message_id), *route)  # a str: _missing_field checked it
+
+
+def _worth_remembering(route: Any, to: Any, region: Any) -> bool:
+    """Whether a route may go into the memo: its key must be small, or a file of a few
+    hundred junk lines of 1 MB each would be held in memory whole. A valid route's key is
+    (known channels, a number of at most 100 characters, a 2-letter region); of the invalid
+    ones only the bad numbers are worth remembering (a phonenumbers parse each), and only
+    those whose text is as short."""
+    if not isinstance(route, Invalid):
+        return True
+    return (
+        route.reason == "invalid_number"
+        and len(to) <= MAX_INPUT_LENGTH
+        and (type(region) is not str or len(region) <= 8)
+    )
+
+
+def has_usable_id(message: Mapping[str, Any]) -> bool:
+    """Whether the message's ``id`` can name its record: a non-empty string. A message without
+    one is ``invalid`` (``missing_field``), and its record is named by its position instead
+    (the line number in a file), so that a user can still find it."""
+    message_id = message.get("id")
+    return isinstance(message_id, str) and message_id != ""
+
+
+def _missing_field(message_id: Any, channel: Any, to: Any) -> Invalid | None:
+    for name, value in (("id", message_id), ("channel", channel), ("to", to)):
+        if value is None:
+            return Invalid("missing_field", f"the message has no {name!r}")
+    if not isinstance(message_id, str) or not message_id:
+        return Invalid("missing_field", "'id' must be a non-empty string")
+    return None
+
+
+def _route(
+    channel: Any, to: Any, region: Any, fallback: Any
+) -> tuple[str, str, tuple[str, ...], int] | Invalid:
+    """Channel, E.164 number and fallback channels of a message, or why they are unusable."""
+    if not isinstance(channel, str):
+        return Invalid("unknown_channel", "'channel' must be a string")
+    channel = channel.lower()
+    if channel not in _KNOWN_CHANNELS:
+        return Invalid("unknown_channel", f"unknown channel {channel[:40]!r}")
+    fallback_channels: tuple[str, ...] = ()
+    if fallback is not None:
+        if not isinstance(fallback, list):
+            return Invalid("unknown_channel", "'fallback' must be a list of channel names")
+        for item in fallback:
+            if not isinstance(item, str) or item.lower() not in _KNOWN_CHANNELS:
+                if isinstance(item, str):
+                    return Invalid("unknown_channel", f"unknown fallback channel {item[:40]!r}")
+                return Invalid(
+                    "unknown_channel", f"a fallback channel is a string, not {_json_kind(item)}"
+                )
+        fallback_channels = tuple(item.lower() for item in fallback)
+    if region is not None and not isinstance(region, str):
+        return Invalid("invalid_number", "'region' must be an ISO 3166 alpha-2 code")
+    try:
+        e164 = normalize(to, region)
+    except InvalidNumber as exc:
+        return Invalid("invalid_number", str(exc))
+    return channel, e164, fallback_channels, int(e164[1:])
+
+
+def _json_kind(value: Any) -> str:
+    # Named as JSON names it: a big integer may decode as a float with one parser and an int
+    # with another, and the same line must get the same detail on every path.
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return "a value of another kind"

@@ -1,0 +1,1 @@
+"""The Celery layer: tasks, the collector, worker start-up checks, monitoring, replay."""

@@ -1,0 +1,754 @@
+"""The collector: a Celery task that gathers messages sent one at a time into full batches.
+
+A pipeline that emits messages one by one (a transactional SMS per order, say) cannot call
+``blockfilter.filter_messages`` per message: every message would cost an API request of one
+number, where a request holds 100. ``blockfilter.collect(message)`` takes one message; the
+worker holds the messages it receives (celery-batches' :class:`~celery_batches.Batches`) and
+runs the filter on them together when
+
+* one channel has ``BLOCKFILTER_COLLECT_FLUSH_EVERY`` distinct numbers waiting (default 100:
+  one full API request; a request asks about one channel, so numbers are counted per channel
+  and only that channel's messages leave, with any unusable ones; the other channels keep
+  filling), or
+* the oldest message waiting has waited ``BLOCKFILTER_COLLECT_FLUSH_INTERVAL`` seconds
+  (default 1.0; looked at five times per interval, so none waits more than 1.2 intervals):
+  everything waiting leaves. Thin traffic still goes out within about a second, and steady
+  traffic is not cut into a partial batch every period, as Batches' plain timer would; or
+* ``BLOCKFILTER_COLLECT_MAX_BUFFER`` messages are waiting (default 1000; repeats of a few
+  numbers fill no request, but must not wait or pile up either).
+
+Each setting is read, in this order, from the worker app's ``conf`` in lower case
+(``app.conf.blockfilter_collect_flush_interval = 0.5``), the environment, then the default,
+when the worker starts. They are blockfilter's settings rather than ``Batches``'
+``flush_every``/``flush_interval`` task options because the task is the library's: a user
+cannot pass options to its decorator, and ``flush_every`` counts messages, not numbers.
+
+The results go to the hooks exactly as ``blockfilter.filter_messages`` hands them over (the
+same helpers): observers, then ``blockfilter_dispatch`` (``allowed``, ``rerouted``) and
+``blockfilter_suppressed`` (``blocked``, ``invalid``). Messages whose check failed
+(``deferred``), and a whole batch whose hook raised, are handed to a
+``blockfilter.filter_messages`` task published to the queue the messages came from (so the
+collector's worker runs it, even where no worker consumes the app's default queue), with a
+backoff and counted as its first retry (in eager mode it runs at once): from there they
+follow that task's retries and end on the deferred queue once the retries are spent.
+Refused credentials are final at once (suppressed, parked on the deferred queue). A
+flush that fails for any other reason parks its messages on the deferred queue.
+
+Usage: route the task to a queue of its own and give that queue a worker of its own::
+
+    # pipeline.py
+    app.autodiscover_tasks(["blockfilter"], related_name="collector")  # or: import it
+    app.conf.task_routes = {"blockfilter.collect": {"queue": "blockfilter.collect"}}
+
+    # pipeline_collector.py: the collector worker's app
+    from pipeline import app
+    app.conf.worker_prefetch_multiplier = 0
+
+    app.send_task("blockfilter.collect", args=[message])      # or collect.delay(message)
+
+    celery -A pipeline_collector worker -Q blockfilter.collect -c 4
+
+Worker settings, and why:
+
+* Prefetch. The worker can only batch the messages the broker has given it, and with late
+  acknowledgement a message counts against the prefetch limit until its batch is done. So the
+  limit (``worker_prefetch_multiplier`` x concurrency) must hold a filling buffer plus the
+  batches being filtered: up to ``(concurrency + 1) x MAX_BUFFER`` messages, or no limit,
+  ``worker_prefetch_multiplier = 0`` (celery-batches' own advice). Set it in the app's conf:
+  on the command line Celery 5 reads ``--prefetch-multiplier=0`` as "not given" and keeps
+  the conf's value (a large multiplier, ``--prefetch-multiplier=500``, works there). Below
+  ``FLUSH_EVERY``, batches only ever leave on the timer; the worker logs a warning when its
+  first collect message arrives. No limit means the worker takes every message queued: mind
+  the backlog you let build up.
+* Its own queue. The prefetch setting is the worker's, for every queue it consumes: a
+  ``filter_messages`` campaign on the same unlimited worker would all be taken by one
+  worker. The hand-offs above are published to the collector's own route, so its worker
+  must also have ``blockfilter.filter_messages`` (importing this module imports it).
+* Pool. Batches are filtered in the pool (prefork by default, ``threads`` works too); the
+  buffering happens in the worker's main process, so a batch waits for a free pool slot.
+* Redis broker: a message stays unacknowledged while it waits and while its batch runs;
+  keep the transport's ``visibility_timeout`` well above ``FLUSH_INTERVAL`` plus a batch's
+  longest run, or Redis hands it to another worker meanwhile.
+
+Acknowledgement (``acks_late``). celery-batches acknowledges a late-acknowledged batch when
+its function returns, whatever happened in it. The collector acknowledges a batch only once
+its messages were handed to the hooks, handed off, or parked; a batch that raised (a broker
+that would not take the hand-off or the parking either) or whose pool process died is
+rejected and requeued, as ``acks_late`` + ``reject_on_worker_lost`` do for
+``filter_messages``. So delivery is at least once: a message may reach a hook again, with the
+same ``id``. A message that was received but whose batch has not run yet (the buffer) is not
+acknowledged: if the worker dies, the broker redelivers it.
+
+Batch fill is recorded per flush: the return value of each batch (also sent with Celery's
+``task_success`` signal) and an INFO log line give the messages, the distinct numbers per
+channel and the API requests made; :func:`collector_stats` adds them up for this process.
+Nothing of a message is stored as a result, however it was sent (``send_task`` asks for
+results by default): the hooks are the output. A message handed off has its verdict counted
+in the summary its ``filter_messages`` task returns.
+
+Broker reconnects. After a broker connection is lost and made again, Celery clears the
+worker's timers and builds the task strategies anew; celery-batches 0.11 then never arms
+its flush timer again (its issue #107) and the worker would hold its buffer for ever. The
+collector arms it again itself and keeps what was buffered (see
+:meth:`CollectorTask._rearm_after_reconnect`), and says so in a WARNING line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import count
+from queue import Queue
+from typing import Any, Final
+
+from celery import shared_task
+from celery_batches import Batches, SimpleRequest
+from celery_batches.trace import apply_batches_task
+
+from .. import metrics
+from ..config import Settings, load_settings
+from ..errors import ConfigError
+from ..ledger.source import dispatch_gate
+from ..model import Parsed, parse_message
+from ..plugins.manager import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
+from .monitoring import BlockfilterTask
+from .tasks import (
+    PARKED_TASK_FAILED,
+    TASK_NAME,
+    DeferredNotParked,
+    park_deferred,
+    park_final_deferred,
+    retry_countdown,
+)
+from .worker import report_refusal
+
+log = logging.getLogger("blockfilter.collector")
+
+COLLECT_TASK_NAME: Final = "blockfilter.collect"
+#: The queue name the documentation suggests for the collector (the routing is the user's).
+COLLECT_QUEUE: Final = "blockfilter.collect"
+
+#: Numbers per API request: a batch never needs more of one channel.
+REQUEST_SIZE: Final = 100
+#: The flush timer looks at the oldest waiting message this many times per FLUSH_INTERVAL.
+TICKS_PER_INTERVAL: Final = 5
+
+Route = tuple[str, str]  # (channel, E.164 number)
+
+
+# -- settings --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    """When the collector flushes a batch (see the module documentation)."""
+
+    #: distinct numbers waiting on one channel that flush that channel's messages
+    flush_every: int = REQUEST_SIZE
+    #: seconds after which everything waiting is flushed
+    flush_interval: float = 1.0
+    #: messages waiting that flush everything
+    max_buffer: int = 1000
+
+
+_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "flush_every": ("BLOCKFILTER_COLLECT_FLUSH_EVERY", int),
+    "flush_interval": ("BLOCKFILTER_COLLECT_FLUSH_INTERVAL", float),
+    "max_buffer": ("BLOCKFILTER_COLLECT_MAX_BUFFER", int),
+}
+
+
+def collect_settings(
+    conf: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> CollectSettings:
+    """The collector's settings: ``conf`` (lower-case keys), then the environment, then defaults.
+
+    :raises ConfigError: a value is not a positive number (naming the variable).
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for name, (variable, parse) in _SETTINGS.items():
+        raw = conf.get(variable.lower()) if conf is not None else None
+        if raw is None:
+            raw = env.get(variable)
+        if raw is None or raw == "":
+            continue
+        try:
+            value = parse(raw.strip()) if isinstance(raw, str) else parse(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{variable}: expected a number, got {raw!r}") from None
+        if not value > 0:
+            raise ConfigError(f"{variable}: must be > 0, got {raw!r}")
+        values[name] = value
+    return CollectSettings(**values)
+
+
+def describe_collect_settings(
+    conf: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> list[tuple[str, str, str]]:
+    """Rows of (variable, value, source) for ``blockfilter config``, as :func:`collect_settings`
+    reads them (a bad value raises its :class:`ConfigError`)."""
+    env = os.environ if environ is None else environ
+    effective = collect_settings(conf, env)
+    rows = []
+    for name, (variable, _) in _SETTINGS.items():
+        key = variable.lower()
+        if conf is not None and conf.get(key) is not None:
+            source = f"celery conf {key}"
+        elif env.get(variable):
+            source = f"env {variable}"
+        else:
+            source = "default"
+        rows.append((variable, str(getattr(effective, name)), source))
+    return rows
+
+
+# -- what is waiting -------------------------------------------------------------------------
+
+
+class BatchFill:
+    """The distinct numbers waiting, per channel: says when a channel can fill a request."""
+
+    def __init__(self, flush_every: int = REQUEST_SIZE) -> None:
+        self.flush_every = flush_every
+        self._numbers: dict[str, set[str]] = defaultdict(set)
+
+    def add(self, route: Route | None) -> bool:
+        """Count a waiting message; true when its channel now has ``flush_every`` numbers.
+
+        ``route`` is ``None`` for a message that makes no request (it is invalid).
+        """
+        if route is None:
+            return False
+        numbers = self._numbers[route[0]]
+        numbers.add(route[1])
+        return len(numbers) >= self.flush_every
+
+    def waiting(self) -> dict[str, int]:
+        """Distinct numbers waiting, per channel."""
+        return {channel: len(numbers) for channel, numbers in self._numbers.items() if numbers}
+
+    def clear(self) -> None:
+        self._numbers.clear()
+
+
+def message_of(request: Any) -> Any:
+    """The message a ``collect`` request carries (``collect(message)`` or ``message=``)."""
+    args = getattr(request, "args", None) or ()
+    if args:
+        return args[0]
+    kwargs = getattr(request, "kwargs", None) or {}
+    return kwargs.get("message")
+
+
+def route_of(message: Any) -> Route | None:
+    """The (channel, number) the message will be checked on first, or ``None`` if invalid."""
+    parsed = parse_message(message)
+    return (parsed.channel, parsed.e164) if isinstance(parsed, Parsed) else None
+
+
+# -- batch fill, per process -----------------------------------------------------------------
+
+
+@dataclass
+class CollectorStats:
+    """Counters of the batches this process filtered (prefork: each pool process its own).
+
+    ``channel_batches`` counts (batch, channel) pairs with at least one number: each made at
+    least one first-round API request, so ``numbers / channel_batches`` is the mean fill of
+    those requests (100 when every batch was full).
+    """
+
+    batches: int = 0
+    messages: int = 0
+    numbers: int = 0
+    channel_batches: int = 0
+    requests: int = 0
+    numbers_by_channel: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record(self, report: Mapping[str, Any]) -> None:
+        with self._lock:
+            self.batches += 1
+            self.messages += int(report["messages"])
+            numbers: Mapping[str, int] = report["numbers"]
+            self.numbers += sum(numbers.values())
+            self.channel_batches += sum(math.ceil(n / REQUEST_SIZE) for n in numbers.values())
+            self.requests += int(report["requests"])
+            self.numbers_by_channel.update(numbers)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "batches": self.batches,
+                "messages": self.messages,
+                "numbers": self.numbers,
+                "requests": self.requests,
+                "numbers_by_channel": dict(self.numbers_by_channel),
+                "mean_messages_per_batch": self.messages / self.batches if self.batches else 0.0,
+                "mean_fill": self.numbers / self.channel_batches if self.channel_batches else 0.0,
+            }
+
+    def reset(self) -> None:
+        with self._lock:
+            self.batches = self.messages = self.numbers = self.channel_batches = 0
+            self.requests = 0
+            self.numbers_by_channel = Counter()
+
+
+COLLECTOR_STATS = CollectorStats()
+
+
+def collector_stats() -> dict[str, Any]:
+    """This process's batch fill so far: batches, messages, numbers, requests, mean fill."""
+    return COLLECTOR_STATS.snapshot()
+
+
+# -- the task class --------------------------------------------------------------------------
+
+
+class _WatchedBuffer(Queue):  # type: ignore[type-arg]
+    """Batches' buffer, telling the collector about each message as it is buffered."""
+
+    def __init__(self, lock: threading.RLock, on_put: Callable[[Any], str | None]) -> None:
+        super().__init__()
+        self._collector_lock = lock
+        self._on_put = on_put
+        self.on_full: Callable[[str], None] = lambda channel: None
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        with self._collector_lock:
+            super().put(item, block, timeout)
+            full = self._on_put(item)
+        if full is not None:
+            self.on_full(full)
+
+    def put_back(self, item: Any) -> None:
+        """Put without counting (the collector counts what it puts back itself)."""
+        super().put(item)
+
+
+class CollectorTask(Batches, BlockfilterTask):  # type: ignore[misc]
+    """celery-batches' :class:`~celery_batches.Batches`, flushing per channel at full requests.
+
+    Batches buffers requests in the worker's main process and flushes on a count and a timer;
+    this class counts distinct numbers per channel as requests arrive, flushes a channel's
+    messages when they fill a request, and acknowledges a batch only once it was handled.
+    Relies on Batches' buffer attributes (``_buffer``, ``_pending``, ``_count``, ``_tref``),
+    hence the ``<1`` pin on celery-batches. :class:`~blockfilter.monitoring.BlockfilterTask`
+    gives it the summaries monitoring shows in place of the messages.
+    """
+
+    abstract = True
+    # Batches' own triggers: its count becomes MAX_BUFFER, its timer a tick of a fifth of
+    # FLUSH_INTERVAL (set per worker in Strategy, from the settings).
+    flush_every = CollectSettings.max_buffer
+    flush_interval = CollectSettings.flush_interval / TICKS_PER_INTERVAL
+
+    def Strategy(  # type: ignore[override]  # noqa: N802
+        self, task: Any, app: Any, consumer: Any
+    ) -> Callable[..., None]:
+        # Celery builds the strategies again after every broker reconnect, on the same task.
+        stale = self._rearm_after_reconnect()
+        settings = collect_settings(app.conf)
+        self.flush_every = settings.max_buffer
+        # Batches' timer fires every flush_interval whatever the messages' age: at a steady
+        # rate it would cut a partial batch each period. Ticking more often and flushing only
+        # once the oldest message is FLUSH_INTERVAL old keeps steady traffic in full batches
+        # and still bounds the wait (at most FLUSH_INTERVAL and a tick).
+        self.flush_interval = settings.flush_interval / TICKS_PER_INTERVAL
+        self._lock = threading.RLock()
+        self._fill = BatchFill(settings.flush_every)
+        self._arrived: dict[int, float] = {}  # id(request) -> when it was buffered
+        buffer = _WatchedBuffer(self._lock, self._buffered)
+        buffer.on_full = self._flush_channel
+        # Batches' strategy binds the buffer's put() when it is built: swap it in first.
+        self._buffer = buffer
+        self._count = count(1)
+        # Every worker of the app builds this strategy, also those that never see a collect
+        # message: the settings are logged, and the prefetch checked, on the first message.
+        self._settings = settings
+        self._prefetch_limit = int(getattr(consumer, "initial_prefetch_count", 0) or 0)
+        self._first_seen = False
+        handler: Callable[..., None] = super().Strategy(task, app, consumer)  # type: ignore[operator]
+        if stale:
+            self._take_back(stale, consumer.timer)
+        return handler
+
+    def _rearm_after_reconnect(self) -> list[tuple[Any, float]]:
+        """Work around celery-batches issue #107 (fixed upstream after 0.11, unreleased).
+
+        Batches arms its flush timer on the first message and keeps the handle in ``_tref``;
+        after a broker reconnect Celery clears the timer, builds the strategy again, and
+        Batches, seeing ``_tref`` set, never arms it again: the worker holds its buffer and
+        never flushes. Cancelling the old entry and forgetting it lets the next message (or
+        :meth:`_take_back`) arm the timer anew. Returns the requests still buffered, with
+        when they arrived: they are flushed as usual (their acknowledgement, on the dead
+        connection, fails; the broker redelivers them, so a hook may see them twice, with
+        the same ids, as after any reconnect).
+        """
+        tref = getattr(self, "_tref", None)
+        if tref is not None:
+            try:
+                tref.cancel()
+            except Exception:  # an entry of a timer that is gone: nothing to cancel
+                log.debug("%s: the old flush timer could not be cancelled", COLLECT_TASK_NAME)
+            self._tref = None
+        old = getattr(self, "_buffer", None)
+        if not isinstance(old, _WatchedBuffer):
+            return []  # the first start: nothing was buffered yet
+        arrived = getattr(self, "_arrived", {})
+        stale: list[tuple[Any, float]] = []
+        while not old.empty():
+            request = old.get_nowait()
+            stale.append((request, arrived.get(id(request), time.monotonic())))
+        log.warning(
+            "%s: the broker connection was restarted; the flush timer is armed again "
+            "(celery-batches #107)%s",
+            COLLECT_TASK_NAME,
+            f", {len(stale)} buffered message(s) kept" if stale else "",
+        )
+        return stale
+
+    def _take_back(self, stale: Sequence[tuple[Any, float]], timer: Any) -> None:
+        """Buffer again what was waiting before a reconnect, with its arrival times."""
+        for request, arrived in stale:
+            self._buffer.put(request)
+            if id(request) in self._arrived:
+                self._arrived[id(request)] = arrived
+        if self._tref is None and not self._buffer.empty():
+            self._tref = timer.call_repeatedly(self.flush_interval, self._do_flush)
+
+    # The methods below run in the worker's main process: the message handler and the flush
+    # timer (a thread of its own with transports that have no event loop), under self._lock.
+
+    def _buffered(self, request: Any) -> str | None:
+        """Count a request just buffered; the channel it filled, if any."""
+        if not self._first_seen:
+            self._first_seen = True
+            _describe(self._settings, self._prefetch_limit)
+        self._arrived[id(request)] = time.monotonic()
+        if request.eta is not None:
+            return None  # a later ETA: it waits in Batches' pending queue, not in a request
+        route = route_of(message_of(request))
+        return route[0] if route is not None and self._fill.add(route) else None
+
+    def _flush_channel(self, channel: str) -> None:
+        """Flush the messages of ``channel`` (and the invalid ones); the rest keep waiting."""
+        with self._lock:
+            taken: list[Any] = []
+            kept: list[tuple[Any, Route | None]] = []
+            while not self._buffer.empty():
+                request = self._buffer.get_nowait()
+                route = None if request.eta is not None else route_of(message_of(request))
+                if request.eta is None and (route is None or route[0] == channel):
+                    taken.append(request)
+                    self._arrived.pop(id(request), None)
+                else:
+                    kept.append((request, route))
+            self._fill.clear()
+            for request, route in kept:
+                self._buffer.put_back(request)
+                if request.eta is None:
+                    self._fill.add(route)
+            # Batches flushes everything when its count reaches MAX_BUFFER: count what waits.
+            self._count = count(len(kept) + self._pending.qsize() + 1)
+        if taken:
+            self.flush(taken)
+
+    def _do_flush(self) -> None:
+        """Batches' flush of everything: on MAX_BUFFER, or once the oldest message is due."""
+        with self._lock:
+            waiting = self._buffer.qsize()
+            oldest = min(self._arrived.values(), default=None)
+            due = (
+                waiting == 0  # Batches then looks at its ETA queue, or stops its timer
+                or waiting + self._pending.qsize() >= self.flush_every
+                or (
+                    oldest is not None
+                    and time.monotonic() - oldest >= self._settings.flush_interval
+                )
+            )
+            if not due:
+                return
+            self._fill.clear()
+            self._arrived.clear()
+            super()._do_flush()
+
+    def flush(self, requests: Sequence[Any]) -> Any:
+        """Run a batch in the pool; acknowledge it once handled, requeue it if that failed.
+
+        As :meth:`Batches.flush`, except that a late-acknowledged batch that raised (the
+        batch function returns ``None`` then) or whose process died is rejected with requeue
+        instead of acknowledged, and that a message delivered twice (kept from before a
+        reconnect, then redelivered) is filtered once: the filter would call the second copy
+        a ``duplicate_id``, and a pipeline would see one message with two verdicts.
+        """
+        requests, copies = _without_redeliveries(requests)
+        acks_late = [r for r in requests if r.task.acks_late]
+        acks_early = [r for r in requests if not r.task.acks_late]
+        # SimpleRequests pickle, for the prefork pool.
+        simple = ([SimpleRequest.from_request(r) for r in requests],)
+
+        def on_accepted(pid: int, time_accepted: float) -> None:
+            for request in acks_early:
+                request.acknowledge()
+
+        def on_return(result: Any) -> None:
+            if result is None:
+                _requeue(acks_late, "the batch failed")
+                for copy in copies:  # the requeued one stands for it
+                    copy.reject(requeue=False)
+                return
+            for request in acks_late + copies:
+                request.acknowledge()
+
+        def on_error(*_: Any) -> None:
+            _requeue(acks_late, "the process running the batch was lost")
+            for copy in copies:
+                copy.reject(requeue=False)
+
+        return self._pool.apply_async(
+            apply_batches_task,
+            (self, simple, 0, None),
+            accept_callback=on_accepted,
+            callback=on_return,
+            error_callback=on_error,
+        )
+
+
+def _without_redeliveries(requests: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """``(requests to run, copies to acknowledge with them)``: of requests with the same task
+    id and the same message, the last delivered runs (after a reconnect, the one whose
+    acknowledgement can still reach the broker)."""
+    last: dict[Any, int] = {}
+    for index, request in enumerate(requests):
+        last[request.id, _fingerprint(message_of(request))] = index
+    if len(last) == len(requests):
+        return list(requests), []
+    keep = set(last.values())
+    return (
+        [r for i, r in enumerate(requests) if i in keep],
+        [r for i, r in enumerate(requests) if i not in keep],
+    )
+
+
+def _fingerprint(message: Any) -> str:
+    try:
+        return json.dumps(message, sort_keys=True, default=repr)
+    except (TypeError, ValueError):
+        return repr(message)
+
+
+def _requeue(requests: Sequence[Any], why: str) -> None:
+    if requests:
+        log.warning("%s: %s; %d message(s) requeued", COLLECT_TASK_NAME, why, len(requests))
+    for request in requests:
+        request.reject(requeue=True)
+
+
+def _describe(settings: CollectSettings, limit: int) -> None:
+    """Log how this worker batches; warn when its prefetch limit cannot fill a batch."""
+    log.info(
+        "%s: a batch leaves at %d distinct numbers on a channel, %d messages, or after %.2f s",
+        COLLECT_TASK_NAME,
+        settings.flush_every,
+        settings.max_buffer,
+        settings.flush_interval,
+    )
+    if 0 < limit < settings.flush_every:
+        log.warning(
+            "%s: this worker prefetches at most %d messages, fewer than the %d numbers that "
+            "fill a batch: batches will only leave on the %.2f s timer. Run the collector's "
+            "queue on a worker with --prefetch-multiplier=0 (or a larger multiplier)",
+            COLLECT_TASK_NAME,
+            limit,
+            settings.flush_every,
+            settings.flush_interval,
+        )
+
+
+# -- the task --------------------------------------------------------------------------------
+
+
+@shared_task(
+    name=COLLECT_TASK_NAME,
+    base=CollectorTask,
+    bind=True,
+    acks_late=True,
+    # Nothing of a message is ever stored as a result, however the task is sent: a sender's
+    # ignore_result=False (send_task's default) is not looked at. The hooks are the output.
+    ignore_result=True,
+)
+def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
+    """Filter a batch of collected messages and hand the results to the hooks.
+
+    Call it with one message: ``collect.delay(message)``; the worker calls it with the batch.
+
+    :param requests: the batch's requests (celery-batches' ``SimpleRequest``), one message
+        each, as ``args[0]`` or ``kwargs["message"]``.
+    :return: the batch's report: ``messages``, ``numbers`` (distinct numbers per channel),
+        ``requests`` (API requests made), ``handed_off``, ``parked`` and ``summary``: counts
+        only (it goes to Celery's ``task_success`` signal, never to the result backend).
+    """
+    started = time.monotonic()
+    messages = [message_of(request) for request in requests]
+    try:
+        settings = load_settings(celery_conf=self.app.conf)
+        pm = get_plugin_manager(settings)
+        with build_filter(settings, pm) as engine:
+            results = list(engine.run(messages))
+            summary = engine.summary.as_dict()
+            refusal = engine.refusal
+            metrics.count_run(engine)
+    except Exception:
+        # Not about a check (bad settings, a broken source plugin, a bug): keep the batch.
+        # Should parking fail too, the exception leaves and the batch is requeued.
+        log.exception("%s: a batch of %d message(s) failed", COLLECT_TASK_NAME, len(messages))
+        parked = park_deferred(self.app, messages, reason=PARKED_TASK_FAILED)
+        return _report(messages, None, started, parked=parked)
+
+    deferred = [i for i, result in enumerate(results) if result["verdict"] == "deferred"]
+    refused = bool(summary.get("credentials_refused")) or any(
+        results[i].get("reason") == "credentials_refused" for i in deferred
+    )
+    # The collector is a message's first attempt, and a task always has a retry left
+    # (BLOCKFILTER_TASK_MAX_RETRIES >= 1): only refused credentials make a deferral final.
+    final = refused
+    handled_indexes = [i for i, r in enumerate(results) if final or r["verdict"] != "deferred"]
+    handled = [results[i] for i in handled_indexes]
+    handed_off: set[int] = set()
+    parked = 0
+    not_parked: Exception | None = None
+    if deferred and final:
+        not_parked = park_final_deferred(self.app, [messages[i] for i in deferred], refused=True)
+        parked = 0 if not_parked is not None else len(deferred)
+        if refusal is not None:
+            report_refusal(refusal, settings, messages=len(deferred), task=COLLECT_TASK_NAME)
+    elif deferred:
+        _hand_off(self, settings, requests, messages, deferred, "check failed")
+        handed_off.update(deferred)
+
+    try:
+        with dispatch_gate(pm, settings, handled, summary):  # see blockfilter.ledger.source
+            if handled:
+                notify_verdicts(pm, handled)
+            dispatch_results(pm, handled, deferred_final=True)
+        metrics.count_verdicts(handled)
+    except Exception as exc:
+        # The hook specification: "Raise to have the batch retried", hence all of it.
+        log.warning(
+            "%s: a dispatch hook failed (%s); the batch goes to %s for a retry",
+            COLLECT_TASK_NAME,
+            type(exc).__name__,
+            TASK_NAME,
+        )
+        _hand_off(self, settings, requests, messages, handled_indexes, "hook failed")
+        handed_off.update(handled_indexes)
+    if not_parked is not None:
+        raise DeferredNotParked(
+            f"{len(deferred)} deferred message(s) could not be parked on the deferred queue "
+            f"({type(not_parked).__name__}); they were handed to blockfilter_suppressed"
+        )
+    return _report(messages, summary, started, handed_off=len(handed_off), parked=parked)
+
+
+def handoff_options(delivery_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``send_task`` options that put a hand-off on the queue its message came from.
+
+    A message that came through the default exchange (what ``task_routes = {...: {"queue":
+    Q}}`` does) has ``Q`` as its routing key: it goes back to ``queue=Q``, as Celery's own
+    retries do. Passing the empty exchange instead would make Celery route it to the app's
+    default queue, which a collector-only deployment never consumes. A message of a named
+    exchange goes back through that exchange and routing key. A batch made by ``apply()``
+    (no route) goes by the app's routing.
+    """
+    info = delivery_info or {}
+    exchange, routing_key = info.get("exchange"), info.get("routing_key")
+    if not routing_key:
+        return {}
+    if not exchange:
+        return {"queue": routing_key}
+    return {"exchange": exchange, "routing_key": routing_key}
+
+
+def _hand_off(
+    task: Any,
+    settings: Settings,
+    requests: Sequence[SimpleRequest],
+    messages: Sequence[Any],
+    indexes: Sequence[int],
+    why: str,
+) -> None:
+    """Publish ``messages[indexes]`` as ``filter_messages`` tasks, as its first retry.
+
+    Each goes back to the queue its ``collect`` message came from (:func:`handoff_options`),
+    so the collector's own worker runs it. ``retries=1`` makes the task count this as its
+    first retry: a message is checked at most ``1 + BLOCKFILTER_TASK_MAX_RETRIES`` times in
+    all, as with ``filter_messages``. In eager mode (``task_always_eager``, ``apply()``) the
+    task runs here and now, eagerly too: publishing it would need a broker, and a message
+    must reach a hook or the deferred queue whatever happens.
+    """
+    by_route: dict[tuple[tuple[str, Any], ...], list[Any]] = defaultdict(list)
+    eager = False
+    for index in indexes:
+        info = requests[index].delivery_info or {}
+        eager = eager or bool(info.get("is_eager"))
+        by_route[tuple(sorted(handoff_options(info).items()))].append(messages[index])
+    countdown = retry_countdown(settings.task_retry_backoff, 0)
+    for route, batch in by_route.items():
+        if eager:
+            task.app.tasks[TASK_NAME].apply(args=(batch,), retries=1, throw=True)
+            continue
+        task.app.send_task(TASK_NAME, args=(batch,), countdown=countdown, retries=1, **dict(route))
+    log.info(
+        "%s: %d message(s) handed to %s (%s)%s",
+        COLLECT_TASK_NAME,
+        len(indexes),
+        TASK_NAME,
+        why,
+        " and run at once (eager)" if eager else f", in {countdown:.1f} s",
+    )
+
+
+def _report(
+    messages: Sequence[Any],
+    summary: Mapping[str, Any] | None,
+    started: float,
+    *,
+    handed_off: int = 0,
+    parked: int = 0,
+) -> dict[str, Any]:
+    """The batch's report, recorded in :data:`COLLECTOR_STATS` and logged."""
+    numbers: dict[str, set[str]] = defaultdict(set)
+    for message in messages:
+        route = route_of(message)
+        if route is not None:
+            numbers[route[0]].add(route[1])
+    report: dict[str, Any] = {
+        "messages": len(messages),
+        "numbers": {channel: len(found) for channel, found in sorted(numbers.items())},
+        "requests": int(summary["requests"]) if summary else 0,
+        "handed_off": handed_off,
+        "parked": parked,
+        "elapsed_s": round(time.monotonic() - started, 3),
+        "summary": dict(summary) if summary else None,
+    }
+    COLLECTOR_STATS.record(report)
+    metrics.observe_batch_fill(report["numbers"])
+    log.info(
+        "%s: batch of %d message(s), numbers %s, %d API request(s), %.3f s",
+        COLLECT_TASK_NAME,
+        report["messages"],
+        " ".join(f"{c}={n}" for c, n in report["numbers"].items()) or "none",
+        report["requests"],
+        report["elapsed_s"],
+    )
+    return report

@@ -1,0 +1,1 @@
+"""For tests and demos: the Kaleyra simulator, the pytest plugin, the demo."""
