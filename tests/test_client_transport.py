@@ -335,3 +335,38 @@ def test_the_environment_is_read_when_the_client_is_made(monkeypatch) -> None:
     assert isinstance(transport, Urllib3Transport)
     assert transport.environment.proxy_for(client.endpoint) == "http://proxy.example:3128"
     assert KaleyraClient(settings())._http().environment.proxy_for(client.endpoint) is None
+
+
+@pytest.mark.parametrize("call", ["lookup", "blocklist change"])
+def test_no_attempt_starts_after_the_budget_when_the_limiter_held_it(call: str) -> None:
+    # A lookup and a blocklist change share one retry budget: a limiter that keeps the client
+    # waiting past the deadline means no further attempt, for a write as for a read.
+    fake = FakeTime()
+
+    class SlowLimiter:
+        acquired = 0
+
+        def acquire(self) -> None:
+            self.acquired += 1
+            if self.acquired > 1:
+                fake.sleep(60.0)  # the fleet's rate limit is busy far beyond the budget
+
+        def penalize(self, seconds: float) -> None:
+            pass
+
+    upstream = Upstream(Response(500, {}, b'{"code": "WA500"}'))
+    client = KaleyraClient(
+        settings(retry_deadline=5.0),
+        limiter=SlowLimiter(),
+        sleep=fake.sleep,
+        clock=fake.clock,
+        rng=random.Random(3),
+        transport=upstream,
+    )
+    with pytest.raises(RetryBudgetExhausted) as caught:
+        if call == "lookup":
+            client.blocked_batch("sms", [CLEAN])
+        else:
+            client.change_blocklist("sms", add=[BLOCKED])
+    assert len(upstream.requests) == 1
+    assert caught.value.attempts == 1

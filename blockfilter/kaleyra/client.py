@@ -448,6 +448,14 @@ class KaleyraClient:
     def _request(self, url: str, shape: _Shape, read: Callable[[_Data], _T]) -> _T:
         """``read`` of the ``data`` of the first good answer; ``read`` may raise a transient
         error to have an answer that is not good enough retried like any other."""
+        return self._retrying(
+            "request", shape, lambda timeout: self._attempt(url, shape, timeout, read)
+        )
+
+    def _retrying(self, what: str, shape: _Shape, attempt_once: Callable[[float], _T]) -> _T:
+        """``attempt_once(timeout)`` until it succeeds, within the retry budget: transient
+        errors are retried after a full-jitter backoff (at least their ``Retry-After``); no
+        attempt starts, nor outlives, the budget's deadline."""
         settings = self.settings
         started = self._clock()
         budget_ends = started + settings.retry_deadline
@@ -464,7 +472,7 @@ class KaleyraClient:
             # The attempt may not outlive the budget: the budget is a promise to the caller.
             attempt_timeout = max(min(settings.request_timeout, remaining), 0.001)
             try:
-                return self._attempt(url, shape, attempt_timeout, read)
+                return attempt_once(attempt_timeout)
             except TransientUpstreamError as exc:
                 error = exc
             retry_after = error.retry_after
@@ -479,7 +487,8 @@ class KaleyraClient:
             if attempt >= settings.retry_attempts or self._clock() + wait_s >= budget_ends:
                 raise self._exhausted(error, attempt, started, shape)
             log.warning(
-                "Kaleyra request failed with %s (%s); retry %d in %.2fs",
+                "Kaleyra %s failed with %s (%s); retry %d in %.2fs",
+                what,
                 error.code,
                 shape.describe(),
                 attempt,
@@ -580,42 +589,9 @@ class KaleyraClient:
         ]
         body = json.dumps({"channel": channel, "contacts": contacts}).encode()
         shape = _Shape(channel, count)
-        started = self._clock()
-        attempt = 0
-        while True:
-            if self.limiter is not None:
-                self.limiter.acquire()
-            remaining = started + self.settings.retry_deadline - self._clock()
-            attempt += 1
-            try:
-                self._post_attempt(
-                    body, shape, max(min(self.settings.request_timeout, remaining), 0.001)
-                )
-                return
-            except TransientUpstreamError as exc:
-                error = exc
-            wait_s = self._rng.uniform(
-                0.0, min(self.settings.backoff_max, self.settings.backoff_base * 2 ** (attempt - 1))
-            )
-            if error.retry_after is not None:
-                wait_s = max(wait_s, min(error.retry_after, self.settings.retry_after_max))
-            if error.code == "rate_limited" and self.limiter is not None:
-                self.limiter.penalize(wait_s)
-            if (
-                attempt >= self.settings.retry_attempts
-                or self._clock() + wait_s >= started + self.settings.retry_deadline
-            ):
-                raise self._exhausted(error, attempt, started, shape)
-            log.warning(
-                "Kaleyra blocklist change failed with %s (%s); retry %d in %.2fs",
-                error.code,
-                shape.describe(),
-                attempt,
-                wait_s,
-            )
-            self.stats.count_retry()
-            if wait_s > 0:
-                self._sleep(wait_s)
+        self._retrying(
+            "blocklist change", shape, lambda timeout: self._post_attempt(body, shape, timeout)
+        )
 
     def _post_attempt(self, body: bytes, shape: _Shape, timeout: float) -> None:
         self.stats.count_attempt(shape.numbers)
