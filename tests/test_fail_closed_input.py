@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from blockfilter.atomicfile import AtomicFile, OutputError
-from blockfilter.config import CHANNELS, SPECS, Settings, load_settings
+from blockfilter.config import SPECS, Settings, load_settings
 from blockfilter.engine.filter import Filter
 from blockfilter.engine.lines import repeats_a_key
 from blockfilter.errors import ConfigError
@@ -54,11 +54,7 @@ def sim() -> Iterator[Simulator]:
 @pytest.fixture(autouse=True)
 def _fresh(request: pytest.FixtureRequest) -> Iterator[None]:
     if "sim" in request.fixturenames:
-        simulator = request.getfixturevalue("sim")
-        simulator.clear_faults()
-        simulator.reset_stats()
-        for channel in CHANNELS:
-            simulator.unblock(channel, *simulator.blocked(channel))
+        request.getfixturevalue("sim").reset()
     yield
 
 

@@ -344,9 +344,7 @@ def sim() -> Iterator[Simulator]:
 @pytest.fixture(autouse=True)
 def _fresh(request: pytest.FixtureRequest) -> Iterator[None]:
     if "sim" in request.fixturenames:
-        simulator = request.getfixturevalue("sim")
-        simulator.clear_faults()
-        simulator.reset_stats()
+        request.getfixturevalue("sim").reset()
     yield
 
 

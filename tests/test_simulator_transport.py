@@ -123,3 +123,19 @@ def test_a_change_of_status_through_the_transport_is_seen_by_the_next_lookup() -
     client.change_blocklist("sms", add=["+918020000064"])
     assert lookup(client) == ["+918020000061", "+918020000064"]
     assert api.changes == [("sms", 1)]
+
+
+def test_a_reset_simulator_answers_and_counts_as_a_new_one() -> None:
+    api = SimulatedKaleyra(BLOCKED, sid=SID, api_key=KEY, latency=0.01)
+    api.set_faults([FaultRule("wa500", every=2)])
+    client = KaleyraClient(
+        client_settings(base_url="https://kaleyra.invalid", retry_attempts=3),
+        transport=api.transport,
+        sleep=lambda seconds: None,
+    )
+    client.change_blocklist("sms", add=["+918020000064"])
+    api.reset()
+    assert (api.faults, api.latency, api.changes) == ([], 0.0, [])
+    assert _counted(api) == (0, {}, {}, 0)
+    assert lookup(client) == []
+    assert _counted(api) == (1, {"ok": 1}, {200: 1}, 3)

@@ -522,6 +522,18 @@ class SimulatedKaleyra:
     def __repr__(self) -> str:
         return f"<SimulatedKaleyra sid={self.sid!r}>"
 
+    def reset(self) -> None:
+        """Back to a new simulator's state: no blocklist, no faults, no latency, no counts.
+        Lets a test module share one simulator and still start each test afresh."""
+        self.clear_faults()
+        self.set_latency(0.0)
+        self.reset_stats()
+        with self._lock:
+            for channel in CHANNELS:
+                self._blocked[channel].clear()
+                self._sorted[channel] = None
+            self.changes.clear()
+
     # -- blocklist -----------------------------------------------------------------------------
 
     def block(self, channel: str, *numbers: str) -> None:
