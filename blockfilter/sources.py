@@ -4,6 +4,11 @@ Kaleyra's API is one source (:mod:`blockfilter.kaleyra`); a pipeline may add its
 opt-out table, say) through the ``blockfilter_blocklist_sources`` hook. The filter joins them:
 a number is blocklisted when any source says so, and it counts as checked only when every
 source answered for it (fail closed).
+
+:class:`BlocklistSource` is the least a source has; :class:`BaseSource` adds the optional
+capabilities (a stream, a cost estimate, a request budget...) with their defaults, and
+:func:`as_source` gives the former the latter, once, where the filter receives its sources.
+The filter asks every source the same questions: none is special.
 """
 
 from __future__ import annotations
