@@ -370,7 +370,7 @@ class Filter:
         )
         self._given_sources = list(sources) if sources is not None else None
         self._sources: list[BaseSource] | None = None
-        self._owned: list[Any] = []  # sources made for this filter alone, closed by close()
+        self._owned: list[BaseSource] = []  # made for this filter alone, closed by close()
         self.max_requests = max_requests
         if fallback_policy is None:
             if self.plugin_manager is None:
