@@ -102,7 +102,9 @@ def _register_sink(**_: Any) -> None:
 @app.task(name="bench.passthrough")
 def passthrough(messages: list[dict[str, Any]]) -> None:
     """The same pipeline without the filter: straight to the dispatch hook."""
-    _plugin_manager().hook.blockfilter_dispatch(messages=messages)
+    from blockfilter.plugins.manager import PluginHooks
+
+    PluginHooks(_plugin_manager()).dispatch(messages)
 
 
 # -- the benchmark ---------------------------------------------------------------------------

@@ -416,13 +416,8 @@ def _filter(args: argparse.Namespace) -> int:
             settings, on_error=args.on_error, max_requests=args.max_requests, progress=progress
         ) as engine,
     ):
-        from .kaleyra.source import KaleyraSource
-
         for source in engine.sources:
-            if isinstance(source, KaleyraSource):
-                # A one-shot run never reads back a memory:// cache; the engine already holds
-                # every answer once. (A shared Redis cache is written all the same.)
-                source.remember = False
+            source.one_shot()  # this process runs one campaign and ends
         if args.estimate:
             low, high = engine.estimate(open_lines)
             shown = str(low) if low == high else f"{low} to {high}"
@@ -488,7 +483,6 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     from .config import CHANNELS, load_settings
     from .kaleyra.source import KaleyraSource
-    from .plugins.builtin import close_kaleyra_source
 
     settings = load_settings()
     settings.require_credentials()
@@ -535,7 +529,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
                     f"{result.elapsed_s:.2f} s{note}"
                 )
     finally:
-        close_kaleyra_source(source)
+        source.close()
     if args.json:
         print(json.dumps({"channels": results}))
     return EXIT_OK

@@ -4,6 +4,11 @@ Kaleyra's API is one source (:mod:`blockfilter.kaleyra`); a pipeline may add its
 opt-out table, say) through the ``blockfilter_blocklist_sources`` hook. The filter joins them:
 a number is blocklisted when any source says so, and it counts as checked only when every
 source answered for it (fail closed).
+
+:class:`BlocklistSource` is the least a source has; :class:`BaseSource` adds the optional
+capabilities (a stream, a cost estimate, a request budget...) with their defaults, and
+:func:`as_source` gives the former the latter, once, where the filter receives its sources.
+The filter asks every source the same questions: none is special.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 log = logging.getLogger("blockfilter.sources")
 
@@ -50,7 +55,12 @@ class SourceStats:
 
 @runtime_checkable
 class BlocklistSource(Protocol):
-    """Anything that can say which numbers are blocklisted, many channels at a time."""
+    """The least a blocklist source has: a name, :meth:`check_many` and :meth:`stats`.
+
+    This is what ``blockfilter_blocklist_sources`` may return. The filter adapts such an object
+    once, when it receives it (:func:`as_source`), to a :class:`BaseSource`: what it does not
+    implement of the optional capabilities gets their defaults.
+    """
 
     name: str
 
@@ -70,7 +80,7 @@ class BlocklistSource(Protocol):
 
 class CheckStream(Protocol):
     """Numbers fed to a source while the input is still being read, so the first requests go
-    out before the last message is parsed. Made by a source's optional ``stream()`` method.
+    out before the last message is parsed. Made by :meth:`BaseSource.stream`.
     """
 
     def add(self, channel: str, numbers: Sequence[str]) -> None:
@@ -86,8 +96,66 @@ class CheckStream(Protocol):
         ...
 
 
+class BaseSource:
+    """A blocklist source with every capability the filter may use, each at its default.
+
+    Subclass it, set :attr:`name` and implement :meth:`check_many`; override a capability
+    where the source can do better than its default. The filter asks every source the same
+    questions, so nothing depends on which source is which:
+
+    * :meth:`stream`: numbers handed over while the input is read (default: all checked at
+      the end, with :meth:`check_many`);
+    * :meth:`estimate_requests`: what a check would cost (``--estimate``; default ``None``,
+      it costs nothing);
+    * :meth:`with_budget`: a request budget (``--max-requests``; default: the source makes no
+      requests to count, and is used as it is);
+    * :meth:`one_shot`: the process runs one campaign and ends (default: nothing to do);
+    * :meth:`close`: release what the source holds (default: nothing);
+    * :attr:`stands_alone`: whether the source may be the only one.
+
+    :ivar name: what the verdict's ``source`` names when an outcome has no ``origin``.
+    """
+
+    name: str
+
+    #: ``False`` for a source that only adds opt-outs to what another one says (the ledger,
+    #: which knows only the numbers reported to it): alone, it would let every other number
+    #: through unchecked, so a filter whose sources all say ``False`` refuses to run.
+    stands_alone: ClassVar[bool] = True
+
+    def check_many(self, wanted: Mapping[str, Sequence[str]]) -> Iterator[CheckOutcome]:
+        """See :meth:`BlocklistSource.check_many`."""
+        raise NotImplementedError
+
+    def stats(self) -> SourceStats:
+        """Counters since the source was made (default: none kept)."""
+        return SourceStats()
+
+    def stream(self) -> CheckStream:
+        """A stream to feed numbers to while the input is read."""
+        return BufferedStream(self)
+
+    def estimate_requests(self, wanted: Mapping[str, Sequence[str]]) -> int | None:
+        """The paid requests :meth:`check_many` would make for ``wanted`` now, without making
+        any; ``None`` when the source costs nothing (a local table)."""
+        return None
+
+    def with_budget(self, max_requests: int) -> BaseSource:
+        """A source that makes at most ``max_requests`` requests and leaves the numbers past
+        them unchecked (:class:`~blockfilter.errors.RequestBudgetExhausted`). A new one is the
+        caller's, to :meth:`close`; ``self`` when the source makes no requests to count."""
+        return self
+
+    def one_shot(self) -> None:
+        """Told by a process that runs one campaign and ends (``blockfilter filter``): what
+        only a later run would read back need not be kept."""
+
+    def close(self) -> None:
+        """Release what the source holds (threads, connections); called by whoever made it."""
+
+
 class BufferedStream:
-    """The stream of a source that has none of its own: checks everything at :meth:`finish`."""
+    """The default stream: checks everything at :meth:`finish`."""
 
     def __init__(self, source: BlocklistSource) -> None:
         self._source = source
@@ -104,13 +172,47 @@ class BufferedStream:
         return self._source.check_many(wanted)
 
 
-def open_stream(source: BlocklistSource) -> CheckStream:
-    """The source's own stream if it has one, else a :class:`BufferedStream`."""
-    stream = getattr(source, "stream", None)
-    return stream() if stream is not None else BufferedStream(source)
+class _AdaptedSource(BaseSource):
+    """A source written to the least protocol, with the capabilities' defaults.
+
+    ``stream()`` and ``estimate_requests()`` were optional methods of a source before they
+    were capabilities: one that has them keeps them. Looked up here, once, so that nothing
+    else needs to ask what a source can do.
+    """
+
+    def __init__(self, source: BlocklistSource) -> None:
+        self.source = source
+        self.name = str(getattr(source, "name", None) or type(source).__name__)
+        self._stream: Callable[[], CheckStream] | None = getattr(source, "stream", None)
+        self._estimate: Callable[[Mapping[str, Sequence[str]]], int | None] | None = getattr(
+            source, "estimate_requests", None
+        )
+
+    def check_many(self, wanted: Mapping[str, Sequence[str]]) -> Iterator[CheckOutcome]:
+        return self.source.check_many(wanted)
+
+    def stats(self) -> SourceStats:
+        return self.source.stats()
+
+    def stream(self) -> CheckStream:
+        return self._stream() if self._stream is not None else BufferedStream(self)
+
+    def estimate_requests(self, wanted: Mapping[str, Sequence[str]]) -> int | None:
+        return self._estimate(wanted) if self._estimate is not None else None
+
+    def __repr__(self) -> str:
+        return repr(self.source)
 
 
-class FunctionSource:
+def as_source(source: BlocklistSource | BaseSource) -> BaseSource:
+    """``source`` with every capability: itself when it is a :class:`BaseSource`, else
+    adapted (its own ``check_many`` and ``stats``, the defaults for the rest)."""
+    if isinstance(source, BaseSource):
+        return source
+    return _AdaptedSource(source)
+
+
+class FunctionSource(BaseSource):
     """Adapts a plain function ``(channel, numbers) -> blocklisted numbers`` to a source.
 
     This is how a pipeline's own opt-out table joins the check: the function is called with up

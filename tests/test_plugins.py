@@ -302,7 +302,7 @@ def test_an_entry_point_may_not_take_a_built_in_name(
 # -- startup ----------------------------------------------------------------------------------
 
 
-def test_startup_hook_sees_the_settings_and_may_refuse(
+def test_hook_startup(
     install: Callable[..., dict[str, str]],
 ) -> None:
     modules = install(
@@ -314,7 +314,7 @@ def test_startup_hook_sees_the_settings_and_may_refuse(
                 SEEN = []
 
                 @hookimpl
-                def blockfilter_startup(settings):
+                def blockfilter_startup(settings):  # it sees the settings and may refuse
                     SEEN.append(settings.on_error)
                     if settings.on_error == "allow":
                         raise ValueError("picky refuses to fail open")
@@ -380,7 +380,8 @@ class OptOutTable:
         return [n for n in numbers if n in self.blocked.get(channel, set())]
 
 
-def test_blockfilter_blocklisted_joins_the_kaleyra_check(simulator: Simulator) -> None:
+def test_hook_blocklisted(simulator: Simulator) -> None:
+    # Each implementation is a source joined to the Kaleyra check.
     simulator.block("sms", A)
     settings = fast_settings(simulator.base_url, load_plugins=[])
     pm = make_plugin_manager(settings)
@@ -421,7 +422,8 @@ def test_a_blocklisted_hook_returning_a_string_fails_closed(simulator: Simulator
     assert results[0]["verdict"] == "deferred"
 
 
-def test_blockfilter_blocklist_sources_adds_a_source_object(simulator: Simulator) -> None:
+def test_hook_blocklist_sources(simulator: Simulator) -> None:
+    # A source object joins the check as it is, the filter's own list holding it.
     from blockfilter.sources import FunctionSource
 
     regulator = FunctionSource("regulator", lambda channel, numbers: [n for n in numbers if n == C])
@@ -614,6 +616,109 @@ def test_observers_see_every_verdict_and_a_failing_one_changes_nothing(
     assert "RuntimeError" in warning and A not in warning  # the number is masked
 
 
+# -- each hook through a real plugin manager -------------------------------------------------
+
+
+def checked_by_table(simulator: Simulator, blocked: dict[str, set[str]]) -> tuple[Settings, Any]:
+    """A fresh manager whose opt-out table (registered as ``table``) blocklists ``blocked``,
+    joined to Kaleyra's check on ``simulator``."""
+    settings = fast_settings(simulator.base_url, load_plugins=[])
+    pm = make_plugin_manager(settings)
+    pm.register(OptOutTable(blocked), name="table")
+    return settings, pm
+
+
+def test_hook_dispatch(simulator: Simulator) -> None:
+    class Sender:
+        def __init__(self) -> None:
+            self.sent: list[list[tuple[str, str]]] = []
+
+        @hookimpl
+        def blockfilter_dispatch(self, messages: list[dict[str, Any]]) -> None:
+            self.sent.append([(m["id"], m["channel"]) for m in messages])
+
+    sender = Sender()
+    settings, pm = checked_by_table(simulator, {"sms": {A}})
+    pm.register(sender, name="sender")
+    messages = [msg("1", A, fallback=["whatsapp"]), msg("2", B), msg("3", C, "voice"), msg("4", A)]
+    with build_filter(settings, pm) as engine:
+        results = list(engine.run(messages))
+    dispatch_results(pm, results, deferred_final=True)
+    # The allowed and rerouted ones, in input order, each on the channel it goes out on.
+    assert sender.sent == [[("1", "whatsapp"), ("2", "sms"), ("3", "voice")]]
+    dispatch_results(pm, results_of("blocked", "invalid"), deferred_final=True)
+    assert len(sender.sent) == 1  # nothing to send: not called with an empty list
+
+
+def test_hook_suppressed(simulator: Simulator) -> None:
+    class Audit:
+        def __init__(self) -> None:
+            self.seen: list[list[tuple[str, str, str]]] = []
+
+        @hookimpl
+        def blockfilter_suppressed(self, messages: list[dict[str, Any]]) -> None:
+            self.seen.append([(m["id"], m["verdict"], m["reason"]) for m in messages])
+
+    audit = Audit()
+    settings, pm = checked_by_table(simulator, {"sms": {A}})
+    pm.register(audit, name="audit")
+    with build_filter(settings, pm) as engine:
+        results = list(engine.run([msg("1", A), msg("2", B), msg("3", "junk")]))
+    dispatch_results(pm, results, deferred_final=True)
+    assert audit.seen == [[("1", "blocked", "blocklisted"), ("3", "invalid", "invalid_number")]]
+    dispatch_results(pm, results_of("allowed", "deferred"), deferred_final=False)
+    assert len(audit.seen) == 1  # a deferred one that will be retried is not suppressed yet
+
+
+def test_hook_fallback_channels(simulator: Simulator) -> None:
+    class ByUrgency:
+        @hookimpl
+        def blockfilter_fallback_channels(
+            self, message: dict[str, Any], channel: str, fallback: list[str]
+        ) -> list[str] | None:
+            return ["voice", "whatsapp"] if message.get("urgent") else None
+
+    settings, pm = checked_by_table(simulator, {"sms": {A, B}, "voice": {B}})
+    pm.register(ByUrgency(), name="by-urgency")
+    messages = [
+        msg("1", A, urgent=True),
+        msg("2", B, urgent=True),
+        msg("3", A, fallback=["whatsapp"]),  # None from the plugin: the built-in default
+        msg("4", A),
+    ]
+    with build_filter(settings, pm) as engine:
+        results = list(engine.run(messages))
+    assert [(r["verdict"], r["channel"]) for r in results] == [
+        ("rerouted", "voice"),
+        ("rerouted", "whatsapp"),  # voice blocklisted too: the next one the plugin gave
+        ("rerouted", "whatsapp"),
+        ("blocked", "sms"),
+    ]
+
+
+def test_hook_verdicts(simulator: Simulator) -> None:
+    class Observer:
+        def __init__(self) -> None:
+            self.batches: list[list[tuple[str, str]]] = []
+
+        @hookimpl
+        def blockfilter_verdicts(self, results: list[dict[str, Any]]) -> None:
+            self.batches.append([(r["id"], r["verdict"]) for r in results])
+            results[0]["verdict"] = "allowed"  # a copy: changes no verdict
+
+    observer = Observer()
+    settings, pm = checked_by_table(simulator, {"sms": {A}})
+    pm.register(observer, name="observer")
+    from blockfilter.engine import Filter
+
+    with Filter(settings, plugins=pm) as engine:  # the Python API shows its results
+        results = list(engine.run([msg("1", A), msg("2", B)]))
+    assert observer.batches == [[("1", "blocked"), ("2", "allowed")]]
+    assert [r["verdict"] for r in results] == ["blocked", "allowed"]
+    notify_verdicts(pm, [])
+    assert len(observer.batches) == 1  # never with an empty list
+
+
 # -- the hooks' documentation of themselves ---------------------------------------------------
 
 
@@ -663,7 +768,7 @@ def test_describe_plugins_reads_the_environment(
 # -- the opt-out ledger's hooks ---------------------------------------------------------------
 
 
-def test_hook_blockfilter_optout_codes(tmp_path: Path) -> None:
+def test_hook_optout_codes(tmp_path: Path) -> None:
     from blockfilter.ledger import report_send_results
     from blockfilter.ledger.ledger import forget_shared_ledgers, shared_ledger
 
@@ -696,7 +801,7 @@ def test_hook_blockfilter_optout_codes(tmp_path: Path) -> None:
         forget_shared_ledgers()
 
 
-def test_hook_blockfilter_inbound_intent(tmp_path: Path) -> None:
+def test_hook_inbound_intent(tmp_path: Path) -> None:
     from blockfilter.ledger import inbound
     from blockfilter.ledger.ledger import forget_shared_ledgers
 

@@ -44,7 +44,7 @@ from ..model import (
 )
 from ..numbers import normalize
 from ..redact import guard_library_logs, mask_numbers_in
-from ..sources import BlocklistSource, CheckOutcome, CheckStream, open_stream
+from ..sources import BaseSource, BlocklistSource, CheckOutcome, CheckStream, as_source
 from .lines import (
     BLANK,
     PAST_END,
@@ -321,8 +321,10 @@ class Filter:
         no plugin at all: Kaleyra (through the status cache, a source of this filter's own) and
         the opt-out ledger, and the message's own ``fallback`` list.
     :param on_error: ``defer``, ``allow`` or ``drop``; default ``settings.on_error``.
-    :param max_requests: make at most this many Kaleyra API requests; defer what is left
-        unchecked.
+    :param max_requests: make at most this many API requests; defer what is left unchecked.
+        Every source that makes requests gets this budget
+        (:meth:`~blockfilter.sources.BaseSource.with_budget`): Kaleyra's, and any other that
+        counts its own.
     :param fallback_policy: ``(message, parsed) -> channels`` to try, in order, when the
         message's channel is blocklisted; default: the plugins' ``blockfilter_fallback_channels``
         (without plugins: the message's ``fallback`` list).
@@ -366,8 +368,9 @@ class Filter:
         self.plugin_manager = (
             None if sources is not None or plugins is False else self._manager(plugins)
         )
-        self._sources = list(sources) if sources is not None else None
-        self._owned: list[Any] = []  # sources made for this filter alone, closed by close()
+        self._given_sources = list(sources) if sources is not None else None
+        self._sources: list[BaseSource] | None = None
+        self._owned: list[BaseSource] = []  # made for this filter alone, closed by close()
         self.max_requests = max_requests
         if fallback_policy is None:
             if self.plugin_manager is None:
@@ -403,35 +406,53 @@ class Filter:
         return plugins
 
     @property
-    def sources(self) -> list[BlocklistSource]:
+    def sources(self) -> list[BaseSource]:
+        """The sources the filter joins, each adapted once to the whole protocol
+        (:func:`~blockfilter.sources.as_source`): what they are is never asked again."""
         if self._sources is None:
-            if self.plugin_manager is None:
-                from ..kaleyra.source import KaleyraSource
-                from ..ledger.ledger import shared_ledger
-                from ..ledger.source import LedgerSource
-
-                source = KaleyraSource(self.settings, max_requests=self.max_requests)
-                self._owned.append(source)
-                # The opt-out ledger is no plugin of a user's: it joins Kaleyra even here, so
-                # an opt-out it holds beats any clean answer.
-                self._sources = [source, LedgerSource(shared_ledger(self.settings))]
-            else:
-                from ..plugins.manager import sources_from_plugins
-
-                self._sources, owned = sources_from_plugins(
-                    self.plugin_manager, self.settings, self.max_requests
-                )
-                self._owned.extend(owned)
+            self._sources = self._budgeted([as_source(source) for source in self._made_sources()])
         return self._sources
+
+    def _made_sources(self) -> Sequence[BlocklistSource | BaseSource]:
+        # The plugins (or, without them, the built-ins) supply the sources: the engine knows
+        # none of them by name.
+        if self._given_sources is not None:
+            return self._given_sources
+        if self.plugin_manager is None:
+            from ..plugins.builtin import sources_without_plugins
+
+            sources, owned = sources_without_plugins(self.settings)
+            self._owned.extend(owned)
+            return sources
+        from ..plugins.manager import sources_from_plugins
+
+        return sources_from_plugins(self.plugin_manager, self.settings)
+
+    def _budgeted(self, sources: list[BaseSource]) -> list[BaseSource]:
+        """``sources`` with the request budget, if any: a source that counts its requests is
+        replaced by a budgeted one of this filter's own."""
+        if self.max_requests is None:
+            return sources
+        budgeted = []
+        for source in sources:
+            own = source.with_budget(self.max_requests)
+            if own is not source:
+                self._owned.append(own)
+            budgeted.append(own)
+        if all(own is source for own, source in zip(budgeted, sources, strict=True)):
+            log.warning(
+                "max_requests=%d: no blocklist source makes requests to count "
+                "(is the built-in 'kaleyra' plugin disabled?)",
+                self.max_requests,
+            )
+        return budgeted
 
     def close(self) -> None:
         """Release what the filter made for itself (thread pools, connections); the sources
         given to it and those the plugins share stay open."""
-        from ..plugins.builtin import close_kaleyra_source
-
         owned, self._owned = self._owned, []
         for source in owned:
-            close_kaleyra_source(source)
+            source.close()
 
     def __enter__(self) -> Filter:
         return self
@@ -444,14 +465,10 @@ class Filter:
         pm = self.plugin_manager
         if pm is None or not self._calls_observers:
             return None
-        if not pm.hook.blockfilter_verdicts.get_hookimpls():
-            return None
-        from ..plugins.manager import notify_verdicts
+        from ..plugins.manager import PluginHooks
 
-        def observe(results: list[dict[str, Any]]) -> None:
-            notify_verdicts(pm, results)
-
-        return observe
+        hooks = PluginHooks(pm)
+        return hooks.verdicts if hooks.has_observers() else None
 
     # -- the public entry points -----------------------------------------------------------
 
@@ -631,15 +648,17 @@ class Filter:
             wanted[parsed.channel].add(parsed.key)
             for channel in self.fallback_policy(message, parsed):
                 fallback_wanted[channel].add(parsed.key)
-        source = self.sources[0]
-        estimate_requests = getattr(source, "estimate_requests", None)
-        if estimate_requests is None:
-            raise NotImplementedError(f"{source!r} cannot estimate its requests")
-        low = estimate_requests(_as_numbers(wanted))
+        low = self._estimate_requests(_as_numbers(wanted))
         for channel, keys in fallback_wanted.items():
             keys -= wanted.get(channel, set())
-        high = low + estimate_requests(_as_numbers(fallback_wanted))
+        high = low + self._estimate_requests(_as_numbers(fallback_wanted))
         return low, high
+
+    def _estimate_requests(self, wanted: Mapping[str, Sequence[str]]) -> int:
+        # Every source that costs requests is asked, and their requests add up: each source
+        # is asked about every number.
+        estimates = (source.estimate_requests(wanted) for source in self.sources)
+        return sum(estimate for estimate in estimates if estimate is not None)
 
     def blocklisted(self, channel: str, numbers: Iterable[str]) -> list[str]:
         """Which of ``numbers`` are blocklisted on ``channel``: what ``blockfilter check`` says.
@@ -667,12 +686,12 @@ class Filter:
             table.want(lowered, _key(number))
         started = time.monotonic()
         before = self._source_counters()
-        streams = [(source, open_stream(source)) for source in self.sources]
+        streams = [(source, source.stream()) for source in self.sources]
         for _, stream in streams:
             stream.add(lowered, asked)
         failures: list[tuple[str, BaseException]] = []
         for source, stream in streams:
-            name = _name_of(source)
+            name = source.name
             for outcome in stream.finish():
                 self._record(table, outcome, name)
                 if outcome.error is not None:
@@ -715,7 +734,7 @@ class Filter:
         the blocklisted ones. ``first_pass`` gives every message (or at least one of each
         route); ``fallback_candidates`` gives them again for each fallback round."""
         table = StatusTable()
-        streams = [(open_stream(source), _name_of(source)) for source in self.sources]
+        streams = [(source.stream(), source.name) for source in self.sources]
         # Numbers go to the sources while the input is still being read, so requests are in
         # flight during the first pass instead of after it.
         fresh: dict[str, list[str]] = {channel: [] for channel in CHANNELS}
@@ -794,7 +813,7 @@ class Filter:
         return None
 
     def _check(self, table: StatusTable, wanted: Mapping[str, set[int]]) -> None:
-        streams = [(open_stream(source), _name_of(source)) for source in self.sources]
+        streams = [(source.stream(), source.name) for source in self.sources]
         for channel, keys in wanted.items():
             numbers = [f"+{key}" for key in keys if table.want(channel, key)]
             if numbers:
@@ -892,10 +911,6 @@ class Filter:
             "checked_at": None,
             "reason": "unchecked",
         }, parsed.channel
-
-
-def _name_of(source: BlocklistSource) -> str:
-    return str(getattr(source, "name", None) or type(source).__name__)
 
 
 def observed_lines(

@@ -35,7 +35,7 @@ from typing import Any, Final, TypeVar
 
 from ..config import CHANNELS, Settings
 from ..errors import ConfigError, CredentialsRefused, RequestBudgetExhausted
-from ..sources import CheckOutcome, SourceStats
+from ..sources import BaseSource, CheckOutcome, SourceStats
 from ..store.cache import (
     CachedStatus,
     CacheUnavailable,
@@ -199,7 +199,7 @@ def _ceil_div(count: int, size: int = MAX_NUMBERS_PER_REQUEST) -> int:
 # -- the source ----------------------------------------------------------------------------
 
 
-class KaleyraSource:
+class KaleyraSource(BaseSource):
     """Checks numbers against Kaleyra's blocklist, through the status cache.
 
     :param settings: the effective settings (credentials are required).
@@ -218,6 +218,8 @@ class KaleyraSource:
         processes read it.
     :param clock: epoch seconds now, for the times answers are stamped with (tests inject one);
         handed to the cache it opens.
+
+    :meth:`close` stops its threads, and closes the client when the source made it.
     """
 
     name = "kaleyra"
@@ -242,6 +244,7 @@ class KaleyraSource:
             limiter = build_limiter(settings)
         if max_requests is not None:
             limiter = RequestBudget(max_requests, then=limiter)
+        self._owns_client = client is None
         self.client = client or KaleyraClient(settings, limiter=limiter)
         self.clock: Clock = clock or time.time
         self.cache = cache if cache is not None else open_cache(settings, clock=clock)
@@ -263,6 +266,39 @@ class KaleyraSource:
         self._writer: ThreadPoolExecutor | None = None
         self._writes: set[Future[None]] = set()
         self._lock = threading.Lock()
+
+    @property
+    def refused(self) -> CredentialsRefused | None:
+        """The refusal of the credentials or the account this source met, if any: it then
+        answers every later number with it, without asking."""
+        return self._refused
+
+    def renewed(self) -> KaleyraSource:
+        """A source that asks again (a refusal is remembered for a source's whole life), on
+        this one's client and cache; the client becomes the new source's to close."""
+        fresh = KaleyraSource(
+            self.settings, client=self.client, cache=self.cache, strategy=self.strategy
+        )
+        fresh._owns_client, self._owns_client = self._owns_client, False
+        return fresh
+
+    def with_budget(self, max_requests: int) -> KaleyraSource:
+        """A source of its own that makes at most ``max_requests`` API requests. The budget
+        lives in the client, so it gets a client of its own; the status cache and the rate
+        limiter are this one's."""
+        return KaleyraSource(
+            self.settings,
+            cache=self.cache,
+            max_requests=max_requests,
+            limiter=self.client.limiter,
+            strategy=self.strategy,
+            clock=self.clock,
+        )
+
+    def one_shot(self) -> None:
+        # A one-shot run never reads back a memory:// cache: the filter already holds every
+        # answer once. (A shared Redis cache is written all the same.)
+        self.remember = False
 
     @property
     def remember(self) -> bool:
@@ -644,6 +680,8 @@ class KaleyraSource:
                 pool.shutdown(wait=False, cancel_futures=True)
         if writer is not None:
             writer.shutdown(wait=True)  # answers already paid for are not thrown away
+        if self._owns_client:
+            self.client.close()
 
     def __repr__(self) -> str:
         return f"KaleyraSource({self.client!r}, strategy={self.strategy!r})"

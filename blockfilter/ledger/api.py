@@ -217,7 +217,9 @@ def inbound(
     locale = message.get("locale") if isinstance(message.get("locale"), str) else None
     matched = keywords_for(settings).match(text, locale)
     if matched is None:
-        intent = pm.hook.blockfilter_inbound_intent(text=text, channel=channel, locale=locale)
+        from ..plugins.manager import PluginHooks
+
+        intent = PluginHooks(pm).inbound_intent(text, channel, locale)
         if intent not in (OPT_OUT, OPT_IN):
             if intent is not None:
                 log.warning("blockfilter_inbound_intent returned an unknown intent; ignored")

@@ -23,7 +23,7 @@ from typing import Any
 from ..config import Settings
 from ..errors import ConfigError
 from ..plugins.hookspecs import hookimpl
-from ..sources import CheckOutcome, SourceStats
+from ..sources import BaseSource, CheckOutcome, SourceStats
 from .mappings import BUILTIN_CODES, merge_codes
 
 log = logging.getLogger("blockfilter.ledger")
@@ -31,14 +31,16 @@ log = logging.getLogger("blockfilter.ledger")
 LEDGER = "ledger"
 
 
-class LedgerSource:
+class LedgerSource(BaseSource):
     """Answers, for every number asked, whether the ledger holds it opted out.
 
     A failed read (the store is down, no key for a non-empty ledger, a key missing) leaves
-    every number unchecked: their messages are deferred, never allowed (fail closed).
+    every number unchecked: their messages are deferred, never allowed (fail closed). It
+    knows only the numbers reported to it, so it never stands alone.
     """
 
     name = LEDGER
+    stands_alone = False
 
     def __init__(self, ledger: Any) -> None:
         self.ledger = ledger
@@ -109,7 +111,9 @@ def ledger_plugin(pm: Any) -> LedgerPlugin | None:
 
 def optout_codes(pm: Any, provider: str) -> dict[str, bool]:
     """The effective code mapping of ``provider`` (built-ins and the plugins' hook)."""
-    results = pm.hook.blockfilter_optout_codes(provider=provider)
+    from ..plugins.manager import PluginHooks
+
+    results = PluginHooks(pm).optout_codes(provider)
     if ledger_plugin(pm) is None:  # the built-in is disabled: its table still applies
         results = [*results, BUILTIN_CODES.get(provider)]
     return merge_codes(provider, results)

@@ -4,9 +4,14 @@
 * ``default-reroute``: a blocklisted message tries its own ``fallback`` list, in order.
 * ``ledger``: the opt-out ledger (:mod:`blockfilter.ledger`) as a blocklist source.
 
-Both are marked ``trylast=True``, so an installed plugin is called before them and wins where
-the first result wins. ``blockfilter plugins`` lists them; ``BLOCKFILTER_DISABLE_PLUGINS``
+They are registered like any plugin, from :data:`DEFAULT_PLUGINS`, after the installed ones;
+each hook is marked ``trylast=True``, so an installed plugin is called before them and wins
+where the first result wins. ``blockfilter plugins`` lists them; ``BLOCKFILTER_DISABLE_PLUGINS``
 blocks them by name (blocking ``kaleyra`` requires another blocklist source).
+
+Nothing else knows them by name: a filter asks every source the same questions
+(:class:`blockfilter.sources.BaseSource`), so a request budget or a cost estimate reaches
+Kaleyra's source as it would any other that has one.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..config import Settings
-from ..ledger.source import LEDGER, LedgerPlugin
-from ..sources import BlocklistSource
+from ..ledger.source import LEDGER, LedgerPlugin, LedgerSource
+from ..sources import BaseSource, BlocklistSource
 from .hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -57,12 +62,12 @@ class _SharedSources:
             for index, (known, source) in enumerate(self._entries):
                 if known != settings:
                     continue
-                if getattr(source, "_refused", None) is None:
+                if source.refused is None:
                     return source
                 # A source remembers a refusal (RBC001, E110...) for its whole life, so a
                 # worker would defer forever after the account is fixed (balance topped up).
                 # A fresh source asks again; it keeps the cache and the connections.
-                fresh = KaleyraSource(settings, client=source.client, cache=source.cache)
+                fresh = source.renewed()
                 self._entries[index] = (settings, fresh)
                 return fresh
             source = KaleyraSource(settings)
@@ -80,16 +85,10 @@ class _SharedSources:
             mine = self._pid == os.getpid()
         if mine:
             for _, source in entries:
-                close_kaleyra_source(source)
+                source.close()
 
 
 SHARED_SOURCES = _SharedSources()
-
-
-def close_kaleyra_source(source: KaleyraSource) -> None:
-    """Stop a Kaleyra source's thread pool and close its client's connections."""
-    source.close()
-    source.client.close()
 
 
 class KaleyraPlugin:
@@ -101,22 +100,11 @@ class KaleyraPlugin:
         # credentials, and a missing one is reported when a check is about to be made.
         return [SHARED_SOURCES.get(settings)]
 
-    def budgeted_source(self, settings: Settings, max_requests: int) -> KaleyraSource:
-        """A Kaleyra source of its own that makes at most ``max_requests`` API requests.
 
-        The budget lives in the client, so a shared client cannot carry it; the status
-        cache and the rate limiter of the shared source are reused. The caller closes it
-        (:func:`close_kaleyra_source`).
-        """
-        from ..kaleyra.source import KaleyraSource
-
-        shared = SHARED_SOURCES.get(settings)
-        return KaleyraSource(
-            settings,
-            cache=shared.cache,
-            max_requests=max_requests,
-            limiter=shared.client.limiter,
-        )
+# Marks a blockfilter_fallback_channels implementation that answers the message's own list,
+# whatever else the message holds: when every implementation does, the filter reads the list
+# itself instead of calling the hook for every message, in every pass.
+OWN_FALLBACKS = "blockfilter_own_fallbacks"
 
 
 class DefaultReroutePlugin:
@@ -128,10 +116,25 @@ class DefaultReroutePlugin:
     ) -> list[str]:
         return fallback
 
+    setattr(blockfilter_fallback_channels, OWN_FALLBACKS, True)
 
-# name -> factory, registered in this order after the installed plugins.
-BUILTIN_PLUGINS: dict[str, Callable[[], object]] = {
-    KALEYRA: KaleyraPlugin,
-    DEFAULT_REROUTE: DefaultReroutePlugin,
-    LEDGER: LedgerPlugin,
-}
+
+# (name, factory) of each built-in plugin, registered in this order after the installed ones.
+DEFAULT_PLUGINS: tuple[tuple[str, Callable[[], object]], ...] = (
+    (KALEYRA, KaleyraPlugin),
+    (DEFAULT_REROUTE, DefaultReroutePlugin),
+    (LEDGER, LedgerPlugin),
+)
+BUILTIN_NAMES = frozenset(name for name, _ in DEFAULT_PLUGINS)
+
+
+def sources_without_plugins(settings: Settings) -> tuple[list[BaseSource], list[BaseSource]]:
+    """What a filter without plugins checks with (``Filter(plugins=False)``), and which of
+    them are its own to close: a Kaleyra source of its own (through the status cache) and the
+    opt-out ledger, which joins even here so that an opt-out it holds beats a clean answer.
+    """
+    from ..kaleyra.source import KaleyraSource
+    from ..ledger.ledger import shared_ledger
+
+    kaleyra = KaleyraSource(settings)
+    return [kaleyra, LedgerSource(shared_ledger(settings))], [kaleyra]

@@ -90,6 +90,12 @@ def blockfilter_blocklist_sources(settings: Settings) -> list[BlocklistSource] |
 
     For a simple lookup, implement ``blockfilter_blocklisted`` instead.
 
+    A source needs ``name``, ``check_many()`` and ``stats()``
+    (:class:`blockfilter.sources.BlocklistSource`). Subclass
+    :class:`blockfilter.sources.BaseSource` to offer the optional capabilities as well: a
+    stream, a cost estimate (``--estimate`` adds up every source's), a request budget
+    (``--max-requests`` reaches every source that counts its requests), ``close()``.
+
     :param settings: the effective settings of this run.
     :return: a list of :class:`blockfilter.sources.BlocklistSource` objects, or ``None`` to
         add none.

@@ -8,15 +8,18 @@ imports this package in every worker). It is built in tox's order:
 3. the installed plugins, entry points of the group ``blockfilter``, loaded one by one so that
    a broken one is logged and skipped (``BLOCKFILTER_STRICT_PLUGINS=1``: an error instead);
    ``BLOCKFILTER_LOAD_PLUGINS`` lists the only ones to load;
-4. the built-in plugins (:mod:`blockfilter.builtin`), ``trylast`` so installed ones win;
+4. the built-in plugins (:data:`blockfilter.plugins.builtin.DEFAULT_PLUGINS`), registered
+   like any other, their hooks ``trylast`` so installed ones win;
 5. a check that every hook implemented exists (a misspelt hook name fails loudly), that some
    blocklist source is left, and then the ``blockfilter_startup`` hook.
 
-Then a :class:`~blockfilter.engine.Filter` takes its sources (:func:`sources_from_plugins`),
-reroute policy (:func:`make_fallback_policy`) and observers (:func:`notify_verdicts`) from the
-hooks by default; :func:`build_filter` makes one for a host that calls the observers itself, and
-:func:`dispatch_results` hands its results to the pipeline's hooks. The engine imports this
-module lazily, when a filter is made: this module builds on the engine.
+Every call into the plugins goes through :class:`PluginHooks`, one typed method per hook: the
+one place that keeps the hooks' rules (never an empty list, observers get copies and cannot
+break a run, what a plugin returns is checked). A :class:`~blockfilter.engine.Filter` takes
+its sources (:func:`sources_from_plugins`), reroute policy (:func:`make_fallback_policy`) and
+observers from there by default; :func:`build_filter` makes one for a host that calls the
+observers itself, and :func:`dispatch_results` hands its results to the pipeline's hooks. The
+engine imports this module lazily, when a filter is made: this module builds on the engine.
 """
 
 from __future__ import annotations
@@ -38,17 +41,9 @@ from ..errors import ConfigError
 from ..ledger.source import LEDGER
 from ..model import Parsed
 from ..redact import mask_numbers_in
-from ..sources import BlocklistSource, FunctionSource
+from ..sources import BaseSource, BlocklistSource, FunctionSource, as_source
 from . import hookspecs
-from .builtin import (
-    BUILTIN_PLUGINS,
-    DEFAULT_REROUTE,
-    KALEYRA,
-    SHARED_SOURCES,
-    DefaultReroutePlugin,
-    KaleyraPlugin,
-    close_kaleyra_source,
-)
+from .builtin import BUILTIN_NAMES, DEFAULT_PLUGINS, KALEYRA, OWN_FALLBACKS, SHARED_SOURCES
 from .hookspecs import PROJECT_NAME
 
 log = logging.getLogger("blockfilter.plugins")
@@ -111,11 +106,11 @@ def make_plugin_manager(settings: Settings) -> BlockfilterPluginManager:
     found = _load_entry_points(pm, settings)
     _register_builtins(pm)
     for name in settings.disable_plugins:
-        if name not in found and name not in BUILTIN_PLUGINS:
+        if name not in found and name not in BUILTIN_NAMES:
             log.warning("BLOCKFILTER_DISABLE_PLUGINS names %r, but no plugin has that name", name)
     _check_hook_names(pm)
     _require_a_source(pm)
-    _startup(pm, settings)
+    PluginHooks(pm).startup(settings)
     return pm
 
 
@@ -151,7 +146,7 @@ def _load_entry_points(pm: BlockfilterPluginManager, settings: Settings) -> set[
                 SkippedPlugin(name, "not listed in BLOCKFILTER_LOAD_PLUGINS", dist_label)
             )
             continue
-        if name in BUILTIN_PLUGINS:
+        if name in BUILTIN_NAMES:
             _broken(
                 pm,
                 settings,
@@ -210,7 +205,7 @@ def _describe_exception(exc: BaseException) -> str:
 
 
 def _register_builtins(pm: BlockfilterPluginManager) -> None:
-    for name, factory in BUILTIN_PLUGINS.items():
+    for name, factory in DEFAULT_PLUGINS:
         if pm.is_blocked(name):
             pm.skipped.append(
                 SkippedPlugin(name, "disabled by BLOCKFILTER_DISABLE_PLUGINS", "built-in")
@@ -261,17 +256,6 @@ def _require_a_source(pm: BlockfilterPluginManager) -> None:
         "(BLOCKFILTER_DISABLE_PLUGINS) and no plugin implements blockfilter_blocklist_sources "
         "or blockfilter_blocklisted; refusing to run unchecked"
     )
-
-
-def _startup(pm: BlockfilterPluginManager, settings: Settings) -> None:
-    for impl in _call_order(pm.hook.blockfilter_startup):
-        try:
-            _call_impl(impl, {"settings": settings})
-        except Exception as exc:
-            raise PluginError(
-                f"plugin {impl.plugin_name!r} refused to start: {_describe_exception(exc)}",
-                plugin_name=impl.plugin_name,
-            ) from exc
 
 
 def _call_order(caller: pluggy.HookCaller) -> list[pluggy.HookImpl]:
@@ -330,6 +314,222 @@ def _manager_of(pm: pluggy.PluginManager | None, settings: Settings | None) -> p
     return pm if pm is not None else get_plugin_manager(settings)
 
 
+# -- the hooks, one typed method each --------------------------------------------------------
+
+
+class PluginHooks:
+    """Every call into the plugins, one typed method per hook (as tox's plugin manager).
+
+    The one place that keeps the hooks' rules, so that call sites read as plain calls: hooks
+    taking a list are never called with an empty one; observers get copies of the results,
+    each is called even when another raised, and their exceptions are logged, never raised;
+    what a plugin returns is checked before anyone uses it. Hook names and semantics are those
+    of :mod:`blockfilter.plugins.hookspecs`.
+    """
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self._hook = pm.hook
+
+    # -- what a pipeline implements --------------------------------------------------------
+
+    def dispatch(self, messages: list[dict[str, Any]]) -> None:
+        """``blockfilter_dispatch``; an exception propagates (the batch is retried)."""
+        if messages:
+            self._hook.blockfilter_dispatch(messages=messages)
+
+    def suppressed(self, messages: list[dict[str, Any]]) -> None:
+        """``blockfilter_suppressed``; an exception propagates (the batch is retried)."""
+        if messages:
+            self._hook.blockfilter_suppressed(messages=messages)
+
+    # -- how the check is made -------------------------------------------------------------
+
+    def blocklist_sources(self, settings: Settings) -> list[BlocklistSource]:
+        """Every source ``blockfilter_blocklist_sources`` gives, in call order.
+
+        :raises PluginError: an implementation returned something not a list of sources.
+        """
+        sources: list[BlocklistSource] = []
+        for result in self._hook.blockfilter_blocklist_sources(settings=settings):
+            sources.extend(self._checked_sources(result))
+        return sources
+
+    def _checked_sources(self, result: Any) -> list[BlocklistSource]:
+        implementers = ", ".join(
+            impl.plugin_name for impl in self._hook.blockfilter_blocklist_sources.get_hookimpls()
+        )
+        if not isinstance(result, (list, tuple)):
+            raise PluginError(
+                f"blockfilter_blocklist_sources returned {type(result).__name__}, not a list "
+                f"of blocklist sources (implemented by: {implementers})"
+            )
+        for source in result:
+            if not isinstance(source, BlocklistSource):
+                raise PluginError(
+                    f"blockfilter_blocklist_sources returned {source!r}, which is not a "
+                    "BlocklistSource (it needs name, check_many() and stats()); implemented "
+                    f"by: {implementers}"
+                )
+        return list(result)
+
+    def blocklisted_sources(self) -> list[FunctionSource]:
+        """One source per ``blockfilter_blocklisted`` implementation, named after its plugin:
+        each is called on its own, so one that fails leaves only its own numbers unchecked."""
+        return [
+            FunctionSource(impl.plugin_name, _lookup_of(impl))
+            for impl in _call_order(self._hook.blockfilter_blocklisted)
+        ]
+
+    def fallback_channels(
+        self, message: Mapping[str, Any], channel: str, fallback: list[str]
+    ) -> list[str] | None:
+        """``blockfilter_fallback_channels`` as it answered (the first result wins)."""
+        return self._hook.blockfilter_fallback_channels(  # type: ignore[no-any-return]
+            message=message, channel=channel, fallback=fallback
+        )
+
+    def fallback_policy(self) -> FallbackPolicy:
+        """The engine's reroute policy, asking :meth:`fallback_channels`.
+
+        Channels are lower-cased, repeats dropped and unknown names dropped with a warning
+        (once per name). When every implementation answers the message's own list (the
+        built-in ``default-reroute``), the hook is not called at all: the engine asks this
+        for every message in several passes.
+        """
+        impls = self._hook.blockfilter_fallback_channels.get_hookimpls()
+        if not impls:
+            return _no_fallbacks
+        if all(getattr(impl.function, OWN_FALLBACKS, False) for impl in impls):
+            return _own_fallbacks
+        implementers = ", ".join(sorted({impl.plugin_name for impl in impls}))
+        warned: set[str] = set()
+
+        def policy(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
+            chosen = self.fallback_channels(message, parsed.channel, list(parsed.fallback))
+            if chosen is None:
+                return ()
+            if isinstance(chosen, (str, bytes)) or not isinstance(chosen, Iterable):
+                raise PluginError(
+                    f"blockfilter_fallback_channels returned {chosen!r}; expected a list of "
+                    f"channel names or None (implemented by: {implementers})"
+                )
+            return _known_channels(chosen, warned)
+
+        return policy
+
+    # -- observers and life cycle ----------------------------------------------------------
+
+    def has_observers(self) -> bool:
+        """Whether any plugin implements ``blockfilter_verdicts`` (results are decoded for
+        them only then)."""
+        return bool(self._hook.blockfilter_verdicts.get_hookimpls())
+
+    def verdicts(self, results: Sequence[Mapping[str, Any]]) -> None:
+        """Show a batch of results to the ``blockfilter_verdicts`` observers.
+
+        Never calls them with an empty list. Each observer gets copies of the results (so it
+        cannot change a verdict), is called even when another one raised, and an exception is
+        logged as a warning naming the plugin, never raised.
+        """
+        if not results:
+            return
+        caller = self._hook.blockfilter_verdicts
+        impls = caller.get_hookimpls()
+        if not impls:
+            return
+        copies = [dict(result) for result in results]
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):
+            # A wrapper wraps the whole call: isolate the call as a whole.
+            try:
+                caller(results=copies)
+            except Exception as exc:
+                log.warning("a blockfilter_verdicts observer failed: %s", _describe_exception(exc))
+            return
+        for impl in _call_order(caller):
+            try:
+                _call_impl(impl, {"results": copies})
+            except Exception as exc:
+                log.warning(
+                    "blockfilter_verdicts observer %r failed (ignored): %s",
+                    impl.plugin_name,
+                    _describe_exception(exc),
+                )
+
+    def startup(self, settings: Settings) -> None:
+        """``blockfilter_startup``, each implementation on its own.
+
+        :raises PluginError: naming the plugin that refused to start.
+        """
+        for impl in _call_order(self._hook.blockfilter_startup):
+            try:
+                _call_impl(impl, {"settings": settings})
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r} refused to start: {_describe_exception(exc)}",
+                    plugin_name=impl.plugin_name,
+                ) from exc
+
+    # -- the opt-out ledger ----------------------------------------------------------------
+
+    def optout_codes(self, provider: str) -> list[Mapping[str, bool] | None]:
+        """Every ``blockfilter_optout_codes`` answer, the first called first."""
+        return list(self._hook.blockfilter_optout_codes(provider=provider))
+
+    def inbound_intent(self, text: str, channel: str, locale: str | None) -> str | None:
+        """``blockfilter_inbound_intent`` as it answered (the first result wins)."""
+        return self._hook.blockfilter_inbound_intent(  # type: ignore[no-any-return]
+            text=text, channel=channel, locale=locale
+        )
+
+
+def _lookup_of(impl: pluggy.HookImpl) -> Callable[[str, list[str]], Iterable[str] | None]:
+    def lookup(channel: str, numbers: list[str]) -> Iterable[str] | None:
+        found = _call_impl(impl, {"channel": channel, "numbers": numbers})
+        if isinstance(found, (str, bytes)):
+            # Iterating a string gives characters, which match no number: the numbers would
+            # pass as clean. Refuse it, so they are left unchecked (fail closed).
+            raise TypeError(
+                f"plugin {impl.plugin_name!r}: blockfilter_blocklisted must return an "
+                "iterable of numbers, not a single string"
+            )
+        return found  # type: ignore[no-any-return]
+
+    return lookup
+
+
+def _known_channels(chosen: Iterable[Any], warned: set[str]) -> tuple[str, ...]:
+    """The channel names of ``chosen``, lower case, each once; an unknown one is dropped with
+    a warning, once per name (``warned`` holds those already said)."""
+    channels: list[str] = []
+    for item in chosen:
+        name = item.lower() if isinstance(item, str) else None
+        if name in CHANNELS:
+            if name not in channels:
+                channels.append(name)
+            continue
+        shown = repr(item)[:40]
+        if shown not in warned:
+            warned.add(shown)
+            log.warning(
+                "blockfilter_fallback_channels returned the unknown channel %s; dropped "
+                "(channels: %s)",
+                shown,
+                ", ".join(CHANNELS),
+            )
+    return tuple(channels)
+
+
+@message_independent
+def _no_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
+    return ()
+
+
+@message_independent
+def _own_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
+    return parsed.fallback
+
+
 # -- building a filter from the hooks ---------------------------------------------------------
 
 
@@ -340,21 +540,12 @@ class PluginFilter(Filter):
     only, after a retry. Its sources are made when it is built, so a broken source plugin or
     a missing credential fails there. Sources the plugins share (long-lived) are left open on
     :meth:`close`; the ones made for this filter alone (a ``max_requests`` budget) are closed.
-
-    :param owned_sources: sources given in ``sources`` that this filter closes.
     """
 
     _calls_observers = False
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        owned_sources: Sequence[Any] = (),
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
         super().__init__(settings, **kwargs)
-        self._owned.extend(owned_sources)
         try:
             self.sources  # noqa: B018  # made now: a broken source plugin fails here
         except BaseException:
@@ -376,7 +567,8 @@ def build_filter(
     :param settings: the effective settings.
     :param pm: the plugin manager; :func:`get_plugin_manager` when omitted.
     :param filter_kwargs: passed to :class:`Filter` (``on_error``, ``max_requests``,
-        ``progress``). ``max_requests`` caps the Kaleyra API requests of this filter.
+        ``progress``). ``max_requests`` caps the API requests of every source that counts
+        them (Kaleyra's).
     :raises PluginError: no source at all, or a plugin returned something not a source.
     :raises ConfigError: the Kaleyra credentials are missing.
     """
@@ -389,191 +581,39 @@ def build_filter(
     return PluginFilter(settings, plugins=_manager_of(pm, settings), **filter_kwargs)
 
 
-def sources_from_plugins(
-    pm: pluggy.PluginManager, settings: Settings, max_requests: int | None = None
-) -> tuple[list[BlocklistSource], list[Any]]:
-    """The sources the plugins give a filter, and those of them made for this filter alone
-    (which the filter closes, with :func:`~blockfilter.builtin.close_kaleyra_source`).
+def sources_from_plugins(pm: pluggy.PluginManager, settings: Settings) -> list[BaseSource]:
+    """The sources the plugins give a filter: every ``blockfilter_blocklist_sources`` result,
+    then one per ``blockfilter_blocklisted`` implementation, each with the whole protocol
+    (:func:`~blockfilter.sources.as_source`).
 
-    :param max_requests: the filter's Kaleyra API request budget: the built-in ``kaleyra``
-        source is then one of the filter's own, sharing the process's cache and rate limiter.
-    :raises PluginError: no source at all, or a plugin returned something not a source.
+    :raises PluginError: no source that may stand alone, or a plugin returned something not
+        a source.
     """
-    sources: list[BlocklistSource] = []
-    owned: list[Any] = []
-    caller = pm.hook.blockfilter_blocklist_sources
-    kaleyra = pm.get_plugin(KALEYRA)
-    if max_requests is not None:
-        if isinstance(kaleyra, KaleyraPlugin):
-            # The budget lives in the client, so this filter gets a Kaleyra source of its own
-            # in place of the shared one the built-in would return.
-            budgeted = kaleyra.budgeted_source(settings, max_requests)
-            owned.append(budgeted)
-            sources.append(budgeted)
-            caller = pm.subset_hook_caller(
-                "blockfilter_blocklist_sources", remove_plugins=[kaleyra]
-            )
-        else:
-            log.warning(
-                "max_requests=%d applies to the built-in %r source, which is disabled",
-                max_requests,
-                KALEYRA,
-            )
-    try:
-        for result in caller(settings=settings):
-            sources.extend(_checked_sources(pm, result))
-        sources.extend(_blocklisted_sources(pm))
-        if all(getattr(source, "name", None) == LEDGER for source in sources):
-            raise PluginError(
-                "no blocklist source: every blockfilter_blocklist_sources implementation "
-                "returned None and none implements blockfilter_blocklisted; refusing to "
-                "run unchecked"
-            )
-    except BaseException:
-        for source in owned:
-            close_kaleyra_source(source)
-        raise
-    # Filter.estimate asks the first source to count requests: the API source goes first.
-    sources.sort(
-        key=lambda source: (
-            not (hasattr(source, "estimate_requests") or getattr(source, "name", None) == KALEYRA)
-        )
-    )
-    return sources, owned
-
-
-def _checked_sources(pm: pluggy.PluginManager, result: Any) -> list[BlocklistSource]:
-    implementers = ", ".join(
-        impl.plugin_name for impl in pm.hook.blockfilter_blocklist_sources.get_hookimpls()
-    )
-    if not isinstance(result, (list, tuple)):
+    hooks = PluginHooks(pm)
+    sources = [as_source(source) for source in hooks.blocklist_sources(settings)]
+    sources.extend(hooks.blocklisted_sources())
+    if not any(source.stands_alone for source in sources):
         raise PluginError(
-            f"blockfilter_blocklist_sources returned {type(result).__name__}, not a list of "
-            f"blocklist sources (implemented by: {implementers})"
+            "no blocklist source: every blockfilter_blocklist_sources implementation "
+            "returned None and none implements blockfilter_blocklisted; refusing to "
+            "run unchecked"
         )
-    for source in result:
-        if not isinstance(source, BlocklistSource):
-            raise PluginError(
-                f"blockfilter_blocklist_sources returned {source!r}, which is not a "
-                "BlocklistSource (it needs name, check_many() and stats()); implemented by: "
-                f"{implementers}"
-            )
-    return list(result)
-
-
-def _blocklisted_sources(pm: pluggy.PluginManager) -> list[BlocklistSource]:
-    """One source per ``blockfilter_blocklisted`` implementation, named after its plugin."""
-    return [
-        FunctionSource(impl.plugin_name, _lookup_of(impl))
-        for impl in _call_order(pm.hook.blockfilter_blocklisted)
-    ]
-
-
-def _lookup_of(impl: pluggy.HookImpl) -> Callable[[str, list[str]], Iterable[str] | None]:
-    def lookup(channel: str, numbers: list[str]) -> Iterable[str] | None:
-        found = _call_impl(impl, {"channel": channel, "numbers": numbers})
-        if isinstance(found, (str, bytes)):
-            # Iterating a string gives characters, which match no number: the numbers would
-            # pass as clean. Refuse it, so they are left unchecked (fail closed).
-            raise TypeError(
-                f"plugin {impl.plugin_name!r}: blockfilter_blocklisted must return an "
-                "iterable of numbers, not a single string"
-            )
-        return found  # type: ignore[no-any-return]
-
-    return lookup
+    return sources
 
 
 def make_fallback_policy(pm: pluggy.PluginManager) -> FallbackPolicy:
-    """The engine's reroute policy, asking ``blockfilter_fallback_channels``.
-
-    Channels are lower-cased, repeats dropped and unknown names dropped with a warning (once
-    per name). When only the built-in ``default-reroute`` answers, the hook is not called at
-    all: the engine asks this for every message in several passes.
-    """
-    caller = pm.hook.blockfilter_fallback_channels
-    implementers = {impl.plugin_name for impl in caller.get_hookimpls()}
-    if not implementers:
-        return _no_fallbacks
-    if implementers == {DEFAULT_REROUTE} and isinstance(
-        pm.get_plugin(DEFAULT_REROUTE), DefaultReroutePlugin
-    ):
-        return _own_fallbacks
-    warned: set[str] = set()
-
-    def policy(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
-        chosen = caller(message=message, channel=parsed.channel, fallback=list(parsed.fallback))
-        if chosen is None:
-            return ()
-        if isinstance(chosen, (str, bytes)) or not isinstance(chosen, Iterable):
-            raise PluginError(
-                f"blockfilter_fallback_channels returned {chosen!r}; expected a list of "
-                f"channel names or None (implemented by: {', '.join(sorted(implementers))})"
-            )
-        channels: list[str] = []
-        for item in chosen:
-            name = item.lower() if isinstance(item, str) else None
-            if name in CHANNELS:
-                if name not in channels:
-                    channels.append(name)
-                continue
-            shown = repr(item)[:40]
-            if shown not in warned:
-                warned.add(shown)
-                log.warning(
-                    "blockfilter_fallback_channels returned the unknown channel %s; dropped "
-                    "(channels: %s)",
-                    shown,
-                    ", ".join(CHANNELS),
-                )
-        return tuple(channels)
-
-    return policy
-
-
-@message_independent
-def _no_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
-    return ()
-
-
-@message_independent
-def _own_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
-    return parsed.fallback
+    """The engine's reroute policy, asking ``blockfilter_fallback_channels``
+    (:meth:`PluginHooks.fallback_policy`)."""
+    return PluginHooks(pm).fallback_policy()
 
 
 # -- handing results to the plugins ----------------------------------------------------------
 
 
 def notify_verdicts(pm: pluggy.PluginManager, results: Sequence[Mapping[str, Any]]) -> None:
-    """Show a batch of results to the ``blockfilter_verdicts`` observers.
-
-    Never calls them with an empty list. Each observer gets copies of the results (so it
-    cannot change a verdict), is called even when another one raised, and an exception is
-    logged as a warning naming the plugin, never raised.
-    """
-    if not results:
-        return
-    caller = pm.hook.blockfilter_verdicts
-    impls = caller.get_hookimpls()
-    if not impls:
-        return
-    copies = [dict(result) for result in results]
-    if any(impl.hookwrapper or impl.wrapper for impl in impls):
-        # A wrapper wraps the whole call: isolate the call as a whole.
-        try:
-            caller(results=copies)
-        except Exception as exc:
-            log.warning("a blockfilter_verdicts observer failed: %s", _describe_exception(exc))
-        return
-    for impl in _call_order(caller):
-        try:
-            _call_impl(impl, {"results": copies})
-        except Exception as exc:
-            log.warning(
-                "blockfilter_verdicts observer %r failed (ignored): %s",
-                impl.plugin_name,
-                _describe_exception(exc),
-            )
+    """Show a batch of results to the ``blockfilter_verdicts`` observers
+    (:meth:`PluginHooks.verdicts`)."""
+    PluginHooks(pm).verdicts(results)
 
 
 @dataclass
@@ -623,10 +663,9 @@ def dispatch_results(
         given to no hook.
     """
     outcome = split_results(results, deferred_final=deferred_final)
-    if outcome.dispatched:
-        pm.hook.blockfilter_dispatch(messages=outcome.dispatched)
-    if outcome.suppressed:
-        pm.hook.blockfilter_suppressed(messages=outcome.suppressed)
+    hooks = PluginHooks(pm)
+    hooks.dispatch(outcome.dispatched)
+    hooks.suppressed(outcome.suppressed)
     return outcome
 
 
@@ -646,7 +685,7 @@ def describe_plugins(
         if plugin is None:  # a blocked name
             continue
         dist = distributions.get(name)
-        if name in BUILTIN_PLUGINS and dist == ("blockfilter", __version__):
+        if name in BUILTIN_NAMES and dist == ("blockfilter", __version__):
             origin = f"{__version__} (built-in)"
         elif dist is not None:
             origin = f"{dist[1]} (from {dist[0]})"
