@@ -147,7 +147,8 @@ def dispatch_gate(
 ) -> Iterator[None]:
     """Hold the ledger's fence for the block, after one last look at the ledger: every
     ``allowed`` or ``rerouted`` result whose number is now opted out on the channel it would
-    go out on becomes ``blocked`` (``reason: blocklisted``, ``source: ledger``), in place, and
+    go out on becomes ``blocked`` (``reason: blocklisted``, ``source: ledger``, with the
+    ``ledger_event`` that decided it and the ``checked_at`` of this read), in place, and
     ``summary`` is corrected to match.
 
     :raises LedgerUnavailable: the ledger cannot be read: the caller must not dispatch.
