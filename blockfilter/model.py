@@ -13,10 +13,16 @@ from typing import Any, cast
 from .config import CHANNELS
 from .numbers import MAX_INPUT_LENGTH, InvalidNumber, normalize
 
+# What a source may say of its answer, beside ``source``: the age of a cached status or a
+# synced snapshot, the ledger's event. Any other key a source gives is not carried: a source
+# must not be able to set a verdict's own fields.
+PROVENANCE_FIELDS = frozenset({"age_s", "ledger_event"})
+
 # The fields a verdict adds. A message that already carries one of them (a file of earlier
 # output fed back in, say) gets them replaced, never duplicated.
 VERDICT_FIELDS = frozenset(
     {"verdict", "e164", "checked_at", "reason", "detail", "original_channel", "source"}
+    | PROVENANCE_FIELDS
 )
 
 _KNOWN_CHANNELS = frozenset(CHANNELS)

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 log = logging.getLogger("blockfilter.sources")
 
@@ -33,6 +33,9 @@ class CheckOutcome:
     :ivar error: why ``numbers`` could not be checked, or ``None``.
     :ivar origin: what answered, for the verdict's ``source``: ``api`` (a live answer),
         ``cache``, ``snapshot`` (a synced list), ``ledger``; ``None``: the source's name.
+    :ivar provenance: more fields for the verdicts this outcome decides, beside ``source``:
+        what an auditor needs to trace the answer (the cache's ``age_s``, the ledger's
+        ``ledger_event``). Shared by every number of the outcome; never holds a number.
     """
 
     channel: str
@@ -41,6 +44,7 @@ class CheckOutcome:
     checked_at: float | None = None
     error: BaseException | None = None
     origin: str | None = None
+    provenance: Mapping[str, Any] | None = None
 
 
 @dataclass

@@ -281,3 +281,46 @@ def test_lines_malformed_blank_and_earlier_verdicts() -> None:
         "blocklisted",
         "duplicate_id",
     ]
+
+
+class Explains:
+    """A source that says something of its answers: its provenance, and fields it has no
+    business setting."""
+
+    name = "explains"
+
+    def check_many(self, wanted: Mapping[str, Sequence[str]]) -> Iterator[CheckOutcome]:
+        for channel, numbers in wanted.items():
+            yield CheckOutcome(
+                channel,
+                list(numbers),
+                frozenset(n for n in numbers if n == B),
+                time.time() - 30,
+                origin="cache",
+                provenance={"age_s": 30.0, "verdict": "allowed", "to": "+10000000000", "x": 1},
+            )
+
+    def stats(self) -> SourceStats:
+        return SourceStats()
+
+
+def test_a_verdict_carries_its_sources_provenance_and_nothing_else_of_it() -> None:
+    messages = [msg("1", A), msg("2", B), msg("3", A, age_s=1, ledger_event="forged")]
+    engine = Filter(load_settings(environ={}), sources=[Explains()])
+    results = list(engine.run(messages))
+    assert [(r["verdict"], r["source"], r["age_s"]) for r in results] == [
+        ("allowed", "cache", 30.0),
+        ("blocked", "cache", 30.0),  # a source cannot turn its own answer around
+        ("allowed", "cache", 30.0),
+    ]
+    assert [r["to"] for r in results] == [A, B, A]
+    assert all("x" not in r for r in results)
+    assert "ledger_event" not in results[2]  # a message's own copy is no provenance
+    out = list(engine.run_lines(lambda: iter(lines(*messages))))
+    records = [json.loads(line) for line in out]
+    assert [(r["verdict"], r["age_s"], r["to"]) for r in records] == [
+        ("allowed", 30.0, A),
+        ("blocked", 30.0, B),
+        ("allowed", 30.0, A),
+    ]
+    assert out[2].count(b'"age_s"') == 1 and b"forged" not in out[2]

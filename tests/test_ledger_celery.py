@@ -136,6 +136,14 @@ def test_no_dispatch_of_a_number_after_its_report_returned(
     stopped = [r for r in reported if r["hook"] == "suppressed" and r["verdict"] == "blocked"]
     assert len(dispatched_before) >= len(returned) // 2
     assert stopped and all(r["reason"] == "blocklisted" for r in stopped)
+    # Each says why: the ledger, and the send result that put the number there.
+    for record in stopped:
+        shown = record["message"]
+        assert shown["source"] == "ledger" and "age_s" not in shown
+        assert (shown["ledger_event"]["source"], shown["ledger_event"]["code"]) == (
+            "send_result",
+            "OPT-OUT",
+        )
     # Every message reached a hook; none was lost.
     assert {r["id"] for r in records} == {
         f"r{r}-{i}" for r in range(rounds) for i in range(per_round)
@@ -170,5 +178,14 @@ def test_the_ledger_tasks_on_a_worker(stack: LedgerStack, place: LedgerPlace) ->
     assert {(r["id"], r["verdict"]) for r in records} == {
         ("a", "blocked"), ("b", "blocked"), ("c", "allowed"),
     }  # fmt: skip
+    # The dispatch hooks are shown the event that decided each ledger verdict.
+    events = {r["id"]: r["message"].get("ledger_event") for r in records}
+    assert (events["a"]["source"], events["a"]["code"], events["a"]["by"]) == (
+        "inbound", "STOP", "recipient",
+    )  # fmt: skip
+    assert (events["b"]["source"], events["b"]["provider"], events["b"]["code"]) == (
+        "send_result", "twilio", "21610",
+    )  # fmt: skip
+    assert events["c"] is None
     log = "\n".join(w.log_text() for w in stack.workers)
     assert target not in log and number(2) not in log

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from blockfilter.engine.filter import Filter
 from blockfilter.kaleyra.source import KaleyraSource
 from blockfilter.ledger import add_optouts, remove_optouts, report_send_results
 from blockfilter.ledger.ledger import forget_shared_ledgers
+from blockfilter.plugins.hookspecs import hookimpl
 from blockfilter.plugins.manager import build_filter, make_plugin_manager
 from blockfilter.testing.simulator import Simulator
 from tests.conftest import TEST_KEY, TEST_SID, clean_environ, fast_settings
@@ -215,3 +217,159 @@ def test_every_verdict_says_which_source_decided(
     finally:
         source.close()
     assert synced == {"d": "snapshot"}
+
+
+def _no_number_in(value: object, *numbers: str) -> bool:
+    text = json.dumps(value)
+    return not any(form in text for n in numbers for form in (n, n[1:], n[-8:]))
+
+
+def test_a_ledger_verdict_names_the_event_that_put_the_number_there(
+    simulator: Simulator, place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, place)
+    report_send_results(
+        [
+            {
+                "to": N1,
+                "channel": "sms",
+                "provider": "kaleyra",
+                "code": "NOT-SENT/OPT-OUT",
+                "id": "prov-1",
+                "at": "2026-12-01T10:00:00Z",
+            }
+        ],
+        settings=settings,
+    )
+    add_optouts([N2], "all", by="ops", reason="complaint", settings=settings)
+    from blockfilter.ledger.ledger import shared_ledger
+
+    events = {n: shared_ledger(settings).state(n)["sms"] for n in (N1, N2)}
+    seen: list[dict[str, object]] = []
+
+    class Observer:
+        @hookimpl
+        def blockfilter_verdicts(self, results):
+            seen.extend(results)
+
+    pm = make_plugin_manager(settings)
+    pm.register(Observer(), name="observer")
+    with Filter(settings, plugins=pm) as engine:
+        results = {r["id"]: r for r in engine.run([msg("a", N1), msg("b", N2), msg("c", N3)])}
+    assert results["a"]["ledger_event"] == {
+        "event": events[N1].seq,  # type: ignore[union-attr]
+        "action": "opt_out",
+        "channel": "sms",
+        "source": "send_result",
+        "provider": "kaleyra",
+        "code": "OPT-OUT",
+        "by": "provider",
+        "at": "2026-12-01T10:00:00.000Z",
+        "recorded_at": events[N1].describe()["recorded_at"],  # type: ignore[union-attr]
+    }
+    operator = results["b"]["ledger_event"]
+    assert (operator["source"], operator["channel"], operator["by"]) == ("operator", "all", "ops")
+    assert operator["event"] == events[N2].seq  # type: ignore[union-attr]
+    assert results["a"]["source"] == results["b"]["source"] == "ledger"
+    assert "ledger_event" not in results["c"] and results["c"]["source"] == "api"
+    # The observers see the same records; the provenance names no number.
+    assert {r["id"]: r.get("ledger_event") for r in seen} == {
+        k: r.get("ledger_event") for k, r in results.items()
+    }
+    assert _no_number_in([results["a"]["ledger_event"], operator], N1, N2)
+
+
+def test_a_cached_verdict_carries_its_age_and_a_synced_one_the_snapshots(
+    simulator: Simulator, sqlite_place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, sqlite_place)
+    simulator.block("sms", N3)
+    # An hour ago: the ledger's own answers (clean, read now) are newer, so Kaleyra's decide.
+    now = [float(int(time.time()) - 3600)]
+    source = KaleyraSource(settings, clock=lambda: now[0])
+    ledger = _ledger_sources(settings)
+    try:
+        with Filter(settings, sources=[source, *ledger]) as engine:
+            live = {r["id"]: r for r in engine.run([msg("a", N1), msg("b", N3)])}
+        assert [live[i]["source"] for i in "ab"] == ["api", "api"]
+        assert "age_s" not in live["a"] and "age_s" not in live["b"]
+        now[0] += 42.5
+        with Filter(settings, sources=[source, *ledger]) as engine:
+            cached = {r["id"]: r for r in engine.run([msg("a", N1), msg("b", N3)])}
+        assert [(cached[i]["source"], cached[i]["age_s"]) for i in "ab"] == [
+            ("cache", 42.5),
+            ("cache", 42.5),
+        ]
+        assert cached["a"]["checked_at"] == live["a"]["checked_at"]  # when it was fetched
+        source.sync("sms")
+        now[0] += 7.25
+        with Filter(settings, sources=[source, *ledger]) as engine:
+            synced = list(engine.run([msg("d", "+919812300009", fallback=["voice"])]))
+        assert (synced[0]["source"], synced[0]["age_s"]) == ("snapshot", 7.25)
+    finally:
+        source.close()
+
+
+def test_the_command_line_summary_counts_verdicts_by_source(
+    simulator: Simulator, sqlite_place: LedgerPlace, tmp_path: Path
+) -> None:
+    env = {
+        **clean_environ(),
+        "KALEYRA_SID": TEST_SID,
+        "KALEYRA_API_KEY": TEST_KEY,
+        "KALEYRA_BASE_URL": simulator.base_url,
+        "BLOCKFILTER_OPTOUT_URL": sqlite_place.url,
+        "BLOCKFILTER_OPTOUT_KEY": KEY_A,
+        "BLOCKFILTER_LOAD_PLUGINS": "",
+    }
+    assert _cli(["optout", "add", "--channel", "sms", N1], env).returncode == 0
+    campaign = tmp_path / "campaign.jsonl"
+    campaign.write_text(
+        "".join(json.dumps(msg(str(i), n)) + "\n" for i, n in enumerate([N1, N2, N3]))
+    )
+    summary = tmp_path / "summary.json"
+    done = _cli(["filter", str(campaign), "--out", str(tmp_path / "out.jsonl"),
+                 "--summary-json", str(summary)], env)  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    assert "decided by: api 2, ledger 1" in done.stderr.decode()
+    assert json.loads(summary.read_text())["sources"] == {
+        "api": {"allowed": 2},
+        "ledger": {"blocked": 1},
+    }
+    lines = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert lines[0]["ledger_event"]["source"] == "operator"
+
+
+def test_a_verdict_the_dispatch_fence_turns_names_the_event_and_drops_the_cache_age(
+    simulator: Simulator, sqlite_place: LedgerPlace
+) -> None:
+    from blockfilter.ledger.source import dispatch_gate
+
+    settings = settings_for(simulator, sqlite_place)
+    pm = make_plugin_manager(settings)
+    with build_filter(settings, pm) as engine:
+        list(engine.run([msg("a", N1)]))
+    with build_filter(settings, pm) as engine:
+        results = list(engine.run([msg("a", N1)]))
+        summary = engine.summary.as_dict()
+    assert (results[0]["source"], results[0]["verdict"]) == ("cache", "allowed")
+    assert "age_s" in results[0]
+    checked = results[0]["checked_at"]
+    # The opt-out lands while the task is between its check and its dispatch.
+    add_optouts([N1], "sms", by="ops", settings=settings)
+    with dispatch_gate(pm, settings, results, summary):
+        pass
+    from blockfilter.ledger.ledger import shared_ledger
+
+    event = shared_ledger(settings).state(N1)["sms"]
+    assert event is not None
+    result = results[0]
+    assert (result["verdict"], result["reason"], result["source"]) == (
+        "blocked",
+        "blocklisted",
+        "ledger",
+    )
+    assert "age_s" not in result  # the cache no longer explains the verdict
+    assert result["ledger_event"] == event.describe()
+    assert result["checked_at"] > checked  # when the fence read the ledger
+    assert summary["sources"] == {"ledger": {"blocked": 1}}

@@ -270,3 +270,15 @@ def test_the_tasks_hide_their_arguments_from_monitoring() -> None:
     for argsrepr, kwargsrepr in seen.values():
         shown = f"{argsrepr} {kwargsrepr}"
         assert N1 not in shown and N1[1:] not in shown and N1[-8:] not in shown
+
+
+def test_a_number_in_an_operators_words_is_stored_masked(place: LedgerPlace) -> None:
+    settings = settings_for(place)
+    add_optouts([N1], "sms", by=f"desk {N2}", reason=f"called from {N2}", settings=settings)
+    event = shared_ledger(settings).state(N1)["sms"]
+    assert event is not None
+    shown = event.describe()
+    assert shown["code"].startswith("called from +9198") and shown["by"].startswith("desk ")
+    dump = place.dump()
+    for form in (N2, N2[1:], N2[-8:]):
+        assert form not in str(shown) and form not in dump

@@ -14,7 +14,7 @@ from blockfilter.ledger.writeback import flush_write_back
 from blockfilter.plugins.manager import reset_plugin_manager
 from blockfilter.testing.simulator import Simulator
 from tests.conftest import TEST_KEY, TEST_SID, fast_settings
-from tests.ledger_support import KEY_A, LedgerPlace
+from tests.ledger_support import KEY_A, KEY_B, LedgerPlace
 
 
 @pytest.fixture
@@ -137,3 +137,81 @@ def test_a_slow_kaleyra_does_not_delay_the_local_effect(
     while simulator.changes == [] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert simulator.changes == [("sms", 2)]
+
+
+def test_a_key_rotation_reseals_the_queued_write_backs(
+    simulator: Simulator, place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, place)  # the old key alone
+    old = manual(settings)
+    queued, lifted = numbers(150), numbers(1, 900)
+    with KaleyraClient(settings) as client:
+        add_optouts(lifted, "sms", settings=settings, ledger=old)
+        flush_write_back(settings, old, client=client)
+        assert client.blocked("sms", lifted) == set(lifted)
+    # Queued, not sent yet: 150 opt-outs, and an opt-in of a number Kaleyra holds.
+    add_optouts(queued, "sms", settings=settings, ledger=old)
+    remove_optouts(lifted, "sms", settings=settings, ledger=old, at=time.time() + 1)
+    # The new key goes first; a process on it opts one number back in: queued under the new
+    # key's hash, next to that number's row under the old one.
+    both_settings = settings.replace(optout_key=f"{KEY_B},{KEY_A}")
+    both = manual(both_settings)
+    remove_optouts(queued[:1], "sms", settings=both_settings, ledger=both, at=time.time() + 2)
+    assert both.store.outbox_size() == 152
+
+    assert both.rotate() == 152  # every event of the old key (the new one's is sealed)
+    assert both.store.outbox_size() == 151  # the number queued twice is one row now
+    new_settings = settings.replace(optout_key=KEY_B)  # the old key is retired
+    new = manual(new_settings)
+    with KaleyraClient(new_settings) as client:
+        done = flush_write_back(new_settings, new, client=client)
+        assert (done["sent"], done["failed"], done["left"]) == (151, 0, 0)
+        # A later GET sees every queued change, with the right numbers.
+        assert client.blocked("sms", queued) == set(queued[1:])
+        assert client.blocked("sms", lifted) == set()
+    assert set(new.opted_out({"sms": queued})["sms"]) == set(queued[1:])
+
+
+def test_a_number_queued_under_two_keys_is_sent_once_with_its_state_now(
+    simulator: Simulator, place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, place)
+    old = manual(settings)
+    target = numbers(1)
+    add_optouts(target, "sms", settings=settings, ledger=old)
+    both_settings = settings.replace(optout_key=f"{KEY_B},{KEY_A}")
+    both = manual(both_settings)
+    remove_optouts(target, "sms", settings=both_settings, ledger=both, at=time.time() + 1)
+    assert both.store.outbox_size() == 2  # opted out under one hash, back in under the other
+    with KaleyraClient(both_settings) as client:
+        done = flush_write_back(both_settings, both, client=client)
+        # Not "added and removed in one request" (refused, again and again): the ledger's
+        # state now, once.
+        assert (done["sent"], done["requests"], done["failed"], done["left"]) == (2, 1, 0, 0)
+        assert simulator.changes == [("sms", 1)]
+        assert client.blocked("sms", target) == set()
+
+
+def test_a_write_back_sealed_with_a_dropped_key_waits_and_holds_no_other_back(
+    simulator: Simulator, sqlite_place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, sqlite_place)
+    early, late = numbers(1), numbers(1, 10)
+    add_optouts(early, "sms", settings=settings, ledger=manual(settings))
+    # The old key dropped without a rotation: its row cannot be read, the others still go.
+    new_settings = settings.replace(optout_key=KEY_B)
+    new = manual(new_settings)
+    add_optouts(late, "sms", settings=new_settings, ledger=new)
+    with KaleyraClient(new_settings) as client:
+        done = flush_write_back(new_settings, new, client=client)
+        assert (done["sent"], done["failed"], done["left"]) == (1, 1, 1)
+        assert client.blocked("sms", early + late) == set(late)
+        # The old key back (after the new one) and a rotation: it goes out too.
+        both_settings = settings.replace(optout_key=f"{KEY_B},{KEY_A}")
+        both = manual(both_settings)
+        both.rotate()
+        later = flush_write_back(
+            new_settings, manual(new_settings), client=client, clock=lambda: time.time() + 900
+        )
+        assert (later["sent"], later["left"]) == (1, 0)
+        assert client.blocked("sms", early + late) == set(early + late)

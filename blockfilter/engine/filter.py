@@ -35,6 +35,7 @@ import orjson
 from ..config import CHANNELS, Settings, load_settings
 from ..errors import CheckFailed, CredentialsRefused, RequestBudgetExhausted
 from ..model import (
+    PROVENANCE_FIELDS,
     VERDICT_FIELDS,
     Invalid,
     Parsed,
@@ -120,7 +121,7 @@ class StatusTable:
     """
 
     def __init__(self) -> None:
-        # (kind, value) when unchecked; (kind, checked_at, origin) when answered.
+        # (kind, value) when unchecked; (kind, checked_at, origin, provenance) when answered.
         self._status: dict[str, dict[int, tuple[Any, ...]]] = {c: {} for c in CHANNELS}
 
     def want(self, channel: str, key: int) -> bool:
@@ -142,7 +143,9 @@ class StatusTable:
                     statuses[key] = failed
             return
         checked_at = outcome.checked_at if outcome.checked_at is not None else time.time()
-        clean, blocked = (CLEAN, checked_at, origin), (BLOCKED, checked_at, origin)
+        provenance = _provenance(outcome.provenance)
+        clean = (CLEAN, checked_at, origin, provenance)
+        blocked = (BLOCKED, checked_at, origin, provenance)
         for number in outcome.numbers:
             key = _key(number)
             new = blocked if number in outcome.blocked else clean
@@ -840,40 +843,48 @@ class Filter:
         )
         kind, value = status[0], status[1]
         if kind == CLEAN:
-            return self._allowed(parsed, value, status[2]), parsed.channel
+            return self._allowed(parsed, status), parsed.channel
         if kind == FAILED:
             return self._unchecked(parsed, value, parsed.channel)
-        blocked_at, blocked_by = value, status[2]
         for channel in self.fallback_policy(message, parsed):
             fallback = table.lookup(channel, parsed.key) or (FAILED, FAILED_CHECK)
             kind, value = fallback[0], cast(Any, fallback[1])
             if kind == BLOCKED:
                 continue
             if kind == CLEAN:
-                return {
-                    "verdict": "rerouted",
-                    "e164": parsed.e164,
-                    "checked_at": self._iso(value),
-                    "channel": channel,
-                    "original_channel": parsed.channel,
-                    "source": fallback[2],
-                }, channel
+                return _with_provenance(
+                    {
+                        "verdict": "rerouted",
+                        "e164": parsed.e164,
+                        "checked_at": self._iso(value),
+                        "channel": channel,
+                        "original_channel": parsed.channel,
+                        "source": fallback[2],
+                    },
+                    fallback,
+                ), channel
             return self._unchecked(parsed, value, channel)
-        return {
-            "verdict": "blocked",
-            "e164": parsed.e164,
-            "checked_at": self._iso(blocked_at),
-            "reason": "blocklisted",
-            "source": blocked_by,
-        }, parsed.channel
+        return _with_provenance(
+            {
+                "verdict": "blocked",
+                "e164": parsed.e164,
+                "checked_at": self._iso(status[1]),
+                "reason": "blocklisted",
+                "source": status[2],
+            },
+            status,
+        ), parsed.channel
 
-    def _allowed(self, parsed: Parsed, checked_at: float, origin: str) -> dict[str, Any]:
-        return {
-            "verdict": "allowed",
-            "e164": parsed.e164,
-            "checked_at": self._iso(checked_at),
-            "source": origin,
-        }
+    def _allowed(self, parsed: Parsed, status: tuple[Any, ...]) -> dict[str, Any]:
+        return _with_provenance(
+            {
+                "verdict": "allowed",
+                "e164": parsed.e164,
+                "checked_at": self._iso(status[1]),
+                "source": status[2],
+            },
+            status,
+        )
 
     def _unchecked(self, parsed: Parsed, failure: str, channel: str) -> tuple[dict[str, Any], str]:
         """The verdict for a message whose ``channel`` could not be checked."""
@@ -911,6 +922,23 @@ class Filter:
             "checked_at": None,
             "reason": "unchecked",
         }, parsed.channel
+
+
+def _provenance(given: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The fields of a source's provenance a verdict may carry (once per outcome)."""
+    if not given:
+        return None
+    kept = {name: value for name, value in given.items() if name in PROVENANCE_FIELDS}
+    return kept or None
+
+
+def _with_provenance(fields: dict[str, Any], status: tuple[Any, ...]) -> dict[str, Any]:
+    """``fields`` with what the answering source said of its answer (``age_s``,
+    ``ledger_event``...), which names no number."""
+    provenance = status[3]
+    if provenance:
+        fields.update(provenance)
+    return fields
 
 
 def observed_lines(

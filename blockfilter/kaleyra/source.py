@@ -368,10 +368,25 @@ class KaleyraSource(BaseSource):
                 if status.blocked:
                     hits_blocked[key].add(number)
         outcomes = [
-            CheckOutcome(channel, group, frozenset(hits_blocked.get(at, ())), at[0], origin=at[1])
+            self._stored(channel, group, frozenset(hits_blocked.get(at, ())), *at)
             for at, group in hits.items()
         ]
         return outcomes, misses
+
+    def _stored(
+        self,
+        channel: str,
+        numbers: list[str],
+        blocked: frozenset[str],
+        fetched_at: float,
+        origin: str = "cache",
+    ) -> CheckOutcome:
+        """The outcome of statuses read from the cache (``origin`` ``cache`` or ``snapshot``),
+        with their age now: how old the answer is that a verdict relies on."""
+        age = round(max(0.0, self.clock() - fetched_at), 3)
+        return CheckOutcome(
+            channel, numbers, blocked, fetched_at, origin=origin, provenance={"age_s": age}
+        )
 
     def _cached_statuses(self, channel: str, numbers: Sequence[str]) -> dict[str, CachedStatus]:
         return self._cache_call("get", lambda: self.cache.get_many(channel, numbers), {})
@@ -914,12 +929,8 @@ class _KaleyraStream:
             for number, status in found.items():
                 by_time[status.fetched_at].append(number)
             for at, group in by_time.items():
-                outcome = CheckOutcome(
-                    channel,
-                    group,
-                    frozenset(n for n in group if found[n].blocked),
-                    at,
-                    origin="cache",
+                outcome = source._stored(
+                    channel, group, frozenset(n for n in group if found[n].blocked), at
                 )
                 self._ready.append(outcome)
                 # Others in this process may be waiting on our claim of these numbers.
@@ -949,7 +960,14 @@ class _KaleyraStream:
                 continue
             blocked = frozenset(n for n in members if n in outcome.blocked)
             self._ready.append(
-                CheckOutcome(channel, members, blocked, outcome.checked_at, origin=outcome.origin)
+                CheckOutcome(
+                    channel,
+                    members,
+                    blocked,
+                    outcome.checked_at,
+                    origin=outcome.origin,
+                    provenance=outcome.provenance,
+                )
             )
             answered += len(members)
         if answered:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import CHANNELS, Settings, load_settings
 from ..numbers import InvalidNumber, normalize
+from ..redact import mask_numbers_in
 from .events import (
     ALL_CHANNELS,
     EVENT_CHANNELS,
@@ -268,6 +269,10 @@ def _operator_changes(
 ) -> tuple[list[Change], list[dict[str, Any]]]:
     channel = _channel(channel, allow_all=True)
     occurred_at = event_time(at)
+    # Free text an operator typed is stored in clear and shown in every verdict it decides:
+    # a number quoted in it ("complaint from +91...") is masked like one in a log.
+    reason = mask_numbers_in(reason) if reason else reason
+    by = mask_numbers_in(by) if by else by
     changes, errors = [], []
     for index, raw in enumerate(numbers):
         try:

@@ -69,7 +69,7 @@ def add_parser(commands: Any) -> None:
     )
 
     sub.add_parser("keygen", help="print a new key for BLOCKFILTER_OPTOUT_KEY")
-    sub.add_parser("rotate", help="re-seal every event under the newest key")
+    sub.add_parser("rotate", help="re-seal every event and queued write-back under the newest key")
     sub.add_parser("writeback", help="write what is queued back to Kaleyra now")
 
 

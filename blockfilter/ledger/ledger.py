@@ -14,13 +14,13 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..config import CHANNELS, Settings
 from ..errors import ConfigError
 from .events import ALL_CHANNELS, EVENT_CHANNELS, SCOPES, SOURCES, Event, opted_out_by
-from .store import LedgerUnavailable, NewRow, Store, Writer, open_store
+from .store import LedgerUnavailable, NewRow, QueuedRow, Store, Writer, open_store
 
 if TYPE_CHECKING:
     from .crypto import Sealer
@@ -299,25 +299,63 @@ class Ledger:
         return rows
 
     def rotate(self) -> int:
-        """Re-seal every event under the newest key; returns how many were re-sealed. The
-        older keys may be dropped from ``BLOCKFILTER_OPTOUT_KEY`` afterwards."""
+        """Re-seal every event, and every queued write-back, under the newest key, in one
+        write transaction; returns how many events were re-sealed. The older keys may be
+        dropped from ``BLOCKFILTER_OPTOUT_KEY`` afterwards: what is queued for Kaleyra still
+        goes out, with the right numbers."""
         sealer = self._require_sealer()
-        rows = []
-        for seq, _, number_enc, key_id in self.store.sealed_rows():
-            number = sealer.decrypt(number_enc)
-            if key_id == sealer.current_key_id:
+        current = sealer.current_key_id
+
+        def work(writer: Writer) -> int:
+            seals = [
+                (seq, sealer.hash(sealer.decrypt(number_enc)), sealer.rotate(number_enc), current)
+                for seq, _, number_enc, key_id in writer.seals()
+                if key_id != current
+            ]
+            writer.reseal_events(seals)
+            queued = writer.queued()
+            if queued:
+                writer.replace_outbox(self._resealed_outbox(writer, sealer, queued))
+            writer.set_key_ids([current])
+            return len(seals)
+
+        if not self.store.exists():
+            return 0
+        return self.store.write(work)
+
+    def _resealed_outbox(
+        self, writer: Writer, sealer: Sealer, queued: Sequence[QueuedRow]
+    ) -> list[QueuedRow]:
+        """The outbox under the newest key. Rows are keyed by the number's hash, so a number
+        queued under two keys (processes that differed in their key's order) had two rows:
+        they become one, holding the state the ledger derives for it now."""
+        groups: dict[tuple[bytes, str], list[QueuedRow]] = defaultdict(list)
+        for row in queued:
+            number_hash = sealer.hash(sealer.decrypt(row.number_enc))
+            groups[number_hash, row.channel].append(
+                replace(row, number_hash=number_hash, number_enc=sealer.rotate(row.number_enc))
+            )
+        twice = [hash_ for (hash_, _), rows in groups.items() if len(rows) > 1]
+        history: dict[bytes, list[Event]] = defaultdict(list)
+        for number_hash, event in writer.events_for(twice) if twice else ():
+            history[number_hash].append(event)
+        resealed = []
+        for (number_hash, channel), rows in groups.items():
+            if len(rows) == 1:
+                resealed.append(rows[0])
                 continue
-            rows.append(
-                (seq, sealer.hash(number), sealer.rotate(number_enc), sealer.current_key_id)
+            now_out = opted_out_by(history[number_hash], channel, self.scope) is not None
+            resealed.append(
+                replace(
+                    rows[0],
+                    blocklisted=now_out,
+                    version=max(r.version for r in rows) + 1,
+                    attempts=0,
+                    due_at=min(r.due_at for r in rows),
+                    claimed_until=None,
+                )
             )
-        if self.store.outbox_size():
-            log.warning(
-                "write-backs are still queued; flush them (`blockfilter optout writeback`) "
-                "before dropping the old key"
-            )
-        if rows or self.store.exists():
-            self.store.reseal(rows, [sealer.current_key_id])
-        return len(rows)
+        return resealed
 
     def close(self) -> None:
         self.store.close()

@@ -22,8 +22,10 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import ConfigError
+from ..model import PROVENANCE_FIELDS
 from ..plugins.hookspecs import hookimpl
 from ..sources import BaseSource, CheckOutcome, SourceStats
+from .events import iso
 from .mappings import BUILTIN_CODES, merge_codes
 
 log = logging.getLogger("blockfilter.ledger")
@@ -59,13 +61,32 @@ class LedgerSource(BaseSource):
             hits = found.get(channel, {})
             self._stats.numbers_checked += len(numbers)
             self._stats.extra["opted_out"] = self._stats.extra.get("opted_out", 0) + len(hits)
-            yield CheckOutcome(channel, list(numbers), frozenset(hits), now, origin=LEDGER)
+            clean = [n for n in numbers if n not in hits] if hits else list(numbers)
+            if clean:
+                yield CheckOutcome(channel, clean, frozenset(), now, origin=LEDGER)
+            # Each opted-out number names the event that put it there: its own outcome.
+            for number, event in hits.items():
+                yield CheckOutcome(
+                    channel,
+                    [number],
+                    frozenset((number,)),
+                    now,
+                    origin=LEDGER,
+                    provenance=provenance_of(event),
+                )
 
     def stats(self) -> SourceStats:
         return self._stats
 
     def __repr__(self) -> str:
         return f"LedgerSource({self.ledger!r})"
+
+
+def provenance_of(event: Any) -> dict[str, Any]:
+    """What a verdict the ledger decided carries of the event that decided it: its id
+    (``event``), its own time (``at``), the way in (``source``: ``send_result``, ``inbound``,
+    ``operator``, ``import``), the provider and its code if any; never the number."""
+    return {"ledger_event": event.describe()}
 
 
 class LedgerPlugin:
@@ -130,7 +151,8 @@ def dispatch_gate(
 ) -> Iterator[None]:
     """Hold the ledger's fence for the block, after one last look at the ledger: every
     ``allowed`` or ``rerouted`` result whose number is now opted out on the channel it would
-    go out on becomes ``blocked`` (``reason: blocklisted``, ``source: ledger``), in place, and
+    go out on becomes ``blocked`` (``reason: blocklisted``, ``source: ledger``, with the
+    ``ledger_event`` that decided it and the ``checked_at`` of this read), in place, and
     ``summary`` is corrected to match.
 
     :raises LedgerUnavailable: the ledger cannot be read: the caller must not dispatch.
@@ -147,22 +169,28 @@ def dispatch_gate(
             for result in outgoing:
                 wanted[str(result["channel"])].append(result["e164"])
             found = ledger.opted_out(wanted)
+            read_at = time.time()
             for result in outgoing:
                 event = found.get(str(result["channel"]), {}).get(result["e164"])
                 if event is not None:
-                    _block(result, event, summary)
+                    _block(result, event, read_at, summary)
         yield
 
 
-def _block(result: dict[str, Any], event: Any, summary: dict[str, Any]) -> None:
+def _block(result: dict[str, Any], event: Any, checked_at: float, summary: dict[str, Any]) -> None:
     old_verdict, old_channel = result["verdict"], result["channel"]
     old_source = result.get("source")
     if "original_channel" in result:
         result["channel"] = result.pop("original_channel")
     result["verdict"] = "blocked"
     result["reason"] = "blocklisted"
+    # What the other source said of its answer no longer explains the verdict: the ledger,
+    # read just now, decided it.
+    for name in PROVENANCE_FIELDS:
+        result.pop(name, None)
+    result["checked_at"] = iso(checked_at)
     result["source"] = LEDGER
-    result["ledger_event"] = event.describe()
+    result.update(provenance_of(event))
     _move(summary, old_verdict, old_channel, "blocked", result["channel"], old_source)
     log.info("ledger: an opt-out reported during the check stopped a dispatch")
 

@@ -89,6 +89,55 @@ class OutboxItem:
     attempts: int
 
 
+@dataclass(frozen=True, slots=True)
+class QueuedRow:
+    """An outbox row whole, as a key rotation reads and writes it back re-sealed."""
+
+    number_hash: bytes
+    channel: str
+    number_enc: str
+    blocklisted: bool
+    version: int
+    attempts: int
+    due_at: float
+    claimed_until: float | None
+
+
+#: An event's seal: (seq, number_hash, number_enc, key_id).
+Seal = tuple[int, bytes, str, str]
+
+
+_OUTBOX_COLUMNS = (
+    "number_hash, channel, number_enc, blocklisted, version, attempts, due_at, claimed_until"
+)
+
+
+def _queued_row(row: Sequence[Any]) -> QueuedRow:
+    return QueuedRow(
+        bytes(row[0]),
+        row[1],
+        row[2],
+        bool(row[3]),
+        int(row[4]),
+        int(row[5]),
+        float(row[6]),
+        None if row[7] is None else float(row[7]),
+    )
+
+
+def _outbox_values(row: QueuedRow) -> tuple[Any, ...]:
+    return (
+        row.number_hash,
+        row.channel,
+        row.number_enc,
+        row.blocklisted,
+        row.version,
+        row.attempts,
+        row.due_at,
+        row.claimed_until,
+    )
+
+
 def _event(row: Sequence[Any]) -> tuple[bytes, Event]:
     return bytes(row[1]), Event(
         seq=int(row[0]),
@@ -115,6 +164,29 @@ class Writer(Protocol):
     def queue_write_back(
         self, number_hash: bytes, channel: str, number_enc: str, blocklisted: bool, now: float
     ) -> None: ...
+
+    # What a key rotation does, in one transaction: no write slips in between its read of
+    # the seals and its rewrite of them.
+
+    def seals(self) -> list[Seal]:
+        """Every event's seal, in the order written."""
+        ...
+
+    def reseal_events(self, seals: Sequence[Seal]) -> None:
+        """Rewrite these events' seals (matched by ``seq``); nothing else of an event."""
+        ...
+
+    def queued(self) -> list[QueuedRow]:
+        """Every outbox row."""
+        ...
+
+    def replace_outbox(self, rows: Sequence[QueuedRow]) -> None:
+        """The outbox becomes exactly ``rows``."""
+        ...
+
+    def set_key_ids(self, key_ids: Sequence[str]) -> None:
+        """Record ``key_ids`` as the only keys the events are sealed with."""
+        ...
 
 
 class Store:
@@ -145,13 +217,9 @@ class Store:
         """Wait until no gate opened before this call is held; ``False`` on timeout."""
         raise NotImplementedError
 
-    def sealed_rows(self) -> list[tuple[int, bytes, str, str]]:
-        """Every event's (seq, number_hash, number_enc, key_id), for export and rotation."""
-        raise NotImplementedError
-
-    def reseal(self, rows: Sequence[tuple[int, bytes, str, str]], key_ids: Sequence[str]) -> None:
-        """Rewrite the seals of ``rows`` (seq, hash, ciphertext, key id) and the outbox, and
-        record ``key_ids`` as the only keys in use."""
+    def sealed_rows(self) -> list[Seal]:
+        """Every event's (seq, number_hash, number_enc, key_id), for an export (a rotation
+        reads them in its write transaction: :meth:`Writer.seals`)."""
         raise NotImplementedError
 
     def all_events(self) -> list[tuple[bytes, Event]]:
@@ -293,6 +361,35 @@ class _SQLiteWriter:
             (number_hash, channel, number_enc, int(blocklisted), now),
         )
 
+    def seals(self) -> list[Seal]:
+        return _sqlite_seals(self._db)
+
+    def reseal_events(self, seals: Sequence[Seal]) -> None:
+        self._db.executemany(
+            "UPDATE events SET number_hash = ?, number_enc = ?, key_id = ? WHERE seq = ?",
+            [(h, enc, key_id, seq) for seq, h, enc, key_id in seals],
+        )
+
+    def queued(self) -> list[QueuedRow]:
+        rows = self._db.execute(f"SELECT {_OUTBOX_COLUMNS} FROM outbox")  # noqa: S608
+        return [_queued_row(row) for row in rows]
+
+    def replace_outbox(self, rows: Sequence[QueuedRow]) -> None:
+        self._db.execute("DELETE FROM outbox")
+        self._db.executemany(
+            f"INSERT INTO outbox ({_OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
+            [_outbox_values(row) for row in rows],
+        )
+
+    def set_key_ids(self, key_ids: Sequence[str]) -> None:
+        self._db.execute("DELETE FROM key_ids")
+        self._db.executemany("INSERT INTO key_ids VALUES (?)", [(k,) for k in key_ids])
+
+
+def _sqlite_seals(db: sqlite3.Connection) -> list[Seal]:
+    rows = db.execute("SELECT seq, number_hash, number_enc, key_id FROM events ORDER BY seq")
+    return [(int(r[0]), bytes(r[1]), r[2], r[3]) for r in rows]
+
 
 def _sqlite_events_for(
     db: sqlite3.Connection, hashes: Sequence[bytes]
@@ -428,24 +525,9 @@ class SQLiteStore(Store):
                 if time.monotonic() >= deadline:
                     return False
 
-    def sealed_rows(self) -> list[tuple[int, bytes, str, str]]:
+    def sealed_rows(self) -> list[Seal]:
         db = self._db(create=False)
-        if db is None:
-            return []
-        rows = db.execute("SELECT seq, number_hash, number_enc, key_id FROM events ORDER BY seq")
-        return [(int(r[0]), bytes(r[1]), r[2], r[3]) for r in rows]
-
-    def reseal(self, rows: Sequence[tuple[int, bytes, str, str]], key_ids: Sequence[str]) -> None:
-        def work(writer: Writer) -> None:
-            db = writer._db  # type: ignore[attr-defined]
-            db.executemany(
-                "UPDATE events SET number_hash = ?, number_enc = ?, key_id = ? WHERE seq = ?",
-                [(h, enc, key_id, seq) for seq, h, enc, key_id in rows],
-            )
-            db.execute("DELETE FROM key_ids")
-            db.executemany("INSERT INTO key_ids VALUES (?)", [(k,) for k in key_ids])
-
-        self.write(work)
+        return [] if db is None else _sqlite_seals(db)
 
     def all_events(self) -> list[tuple[bytes, Event]]:
         db = self._db(create=False)
@@ -558,6 +640,7 @@ CREATE TABLE IF NOT EXISTS blockfilter_optout_outbox (
 """
 
 _PG_EVENTS = "blockfilter_optout_events"
+_PG_OUTBOX = "blockfilter_optout_outbox"
 
 
 class _PostgresWriter:
@@ -614,6 +697,44 @@ class _PostgresWriter:
             "due_at = excluded.due_at, attempts = 0",
             (number_hash, channel, number_enc, blocklisted, now),
         )
+
+    def seals(self) -> list[Seal]:
+        return _pg_seals(self._conn)
+
+    def reseal_events(self, seals: Sequence[Seal]) -> None:
+        with self._conn.cursor() as cursor:
+            cursor.executemany(
+                f"UPDATE {_PG_EVENTS} SET number_hash = %s, number_enc = %s, key_id = %s "  # noqa: S608
+                "WHERE seq = %s",
+                [(h, enc, key_id, seq) for seq, h, enc, key_id in seals],
+            )
+
+    def queued(self) -> list[QueuedRow]:
+        rows = self._conn.execute(f"SELECT {_OUTBOX_COLUMNS} FROM {_PG_OUTBOX}")  # noqa: S608
+        return [_queued_row(row) for row in rows]
+
+    def replace_outbox(self, rows: Sequence[QueuedRow]) -> None:
+        with self._conn.cursor() as cursor:
+            cursor.execute(f"DELETE FROM {_PG_OUTBOX}")  # noqa: S608
+            cursor.executemany(
+                f"INSERT INTO {_PG_OUTBOX} ({_OUTBOX_COLUMNS}) "  # noqa: S608
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                [_outbox_values(row) for row in rows],
+            )
+
+    def set_key_ids(self, key_ids: Sequence[str]) -> None:
+        with self._conn.cursor() as cursor:
+            cursor.execute("DELETE FROM blockfilter_optout_key_ids")
+            cursor.executemany(
+                "INSERT INTO blockfilter_optout_key_ids VALUES (%s)", [(k,) for k in key_ids]
+            )
+
+
+def _pg_seals(conn: Any) -> list[Seal]:
+    rows = conn.execute(
+        f"SELECT seq, number_hash, number_enc, key_id FROM {_PG_EVENTS} ORDER BY seq"  # noqa: S608
+    ).fetchall()
+    return [(int(r[0]), bytes(r[1]), r[2], r[3]) for r in rows]
 
 
 def _pg_events_for(conn: Any, hashes: Sequence[bytes]) -> list[tuple[bytes, Event]]:
@@ -750,29 +871,8 @@ class PostgresStore(Store):
 
         return self._run(drain, "drain")
 
-    def sealed_rows(self) -> list[tuple[int, bytes, str, str]]:
-        rows = self._run(
-            lambda conn: conn.execute(
-                f"SELECT seq, number_hash, number_enc, key_id FROM {_PG_EVENTS} ORDER BY seq"  # noqa: S608
-            ).fetchall()
-        )
-        return [(int(r[0]), bytes(r[1]), r[2], r[3]) for r in rows]
-
-    def reseal(self, rows: Sequence[tuple[int, bytes, str, str]], key_ids: Sequence[str]) -> None:
-        def work(writer: Writer) -> None:
-            conn = writer._conn  # type: ignore[attr-defined]
-            with conn.cursor() as cursor:
-                cursor.executemany(
-                    f"UPDATE {_PG_EVENTS} SET number_hash = %s, number_enc = %s, key_id = %s "  # noqa: S608
-                    "WHERE seq = %s",
-                    [(h, enc, key_id, seq) for seq, h, enc, key_id in rows],
-                )
-                cursor.execute("DELETE FROM blockfilter_optout_key_ids")
-                cursor.executemany(
-                    "INSERT INTO blockfilter_optout_key_ids VALUES (%s)", [(k,) for k in key_ids]
-                )
-
-        self.write(work)
+    def sealed_rows(self) -> list[Seal]:
+        return self._run(_pg_seals)
 
     def all_events(self) -> list[tuple[bytes, Event]]:
         rows = self._run(

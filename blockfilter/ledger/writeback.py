@@ -9,6 +9,10 @@ most 100 numbers a request, through the shared client (its retry budget and the 
 limit), and deletes what was sent unless it changed meanwhile. A failed batch stays queued and
 is tried again later, with backoff. None of this delays the local effect: the event is
 committed, and in force, before anything is sent.
+
+A key rotation re-seals the outbox with the events (:meth:`Ledger.rotate
+<blockfilter.ledger.ledger.Ledger.rotate>`), so what was queued still goes out once the old
+key is dropped; a row no configured key opens waits, without holding the others back.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections import defaultdict
 from typing import Any
 
 from ..config import Settings
-from ..errors import BlockfilterError
+from ..errors import BlockfilterError, ConfigError
 from .store import OutboxItem
 
 log = logging.getLogger("blockfilter.ledger.writeback")
@@ -55,15 +59,33 @@ def flush_write_back(
         client = SHARED_SOURCES.get(settings).client
     sealer = ledger._require_sealer()
     items = ledger.store.claim_outbox(clock(), LEASE_S, limit)
-    by_channel: dict[str, list[OutboxItem]] = defaultdict(list)
+    # channel -> number -> its rows (two, when processes that differed in their key's order
+    # queued it under two hashes: it is sent once, see _states).
+    by_channel: dict[str, dict[str, list[OutboxItem]]] = defaultdict(lambda: defaultdict(list))
+    unreadable: list[OutboxItem] = []
     for item in items:
-        by_channel[item.channel].append(item)
-    sent = requests = failed = 0
-    for channel, queued in by_channel.items():
-        for start in range(0, len(queued), BATCH):
-            batch = queued[start : start + BATCH]
-            add = [sealer.decrypt(i.number_enc) for i in batch if i.blocklisted]
-            remove = [sealer.decrypt(i.number_enc) for i in batch if not i.blocklisted]
+        try:
+            by_channel[item.channel][sealer.decrypt(item.number_enc)].append(item)
+        except ConfigError:
+            unreadable.append(item)
+    sent = requests = 0
+    failed = len(unreadable)
+    if unreadable:
+        # Kept for when the key is back; the other rows go out meanwhile.
+        ledger.store.retry_outbox(unreadable, clock() + RETRY_MAX_S)
+        log.warning(
+            "%d write-back(s) sealed with a key no longer configured stay queued: put the old "
+            "key back after the new one and run `blockfilter optout rotate`",
+            len(unreadable),
+        )
+    for channel, by_number in by_channel.items():
+        states = _states(ledger, channel, by_number)
+        numbers = list(by_number)
+        for start in range(0, len(numbers), BATCH):
+            chunk = numbers[start : start + BATCH]
+            batch = [item for number in chunk for item in by_number[number]]
+            add = [number for number in chunk if states[number]]
+            remove = [number for number in chunk if not states[number]]
             requests += 1
             try:
                 client.change_blocklist(channel, add=add, remove=remove)
@@ -73,7 +95,7 @@ def flush_write_back(
                 ledger.store.retry_outbox(batch, clock() + _backoff(attempts))
                 log.warning(
                     "write-back of %d number(s) on %s failed (%s); queued for a retry",
-                    len(batch),
+                    len(chunk),
                     channel,
                     type(exc).__name__,
                 )
@@ -86,6 +108,17 @@ def flush_write_back(
         "failed": failed,
         "left": ledger.store.outbox_size(),
     }
+
+
+def _states(ledger: Any, channel: str, by_number: dict[str, list[OutboxItem]]) -> dict[str, bool]:
+    """number -> the blocklist status to write. A number whose rows disagree gets the state
+    the ledger derives for it now (one read for all of them): never both in one request."""
+    states = {number: rows[0].blocklisted for number, rows in by_number.items()}
+    torn = [n for n, rows in by_number.items() if len({r.blocklisted for r in rows}) > 1]
+    if torn:
+        out = ledger.opted_out({channel: torn})[channel]
+        states.update({number: number in out for number in torn})
+    return states
 
 
 _lock = threading.Lock()
