@@ -113,20 +113,13 @@ from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
 from .. import metrics
-from ..config import Settings, load_settings
+from ..config import Settings
 from ..errors import ConfigError
-from ..ledger.source import dispatch_gate
 from ..model import Parsed, parse_message
-from ..plugins.manager import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
+from .batch import check_batch
+from .deferred import PARKED_TASK_FAILED, DeferredNotParked, park_deferred, park_final_deferred
 from .monitoring import BlockfilterTask
-from .tasks import (
-    PARKED_TASK_FAILED,
-    TASK_NAME,
-    DeferredNotParked,
-    park_deferred,
-    park_final_deferred,
-    retry_countdown,
-)
+from .tasks import TASK_NAME, retry_countdown
 from .worker import report_refusal
 
 log = logging.getLogger("blockfilter.collector")
@@ -601,13 +594,9 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
     started = time.monotonic()
     messages = [message_of(request) for request in requests]
     try:
-        settings = load_settings(celery_conf=self.app.conf)
-        pm = get_plugin_manager(settings)
-        with build_filter(settings, pm) as engine:
-            results = list(engine.run(messages))
-            summary = engine.summary.as_dict()
-            refusal = engine.refusal
-            metrics.count_run(engine)
+        # The collector is a message's first attempt, and a task always has a retry left
+        # (BLOCKFILTER_TASK_MAX_RETRIES >= 1): only refused credentials make a deferral final.
+        batch = check_batch(messages, self.app.conf, retries_left=lambda settings: True)
     except Exception:
         # Not about a check (bad settings, a broken source plugin, a bug): keep the batch.
         # Should parking fail too, the exception leaves and the batch is requeued.
@@ -615,33 +604,23 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
         parked = park_deferred(self.app, messages, reason=PARKED_TASK_FAILED)
         return _report(messages, None, started, parked=parked)
 
-    deferred = [i for i, result in enumerate(results) if result["verdict"] == "deferred"]
-    refused = bool(summary.get("credentials_refused")) or any(
-        results[i].get("reason") == "credentials_refused" for i in deferred
+    not_parked = batch.park_final(
+        lambda found, refused: park_final_deferred(self.app, found, refused=refused)
     )
-    # The collector is a message's first attempt, and a task always has a retry left
-    # (BLOCKFILTER_TASK_MAX_RETRIES >= 1): only refused credentials make a deferral final.
-    final = refused
-    handled_indexes = [i for i, r in enumerate(results) if final or r["verdict"] != "deferred"]
-    handled = [results[i] for i in handled_indexes]
+    parked = len(batch.deferred) if batch.final and not_parked is None else 0
+    if batch.refusal_to_report is not None:
+        report_refusal(
+            batch.refusal_to_report,
+            batch.settings,
+            messages=len(batch.deferred),
+            task=COLLECT_TASK_NAME,
+        )
     handed_off: set[int] = set()
-    parked = 0
-    not_parked: Exception | None = None
-    if deferred and final:
-        not_parked = park_final_deferred(self.app, [messages[i] for i in deferred], refused=True)
-        parked = 0 if not_parked is not None else len(deferred)
-        if refusal is not None:
-            report_refusal(refusal, settings, messages=len(deferred), task=COLLECT_TASK_NAME)
-    elif deferred:
-        _hand_off(self, settings, requests, messages, deferred, "check failed")
-        handed_off.update(deferred)
-
+    if batch.to_retry:
+        _hand_off(self, batch.settings, requests, messages, batch.to_retry, "check failed")
+        handed_off.update(batch.to_retry)
     try:
-        with dispatch_gate(pm, settings, handled, summary):  # see blockfilter.ledger.source
-            if handled:
-                notify_verdicts(pm, handled)
-            dispatch_results(pm, handled, deferred_final=True)
-        metrics.count_verdicts(handled)
+        batch.hand_to_hooks()
     except Exception as exc:
         # The hook specification: "Raise to have the batch retried", hence all of it.
         log.warning(
@@ -650,14 +629,11 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
             type(exc).__name__,
             TASK_NAME,
         )
-        _hand_off(self, settings, requests, messages, handled_indexes, "hook failed")
-        handed_off.update(handled_indexes)
+        _hand_off(self, batch.settings, requests, messages, batch.handled, "hook failed")
+        handed_off.update(batch.handled)
     if not_parked is not None:
-        raise DeferredNotParked(
-            f"{len(deferred)} deferred message(s) could not be parked on the deferred queue "
-            f"({type(not_parked).__name__}); they were handed to blockfilter_suppressed"
-        )
-    return _report(messages, summary, started, handed_off=len(handed_off), parked=parked)
+        raise DeferredNotParked.of(len(batch.deferred), not_parked, quote_error=False)
+    return _report(messages, batch.summary, started, handed_off=len(handed_off), parked=parked)
 
 
 def handoff_options(delivery_info: Mapping[str, Any] | None) -> dict[str, Any]:
