@@ -13,8 +13,10 @@ import math
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from queue import Queue
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,7 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
     sys.path.insert(0, str(ROOT))
 
+from celery import Celery  # noqa: E402
+from celery.concurrency.solo import TaskPool as SoloPool  # noqa: E402
+from celery_batches import Batches  # noqa: E402
+from kombu.asynchronous.timer import Timer  # noqa: E402
+
+from blockfilter.config import load_settings  # noqa: E402
 from blockfilter.errors import ConfigError  # noqa: E402
+from blockfilter.pipeline.batches_private import (  # noqa: E402
+    check_supported,
+    flush_everything,
+    install_buffer,
+    pending_count,
+)
 from blockfilter.pipeline.collector import (  # noqa: E402
     COLLECT_TASK_NAME,
     BatchFill,
@@ -59,6 +73,70 @@ def test_settings_come_from_conf_then_environment_then_defaults() -> None:
         collect_settings({}, {"BLOCKFILTER_COLLECT_FLUSH_EVERY": "0"})
     with pytest.raises(ConfigError, match="BLOCKFILTER_COLLECT_FLUSH_INTERVAL"):
         collect_settings({"blockfilter_collect_flush_interval": "soon"}, {})
+
+
+def test_collector_settings_are_rows_of_the_one_settings_table() -> None:
+    loaded = load_settings(environ={"BLOCKFILTER_COLLECT_FLUSH_EVERY": "40"})
+    assert (loaded.collect_flush_every, loaded.sources["collect_flush_every"]) == (
+        40,
+        "env BLOCKFILTER_COLLECT_FLUSH_EVERY",
+    )
+    rows = {variable: (value, source) for variable, value, source in loaded.describe()}
+    assert rows["BLOCKFILTER_COLLECT_MAX_BUFFER"] == ("1000", "default")
+    # Finite and in range, as every numeric setting; an empty one is the default, as before.
+    with pytest.raises(ConfigError, match="BLOCKFILTER_COLLECT_FLUSH_INTERVAL"):
+        collect_settings({}, {"BLOCKFILTER_COLLECT_FLUSH_INTERVAL": "inf"})
+    assert collect_settings({"blockfilter_collect_max_buffer": ""}, {}).max_buffer == 1000
+    assert collect_settings({}, {"BLOCKFILTER_COLLECT_FLUSH_EVERY": ""}).flush_every == 100
+
+
+class RecordingBatches(Batches):  # type: ignore[misc]
+    """A plain Batches task whose flush() (its public override point) records the batch."""
+
+    abstract = True
+    flush_every = 1000
+    flush_interval = 3600
+
+    def flush(self, requests: Sequence[Any]) -> None:
+        self.flushed.append([request.id for request in requests])
+
+
+def test_the_private_parts_of_celery_batches_the_collector_relies_on_are_there() -> None:
+    """Fails when an installed celery-batches changes what batches_private.py relies on."""
+    app = Celery("bftest-batches-private", broker="memory://", set_as_current=False)
+    queue_name = "bftest.batches-private"
+
+    @app.task(base=RecordingBatches, bind=True, name="bftest.batched", shared=False)
+    def batched(self: Any, requests: list[Any]) -> None:  # pragma: no cover - never run
+        pass
+
+    task = app.tasks["bftest.batched"]
+    task.flushed = []
+    check_supported(task)
+    buffer: Queue[Any] = Queue()
+    install_buffer(task, buffer)
+    consumer = SimpleNamespace(
+        pool=SoloPool(),
+        hostname="bftest@here",
+        connection_errors=(),
+        event_dispatcher=None,
+        timer=Timer(),
+    )
+    handler = task.Strategy(task, app, consumer)
+    app.send_task("bftest.batched", args=[{"id": "1"}], queue=queue_name)
+    with app.connection_for_read() as connection:
+        inbox = connection.SimpleQueue(queue_name)
+        try:
+            message = inbox.get(timeout=5)
+            handler(message, None, lambda *a: None, lambda *a: None, set())
+        finally:
+            inbox.close()
+    # Batches' handler put the request into the buffer installed before Strategy() ...
+    assert buffer.qsize() == 1 and pending_count(task) == 0
+    request_id = buffer.queue[0].id
+    # ... and its flush of everything hands the waiting requests to flush().
+    flush_everything(task)
+    assert task.flushed == [[request_id]] and buffer.empty()
 
 
 def test_batch_fill_counts_distinct_numbers_per_channel() -> None:
