@@ -9,11 +9,12 @@ simulator, send messages one task each, and check what reached the test plugin's
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from queue import Queue
 from types import SimpleNamespace
@@ -44,8 +45,10 @@ from blockfilter.pipeline.batches_private import (  # noqa: E402
 from blockfilter.pipeline.collector import (  # noqa: E402
     COLLECT_TASK_NAME,
     BatchFill,
+    CollectorTask,
     CollectSettings,
     collect_settings,
+    message_of,
     route_of,
 )
 from blockfilter.testing.simulator import FaultRule  # noqa: E402
@@ -137,6 +140,114 @@ def test_the_private_parts_of_celery_batches_the_collector_relies_on_are_there()
     # ... and its flush of everything hands the waiting requests to flush().
     flush_everything(task)
     assert task.flushed == [[request_id]] and buffer.empty()
+
+
+class RecordingCollector(CollectorTask):  # type: ignore[misc]
+    """The collector's buffering, with a flush() that records the ids of each batch."""
+
+    abstract = True
+
+    def flush(self, requests: Sequence[Any]) -> None:
+        self.flushed.append([message_of(request)["id"] for request in requests])
+
+
+def buffering_collector(
+    conf: dict[str, Any],
+) -> tuple[Any, Callable[[list[dict[str, Any]]], None]]:
+    """A collector task of a memory:// app, its strategy built as a worker builds it, and a
+    function that delivers messages to it one task each, through the broker."""
+    app = Celery(f"bftest-buffering-{id(conf)}", broker="memory://", set_as_current=False)
+    app.conf.update(conf)
+    queue_name = f"bftest.buffering.{id(app)}"
+
+    @app.task(base=RecordingCollector, bind=True, name="bftest.collect", shared=False)
+    def buffered(self: Any, requests: list[Any]) -> None:  # pragma: no cover - never run
+        pass
+
+    task = app.tasks["bftest.collect"]
+    task.flushed = []
+    consumer = SimpleNamespace(
+        pool=SoloPool(), hostname="bftest@here", connection_errors=(), event_dispatcher=None
+    )
+    consumer.timer = Timer()
+    handler = task.Strategy(task, app, consumer)
+
+    def deliver(messages: list[dict[str, Any]]) -> None:
+        with app.connection_for_read() as connection:
+            inbox = connection.SimpleQueue(queue_name)
+            try:
+                for message in messages:
+                    app.send_task("bftest.collect", args=[message], queue=queue_name)
+                    delivered = inbox.get(timeout=5)
+                    handler(delivered, None, lambda *a: None, lambda *a: None, set())
+            finally:
+                inbox.close()
+
+    return task, deliver
+
+
+def test_the_collector_flushes_a_channel_at_full_requests_the_rest_by_age_or_count() -> None:
+    task, deliver = buffering_collector(
+        {
+            "blockfilter_collect_flush_every": 2,
+            "blockfilter_collect_flush_interval": 0.05,
+            "blockfilter_collect_max_buffer": 5,
+        }
+    )
+    sms = [f"+91982000010{i}" for i in range(3)]
+    deliver(
+        [
+            {"id": "s1", "channel": "sms", "to": sms[0]},
+            {"id": "s1-again", "channel": "sms", "to": sms[0]},  # a repeat fills nothing
+            {"id": "w1", "channel": "whatsapp", "to": sms[1]},
+            {"id": "bad", "channel": "fax", "to": sms[1]},  # no request: leaves with any
+        ]
+    )
+    assert task.flushed == [], "no channel has 2 numbers yet, and 4 messages wait, not 5"
+    deliver([{"id": "s2", "channel": "sms", "to": sms[1]}])
+    # The SMS request is full: the SMS messages leave, with the unusable one.
+    assert task.flushed == [["s1", "s1-again", "bad", "s2"]]
+    task._tick()
+    assert task.flushed[1:] == [], "the WhatsApp message is not due yet"
+    time.sleep(0.06)
+    task._tick()
+    assert task.flushed[1:] == [["w1"]], "due after FLUSH_INTERVAL"
+
+    task.flushed.clear()
+    deliver([{"id": f"r{i}", "channel": "voice", "to": sms[2]} for i in range(5)])
+    assert task.flushed == [[f"r{i}" for i in range(5)]], "MAX_BUFFER messages of one number"
+
+
+def test_a_strategy_built_again_keeps_the_buffer_and_arms_a_new_ticker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What a broker reconnect does: Celery clears the timer and builds the strategy again."""
+    task, deliver = buffering_collector({"blockfilter_collect_flush_interval": 0.05})
+    deliver([{"id": "kept", "channel": "sms", "to": "+919820000101"}])
+    timer = Timer()
+    consumer = SimpleNamespace(
+        pool=SoloPool(), hostname="bftest@here", connection_errors=(), event_dispatcher=None
+    )
+    consumer.timer = timer
+    with caplog.at_level(logging.WARNING, logger="blockfilter.collector"):
+        task.Strategy(task, task.app, consumer)
+    assert "the flush timer is armed again (celery-batches #107), 1 buffered" in caplog.text
+    assert len(timer.queue) == 1, "the collector's ticker, on the new timer"
+    time.sleep(0.06)
+    timer.queue[0].entry()  # the tick, as the worker's timer runs it
+    assert task.flushed == [["kept"]]
+
+
+def test_a_worker_started_without_the_check_buffers_by_default_on_a_bad_setting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its batches fail on the bad setting and are parked; its other tasks keep running."""
+    with caplog.at_level(logging.ERROR, logger="blockfilter.collector"):
+        task, _ = buffering_collector(
+            {"blockfilter_collect_max_buffer": 5, "blockfilter_cache_ttl": "nan"}
+        )
+    assert task._settings == CollectSettings(100, 1.0, 1000)
+    assert "BLOCKFILTER_CACHE_TTL" in caplog.text and "default settings" in caplog.text
 
 
 def test_batch_fill_counts_distinct_numbers_per_channel() -> None:

@@ -17,16 +17,18 @@ runs the filter on them together when
 * ``BLOCKFILTER_COLLECT_MAX_BUFFER`` messages are waiting (default 1000; repeats of a few
   numbers fill no request, but must not wait or pile up either).
 
-Each setting is read, in this order, from the worker app's ``conf`` in lower case
+They are settings like the others (:data:`blockfilter.config.SPECS`, read by
+:func:`~blockfilter.config.load_settings`): from the worker app's ``conf`` in lower case
 (``app.conf.blockfilter_collect_flush_interval = 0.5``), the environment, then the default,
-when the worker starts. They are blockfilter's settings rather than ``Batches``'
-``flush_every``/``flush_interval`` task options because the task is the library's: a user
-cannot pass options to its decorator, and ``flush_every`` counts messages, not numbers.
+when the worker starts, and ``blockfilter config`` shows them. They are blockfilter's settings
+rather than ``Batches``' ``flush_every``/``flush_interval`` task options because the task is
+the library's: a user cannot pass options to its decorator, and ``flush_every`` counts
+messages, not numbers.
 
 The results go to the hooks exactly as ``blockfilter.filter_messages`` hands them over (the
-same helpers): observers, then ``blockfilter_dispatch`` (``allowed``, ``rerouted``) and
-``blockfilter_suppressed`` (``blocked``, ``invalid``). Messages whose check failed
-(``deferred``), and a whole batch whose hook raised, are handed to a
+same batch core, :mod:`blockfilter.pipeline.batch`): observers, then ``blockfilter_dispatch``
+(``allowed``, ``rerouted``) and ``blockfilter_suppressed`` (``blocked``, ``invalid``).
+Messages whose check failed (``deferred``), and a whole batch whose hook raised, are handed to a
 ``blockfilter.filter_messages`` task published to the queue the messages came from (so the
 collector's worker runs it, even where no worker consumes the app's default queue), with a
 backoff and counted as its first retry (in eager mode it runs at once): from there they
@@ -89,8 +91,14 @@ in the summary its ``filter_messages`` task returns.
 Broker reconnects. After a broker connection is lost and made again, Celery clears the
 worker's timers and builds the task strategies anew; celery-batches 0.11 then never arms
 its flush timer again (its issue #107) and the worker would hold its buffer for ever. The
-collector arms it again itself and keeps what was buffered (see
-:meth:`CollectorTask._rearm_after_reconnect`), and says so in a WARNING line.
+collector flushes on a ticker of its own, armed again at every build of its strategy, and
+keeps what was buffered (a copy the broker redelivers meanwhile is filtered once), and says
+so in a WARNING line.
+
+celery-batches. The collector uses :class:`~celery_batches.Batches`' public points (its
+strategy, ``flush()``, ``SimpleRequest``, ``apply_batches_task``) and three private parts,
+all in :mod:`blockfilter.pipeline.batches_private`, which says why each is needed; a worker
+whose celery-batches lacks them refuses to build the collector's strategy.
 """
 
 from __future__ import annotations
