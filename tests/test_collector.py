@@ -9,6 +9,7 @@ simulator, send messages one task each, and check what reached the test plugin's
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -93,6 +94,32 @@ def test_collector_settings_are_rows_of_the_one_settings_table() -> None:
     assert collect_settings({}, {"BLOCKFILTER_COLLECT_FLUSH_EVERY": ""}).flush_every == 100
 
 
+def worker_consumer(timer: Timer | None = None) -> Any:
+    """What a task's Strategy() is given of a worker's consumer: a solo pool and a timer of
+    its own (ticked by hand), no events."""
+    return SimpleNamespace(
+        pool=SoloPool(),
+        hostname="bftest@here",
+        connection_errors=(),
+        event_dispatcher=None,
+        timer=Timer() if timer is None else timer,  # an empty Timer is falsy
+    )
+
+
+def deliver(app: Celery, handler: Any, task_name: str, messages: list[Any]) -> None:
+    """Send ``messages`` one task each through ``app``'s memory:// broker, and hand each
+    delivered broker message to ``handler`` (a strategy), as the worker's consumer does."""
+    queue_name = f"bftest.delivered.{id(app)}"
+    with app.connection_for_read() as connection:
+        inbox = connection.SimpleQueue(queue_name)
+        try:
+            for message in messages:
+                app.send_task(task_name, args=[message], queue=queue_name)
+                handler(inbox.get(timeout=5), None, lambda *a: None, lambda *a: None, set())
+        finally:
+            inbox.close()
+
+
 class RecordingBatches(Batches):  # type: ignore[misc]
     """A plain Batches task whose flush() (its public override point) records the batch."""
 
@@ -107,7 +134,6 @@ class RecordingBatches(Batches):  # type: ignore[misc]
 def test_the_private_parts_of_celery_batches_the_collector_relies_on_are_there() -> None:
     """Fails when an installed celery-batches changes what batches_private.py relies on."""
     app = Celery("bftest-batches-private", broker="memory://", set_as_current=False)
-    queue_name = "bftest.batches-private"
 
     @app.task(base=RecordingBatches, bind=True, name="bftest.batched", shared=False)
     def batched(self: Any, requests: list[Any]) -> None:  # pragma: no cover - never run
@@ -118,22 +144,8 @@ def test_the_private_parts_of_celery_batches_the_collector_relies_on_are_there()
     check_supported(task)
     buffer: Queue[Any] = Queue()
     install_buffer(task, buffer)
-    consumer = SimpleNamespace(
-        pool=SoloPool(),
-        hostname="bftest@here",
-        connection_errors=(),
-        event_dispatcher=None,
-        timer=Timer(),
-    )
-    handler = task.Strategy(task, app, consumer)
-    app.send_task("bftest.batched", args=[{"id": "1"}], queue=queue_name)
-    with app.connection_for_read() as connection:
-        inbox = connection.SimpleQueue(queue_name)
-        try:
-            message = inbox.get(timeout=5)
-            handler(message, None, lambda *a: None, lambda *a: None, set())
-        finally:
-            inbox.close()
+    handler = task.Strategy(task, app, worker_consumer())
+    deliver(app, handler, "bftest.batched", [{"id": "1"}])
     # Batches' handler put the request into the buffer installed before Strategy() ...
     assert buffer.qsize() == 1 and pending_count(task) == 0
     request_id = buffer.queue[0].id
@@ -158,7 +170,6 @@ def buffering_collector(
     function that delivers messages to it one task each, through the broker."""
     app = Celery(f"bftest-buffering-{id(conf)}", broker="memory://", set_as_current=False)
     app.conf.update(conf)
-    queue_name = f"bftest.buffering.{id(app)}"
 
     @app.task(base=RecordingCollector, bind=True, name="bftest.collect", shared=False)
     def buffered(self: Any, requests: list[Any]) -> None:  # pragma: no cover - never run
@@ -166,28 +177,12 @@ def buffering_collector(
 
     task = app.tasks["bftest.collect"]
     task.flushed = []
-    consumer = SimpleNamespace(
-        pool=SoloPool(), hostname="bftest@here", connection_errors=(), event_dispatcher=None
-    )
-    consumer.timer = Timer()
-    handler = task.Strategy(task, app, consumer)
-
-    def deliver(messages: list[dict[str, Any]]) -> None:
-        with app.connection_for_read() as connection:
-            inbox = connection.SimpleQueue(queue_name)
-            try:
-                for message in messages:
-                    app.send_task("bftest.collect", args=[message], queue=queue_name)
-                    delivered = inbox.get(timeout=5)
-                    handler(delivered, None, lambda *a: None, lambda *a: None, set())
-            finally:
-                inbox.close()
-
-    return task, deliver
+    handler = task.Strategy(task, app, worker_consumer())
+    return task, functools.partial(deliver, app, handler, "bftest.collect")
 
 
 def test_the_collector_flushes_a_channel_at_full_requests_the_rest_by_age_or_count() -> None:
-    task, deliver = buffering_collector(
+    task, send = buffering_collector(
         {
             "blockfilter_collect_flush_every": 2,
             "blockfilter_collect_flush_interval": 0.05,
@@ -195,7 +190,7 @@ def test_the_collector_flushes_a_channel_at_full_requests_the_rest_by_age_or_cou
         }
     )
     sms = [f"+91982000010{i}" for i in range(3)]
-    deliver(
+    send(
         [
             {"id": "s1", "channel": "sms", "to": sms[0]},
             {"id": "s1-again", "channel": "sms", "to": sms[0]},  # a repeat fills nothing
@@ -204,7 +199,7 @@ def test_the_collector_flushes_a_channel_at_full_requests_the_rest_by_age_or_cou
         ]
     )
     assert task.flushed == [], "no channel has 2 numbers yet, and 4 messages wait, not 5"
-    deliver([{"id": "s2", "channel": "sms", "to": sms[1]}])
+    send([{"id": "s2", "channel": "sms", "to": sms[1]}])
     # The SMS request is full: the SMS messages leave, with the unusable one.
     assert task.flushed == [["s1", "s1-again", "bad", "s2"]]
     task._tick()
@@ -214,7 +209,7 @@ def test_the_collector_flushes_a_channel_at_full_requests_the_rest_by_age_or_cou
     assert task.flushed[1:] == [["w1"]], "due after FLUSH_INTERVAL"
 
     task.flushed.clear()
-    deliver([{"id": f"r{i}", "channel": "voice", "to": sms[2]} for i in range(5)])
+    send([{"id": f"r{i}", "channel": "voice", "to": sms[2]} for i in range(5)])
     assert task.flushed == [[f"r{i}" for i in range(5)]], "MAX_BUFFER messages of one number"
 
 
@@ -222,15 +217,11 @@ def test_a_strategy_built_again_keeps_the_buffer_and_arms_a_new_ticker(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """What a broker reconnect does: Celery clears the timer and builds the strategy again."""
-    task, deliver = buffering_collector({"blockfilter_collect_flush_interval": 0.05})
-    deliver([{"id": "kept", "channel": "sms", "to": "+919820000101"}])
+    task, send = buffering_collector({"blockfilter_collect_flush_interval": 0.05})
+    send([{"id": "kept", "channel": "sms", "to": "+919820000101"}])
     timer = Timer()
-    consumer = SimpleNamespace(
-        pool=SoloPool(), hostname="bftest@here", connection_errors=(), event_dispatcher=None
-    )
-    consumer.timer = timer
     with caplog.at_level(logging.WARNING, logger="blockfilter.collector"):
-        task.Strategy(task, task.app, consumer)
+        task.Strategy(task, task.app, worker_consumer(timer))
     assert "the flush timer is armed again (celery-batches #107), 1 buffered" in caplog.text
     assert len(timer.queue) == 1, "the collector's ticker, on the new timer"
     time.sleep(0.06)
