@@ -12,7 +12,9 @@ declares or changes your queues)::
 Settings come from the environment and, taking precedence, from the app's lower-case
 ``kaleyra_*`` / ``blockfilter_*`` keys (``app.conf.blockfilter_on_error = "defer"``).
 
-What one ``blockfilter.filter_messages`` task does with its batch:
+What one ``blockfilter.filter_messages`` task does with its batch (steps 1, 2 and the parking
+of 4 are the batch core it shares with the collector, :mod:`blockfilter.pipeline.batch`; the
+deferred queue is :mod:`blockfilter.pipeline.deferred`):
 
 1. Runs the filter (:func:`blockfilter.plugins.build_filter`): one verdict per message.
 2. Calls the observers (``blockfilter_verdicts``), then ``blockfilter_dispatch`` with the
