@@ -334,14 +334,15 @@ class CollectorTask(Batches, BlockfilterTask):  # type: ignore[misc]
         # the buffer and what it counts are kept (the requests waiting in it, too).
         rebuilt = hasattr(self, "_watched")
         if not rebuilt:
-            self._settings = _collect_settings_of(app.conf)
             self._lock = threading.RLock()
-            self._fill = BatchFill(self._settings.flush_every)
+            self._fill = BatchFill()
             self._arrived: dict[int, float] = {}  # id(request) -> when it was buffered
             self._watched = _WatchedBuffer(self._lock, self._buffered)
             self._first_seen = False
         else:
             self._stop_ticker()
+        self._settings = _collect_settings_of(app.conf)
+        self._fill.flush_every = self._settings.flush_every
         self._consumer_pool = consumer.pool
         # Every worker of the app builds this strategy, also those that never see a collect
         # message: the settings are logged, and the prefetch checked, on the first message.
