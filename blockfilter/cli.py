@@ -604,6 +604,8 @@ def cmd_deferred(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    import importlib.util
+
     from .config import load_settings
 
     conf = None
@@ -613,12 +615,9 @@ def cmd_config(args: argparse.Namespace) -> int:
         conf = load_app(args.app, None).conf
     settings: Settings = load_settings(celery_conf=conf)
     rows = settings.describe()
-    try:
-        from .pipeline.collector import describe_collect_settings
-    except ImportError:  # the blockfilter[collector] extra is not installed
-        pass
-    else:
-        rows += describe_collect_settings(conf)
+    if importlib.util.find_spec("celery_batches") is None:
+        # Without the blockfilter[collector] extra there is no collector to configure.
+        rows = [row for row in rows if not row[0].startswith("BLOCKFILTER_COLLECT_")]
     width = max(len(name) for name, _, _ in rows)
     value_width = max(len(value) for _, value, _ in rows)
     for name, value, source in rows:

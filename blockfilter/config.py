@@ -145,6 +145,8 @@ class _Spec:
     parse: Callable[[Any], Any]
     default: Any
     help: str
+    #: an empty value (``BLOCKFILTER_COLLECT_MAX_BUFFER=``) means the default, not an error
+    blank_is_default: bool = False
 
 
 # One row a setting: the environment variable, how to parse it, its default.
@@ -285,7 +287,36 @@ SPECS: dict[str, _Spec] = {
         "settings",
         "what a worker checks when it starts: settings, api (one request too), off",
     ),
+    # When the collector's batch leaves (blockfilter.pipeline.collector); read when its
+    # worker starts. Last, so that `blockfilter config` lists them after the others.
+    "collect_flush_every": _Spec(
+        "BLOCKFILTER_COLLECT_FLUSH_EVERY",
+        _positive_int,
+        100,  # one full API request
+        "distinct numbers waiting on a channel that send the collector's batch",
+        blank_is_default=True,
+    ),
+    "collect_flush_interval": _Spec(
+        "BLOCKFILTER_COLLECT_FLUSH_INTERVAL",
+        _positive_float,
+        1.0,
+        "seconds the collector's oldest message waits at most",
+        blank_is_default=True,
+    ),
+    "collect_max_buffer": _Spec(
+        "BLOCKFILTER_COLLECT_MAX_BUFFER",
+        _positive_int,
+        1000,
+        "messages waiting in the collector that send everything",
+        blank_is_default=True,
+    ),
 }
+
+
+def _default(name: str) -> Any:
+    """The default of setting ``name``, for :class:`Settings`: written once, in :data:`SPECS`."""
+    return SPECS[name].default
+
 
 # The settings whose every value, however it was given, is checked by its parser.
 _CHECKED_VALUES = tuple(
@@ -307,37 +338,40 @@ def _value_error(name: str, source: str, exc: Exception) -> ConfigError:
 class Settings:
     """The effective configuration. Build it with :func:`load_settings`."""
 
-    sid: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    region: str = "in"
-    base_url: str | None = None
-    on_error: str = "defer"
-    cache_url: str = "memory://"
-    cache_ttl: float = 600.0
-    cache_ttl_blocked: float = 21600.0
-    cache_secret: str | None = field(default=None, repr=False)
-    concurrency: int = 16
-    rate_limit: float | None = None
-    load_plugins: list[str] | None = None
+    sid: str | None = _default("sid")
+    api_key: str | None = field(default=_default("api_key"), repr=False)
+    region: str = _default("region")
+    base_url: str | None = _default("base_url")
+    on_error: str = _default("on_error")
+    cache_url: str = _default("cache_url")
+    cache_ttl: float = _default("cache_ttl")
+    cache_ttl_blocked: float = _default("cache_ttl_blocked")
+    cache_secret: str | None = field(default=_default("cache_secret"), repr=False)
+    concurrency: int = _default("concurrency")
+    rate_limit: float | None = _default("rate_limit")
+    load_plugins: list[str] | None = _default("load_plugins")
     disable_plugins: list[str] = field(default_factory=list)
-    strict_plugins: bool = False
-    retry_attempts: int = 5
-    retry_deadline: float = 30.0
-    backoff_base: float = 0.5
-    backoff_max: float = 8.0
-    retry_after_max: float = 30.0
-    connect_timeout: float = 3.05
-    request_timeout: float = 10.0
-    task_max_retries: int = 3
-    task_retry_backoff: float = 5.0
-    optout_url: str | None = None
-    optout_key: str | None = field(default=None, repr=False)
-    optout_scope: str = "channel"
-    optout_keywords: str | None = None
-    optin_keywords: str | None = None
-    write_back: bool = False
-    startup_check: str = "settings"
-    metrics_port: int | None = None
+    strict_plugins: bool = _default("strict_plugins")
+    retry_attempts: int = _default("retry_attempts")
+    retry_deadline: float = _default("retry_deadline")
+    backoff_base: float = _default("backoff_base")
+    backoff_max: float = _default("backoff_max")
+    retry_after_max: float = _default("retry_after_max")
+    connect_timeout: float = _default("connect_timeout")
+    request_timeout: float = _default("request_timeout")
+    task_max_retries: int = _default("task_max_retries")
+    task_retry_backoff: float = _default("task_retry_backoff")
+    optout_url: str | None = _default("optout_url")
+    optout_key: str | None = field(default=_default("optout_key"), repr=False)
+    optout_scope: str = _default("optout_scope")
+    optout_keywords: str | None = _default("optout_keywords")
+    optin_keywords: str | None = _default("optin_keywords")
+    write_back: bool = _default("write_back")
+    startup_check: str = _default("startup_check")
+    metrics_port: int | None = _default("metrics_port")
+    collect_flush_every: int = _default("collect_flush_every")
+    collect_flush_interval: float = _default("collect_flush_interval")
+    collect_max_buffer: int = _default("collect_max_buffer")
     # Where each value came from: "default", "env KALEYRA_SID", "celery conf kaleyra_sid".
     sources: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -541,6 +575,8 @@ def load_settings(
             raw, source = celery_conf[conf_key], f"celery conf {conf_key}"
         elif env.get(spec.env) is not None:
             raw, source = env[spec.env], f"env {spec.env}"
+        if spec.blank_is_default and isinstance(raw, str) and raw == "":
+            raw = None
         if raw is None:
             values[name] = spec.default
             sources[name] = "default"

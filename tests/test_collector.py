@@ -9,12 +9,16 @@ simulator, send messages one task each, and check what reached the test plugin's
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from queue import Queue
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,12 +30,26 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
     sys.path.insert(0, str(ROOT))
 
+from celery import Celery  # noqa: E402
+from celery.concurrency.solo import TaskPool as SoloPool  # noqa: E402
+from celery_batches import Batches  # noqa: E402
+from kombu.asynchronous.timer import Timer  # noqa: E402
+
+from blockfilter.config import load_settings  # noqa: E402
 from blockfilter.errors import ConfigError  # noqa: E402
+from blockfilter.pipeline.batches_private import (  # noqa: E402
+    check_supported,
+    flush_everything,
+    install_buffer,
+    pending_count,
+)
 from blockfilter.pipeline.collector import (  # noqa: E402
     COLLECT_TASK_NAME,
     BatchFill,
+    CollectorTask,
     CollectSettings,
     collect_settings,
+    message_of,
     route_of,
 )
 from blockfilter.testing.simulator import FaultRule  # noqa: E402
@@ -59,6 +77,168 @@ def test_settings_come_from_conf_then_environment_then_defaults() -> None:
         collect_settings({}, {"BLOCKFILTER_COLLECT_FLUSH_EVERY": "0"})
     with pytest.raises(ConfigError, match="BLOCKFILTER_COLLECT_FLUSH_INTERVAL"):
         collect_settings({"blockfilter_collect_flush_interval": "soon"}, {})
+
+
+def test_collector_settings_are_rows_of_the_one_settings_table() -> None:
+    loaded = load_settings(environ={"BLOCKFILTER_COLLECT_FLUSH_EVERY": "40"})
+    assert (loaded.collect_flush_every, loaded.sources["collect_flush_every"]) == (
+        40,
+        "env BLOCKFILTER_COLLECT_FLUSH_EVERY",
+    )
+    rows = {variable: (value, source) for variable, value, source in loaded.describe()}
+    assert rows["BLOCKFILTER_COLLECT_MAX_BUFFER"] == ("1000", "default")
+    # Finite and in range, as every numeric setting; an empty one is the default, as before.
+    with pytest.raises(ConfigError, match="BLOCKFILTER_COLLECT_FLUSH_INTERVAL"):
+        collect_settings({}, {"BLOCKFILTER_COLLECT_FLUSH_INTERVAL": "inf"})
+    assert collect_settings({"blockfilter_collect_max_buffer": ""}, {}).max_buffer == 1000
+    assert collect_settings({}, {"BLOCKFILTER_COLLECT_FLUSH_EVERY": ""}).flush_every == 100
+
+
+def worker_consumer(timer: Timer | None = None) -> Any:
+    """What a task's Strategy() is given of a worker's consumer: a solo pool and a timer of
+    its own (ticked by hand), no events."""
+    return SimpleNamespace(
+        pool=SoloPool(),
+        hostname="bftest@here",
+        connection_errors=(),
+        event_dispatcher=None,
+        timer=Timer() if timer is None else timer,  # an empty Timer is falsy
+    )
+
+
+def deliver(app: Celery, handler: Any, task_name: str, messages: list[Any]) -> None:
+    """Send ``messages`` one task each through ``app``'s memory:// broker, and hand each
+    delivered broker message to ``handler`` (a strategy), as the worker's consumer does."""
+    queue_name = f"bftest.delivered.{id(app)}"
+    with app.connection_for_read() as connection:
+        inbox = connection.SimpleQueue(queue_name)
+        try:
+            for message in messages:
+                app.send_task(task_name, args=[message], queue=queue_name)
+                handler(inbox.get(timeout=5), None, lambda *a: None, lambda *a: None, set())
+        finally:
+            inbox.close()
+
+
+class RecordingBatches(Batches):  # type: ignore[misc]
+    """A plain Batches task whose flush() (its public override point) records the batch."""
+
+    abstract = True
+    flush_every = 1000
+    flush_interval = 3600
+
+    def flush(self, requests: Sequence[Any]) -> None:
+        self.flushed.append([request.id for request in requests])
+
+
+def test_the_private_parts_of_celery_batches_the_collector_relies_on_are_there() -> None:
+    """Fails when an installed celery-batches changes what batches_private.py relies on."""
+    app = Celery("bftest-batches-private", broker="memory://", set_as_current=False)
+
+    @app.task(base=RecordingBatches, bind=True, name="bftest.batched", shared=False)
+    def batched(self: Any, requests: list[Any]) -> None:  # pragma: no cover - never run
+        pass
+
+    task = app.tasks["bftest.batched"]
+    task.flushed = []
+    check_supported(task)
+    buffer: Queue[Any] = Queue()
+    install_buffer(task, buffer)
+    handler = task.Strategy(task, app, worker_consumer())
+    deliver(app, handler, "bftest.batched", [{"id": "1"}])
+    # Batches' handler put the request into the buffer installed before Strategy() ...
+    assert buffer.qsize() == 1 and pending_count(task) == 0
+    request_id = buffer.queue[0].id
+    # ... and its flush of everything hands the waiting requests to flush().
+    flush_everything(task)
+    assert task.flushed == [[request_id]] and buffer.empty()
+
+
+class RecordingCollector(CollectorTask):  # type: ignore[misc]
+    """The collector's buffering, with a flush() that records the ids of each batch."""
+
+    abstract = True
+
+    def flush(self, requests: Sequence[Any]) -> None:
+        self.flushed.append([message_of(request)["id"] for request in requests])
+
+
+def buffering_collector(
+    conf: dict[str, Any],
+) -> tuple[Any, Callable[[list[dict[str, Any]]], None]]:
+    """A collector task of a memory:// app, its strategy built as a worker builds it, and a
+    function that delivers messages to it one task each, through the broker."""
+    app = Celery(f"bftest-buffering-{id(conf)}", broker="memory://", set_as_current=False)
+    app.conf.update(conf)
+
+    @app.task(base=RecordingCollector, bind=True, name="bftest.collect", shared=False)
+    def buffered(self: Any, requests: list[Any]) -> None:  # pragma: no cover - never run
+        pass
+
+    task = app.tasks["bftest.collect"]
+    task.flushed = []
+    handler = task.Strategy(task, app, worker_consumer())
+    return task, functools.partial(deliver, app, handler, "bftest.collect")
+
+
+def test_the_collector_flushes_a_channel_at_full_requests_the_rest_by_age_or_count() -> None:
+    task, send = buffering_collector(
+        {
+            "blockfilter_collect_flush_every": 2,
+            "blockfilter_collect_flush_interval": 0.05,
+            "blockfilter_collect_max_buffer": 5,
+        }
+    )
+    sms = [f"+91982000010{i}" for i in range(3)]
+    send(
+        [
+            {"id": "s1", "channel": "sms", "to": sms[0]},
+            {"id": "s1-again", "channel": "sms", "to": sms[0]},  # a repeat fills nothing
+            {"id": "w1", "channel": "whatsapp", "to": sms[1]},
+            {"id": "bad", "channel": "fax", "to": sms[1]},  # no request: leaves with any
+        ]
+    )
+    assert task.flushed == [], "no channel has 2 numbers yet, and 4 messages wait, not 5"
+    send([{"id": "s2", "channel": "sms", "to": sms[1]}])
+    # The SMS request is full: the SMS messages leave, with the unusable one.
+    assert task.flushed == [["s1", "s1-again", "bad", "s2"]]
+    task._tick()
+    assert task.flushed[1:] == [], "the WhatsApp message is not due yet"
+    time.sleep(0.06)
+    task._tick()
+    assert task.flushed[1:] == [["w1"]], "due after FLUSH_INTERVAL"
+
+    task.flushed.clear()
+    send([{"id": f"r{i}", "channel": "voice", "to": sms[2]} for i in range(5)])
+    assert task.flushed == [[f"r{i}" for i in range(5)]], "MAX_BUFFER messages of one number"
+
+
+def test_a_strategy_built_again_keeps_the_buffer_and_arms_a_new_ticker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What a broker reconnect does: Celery clears the timer and builds the strategy again."""
+    task, send = buffering_collector({"blockfilter_collect_flush_interval": 0.05})
+    send([{"id": "kept", "channel": "sms", "to": "+919820000101"}])
+    timer = Timer()
+    with caplog.at_level(logging.WARNING, logger="blockfilter.collector"):
+        task.Strategy(task, task.app, worker_consumer(timer))
+    assert "the flush timer is armed again (celery-batches #107), 1 buffered" in caplog.text
+    assert len(timer.queue) == 1, "the collector's ticker, on the new timer"
+    time.sleep(0.06)
+    timer.queue[0].entry()  # the tick, as the worker's timer runs it
+    assert task.flushed == [["kept"]]
+
+
+def test_a_worker_started_without_the_check_buffers_by_default_on_a_bad_setting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Its batches fail on the bad setting and are parked; its other tasks keep running."""
+    with caplog.at_level(logging.ERROR, logger="blockfilter.collector"):
+        task, _ = buffering_collector(
+            {"blockfilter_collect_max_buffer": 5, "blockfilter_cache_ttl": "nan"}
+        )
+    assert task._settings == CollectSettings(100, 1.0, 1000)
+    assert "BLOCKFILTER_CACHE_TTL" in caplog.text and "default settings" in caplog.text
 
 
 def test_batch_fill_counts_distinct_numbers_per_channel() -> None:

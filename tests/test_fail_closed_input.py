@@ -79,8 +79,10 @@ NOT_FINITE = ["nan", "NaN", "inf", "-inf", "Infinity", "1e400", "-1e400"]
 
 
 def test_every_numeric_setting_is_covered() -> None:
-    assert len(NUMERIC) == 13  # the TTLs, timeouts, backoffs, counts and the rate limit
+    # the TTLs, timeouts, backoffs, counts and the rate limit; the collector's three too
+    assert len(NUMERIC) == 16
     assert {"cache_ttl", "cache_ttl_blocked", "rate_limit", "concurrency"} <= set(NUMERIC)
+    assert {"collect_flush_every", "collect_flush_interval", "collect_max_buffer"} <= set(NUMERIC)
 
 
 @pytest.mark.parametrize("name", sorted(NUMERIC))

@@ -17,16 +17,18 @@ runs the filter on them together when
 * ``BLOCKFILTER_COLLECT_MAX_BUFFER`` messages are waiting (default 1000; repeats of a few
   numbers fill no request, but must not wait or pile up either).
 
-Each setting is read, in this order, from the worker app's ``conf`` in lower case
+They are settings like the others (:data:`blockfilter.config.SPECS`, read by
+:func:`~blockfilter.config.load_settings`): from the worker app's ``conf`` in lower case
 (``app.conf.blockfilter_collect_flush_interval = 0.5``), the environment, then the default,
-when the worker starts. They are blockfilter's settings rather than ``Batches``'
-``flush_every``/``flush_interval`` task options because the task is the library's: a user
-cannot pass options to its decorator, and ``flush_every`` counts messages, not numbers.
+when the worker starts, and ``blockfilter config`` shows them. They are blockfilter's settings
+rather than ``Batches``' ``flush_every``/``flush_interval`` task options because the task is
+the library's: a user cannot pass options to its decorator, and ``flush_every`` counts
+messages, not numbers.
 
 The results go to the hooks exactly as ``blockfilter.filter_messages`` hands them over (the
-same helpers): observers, then ``blockfilter_dispatch`` (``allowed``, ``rerouted``) and
-``blockfilter_suppressed`` (``blocked``, ``invalid``). Messages whose check failed
-(``deferred``), and a whole batch whose hook raised, are handed to a
+same batch core, :mod:`blockfilter.pipeline.batch`): observers, then ``blockfilter_dispatch``
+(``allowed``, ``rerouted``) and ``blockfilter_suppressed`` (``blocked``, ``invalid``).
+Messages whose check failed (``deferred``), and a whole batch whose hook raised, are handed to a
 ``blockfilter.filter_messages`` task published to the queue the messages came from (so the
 collector's worker runs it, even where no worker consumes the app's default queue), with a
 backoff and counted as its first retry (in eager mode it runs at once): from there they
@@ -89,22 +91,28 @@ in the summary its ``filter_messages`` task returns.
 Broker reconnects. After a broker connection is lost and made again, Celery clears the
 worker's timers and builds the task strategies anew; celery-batches 0.11 then never arms
 its flush timer again (its issue #107) and the worker would hold its buffer for ever. The
-collector arms it again itself and keeps what was buffered (see
-:meth:`CollectorTask._rearm_after_reconnect`), and says so in a WARNING line.
+collector flushes on a ticker of its own, armed again at every build of its strategy, and
+keeps what was buffered (a copy the broker redelivers meanwhile is filtered once), and says
+so in a WARNING line.
+
+celery-batches. The collector uses :class:`~celery_batches.Batches`' public points (its
+strategy, ``flush()``, ``SimpleRequest``, ``apply_batches_task``) and three private parts,
+all in :mod:`blockfilter.pipeline.batches_private`, which says why each is needed; a worker
+whose celery-batches lacks them refuses to build the collector's strategy.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
-import os
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import count
 from queue import Queue
 from typing import Any, Final
 
@@ -113,20 +121,14 @@ from celery_batches import Batches, SimpleRequest
 from celery_batches.trace import apply_batches_task
 
 from .. import metrics
-from ..config import Settings, load_settings
+from ..config import MAX_SECONDS, Settings, load_settings
 from ..errors import ConfigError
-from ..ledger.source import dispatch_gate
 from ..model import Parsed, parse_message
-from ..plugins.manager import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
+from .batch import check_batch
+from .batches_private import check_supported, flush_everything, install_buffer, pending_count
+from .deferred import PARKED_TASK_FAILED, DeferredNotParked, park_deferred, park_final_deferred
 from .monitoring import BlockfilterTask
-from .tasks import (
-    PARKED_TASK_FAILED,
-    TASK_NAME,
-    DeferredNotParked,
-    park_deferred,
-    park_final_deferred,
-    retry_countdown,
-)
+from .tasks import TASK_NAME, retry_countdown
 from .worker import report_refusal
 
 log = logging.getLogger("blockfilter.collector")
@@ -148,66 +150,34 @@ Route = tuple[str, str]  # (channel, E.164 number)
 
 @dataclass(frozen=True)
 class CollectSettings:
-    """When the collector flushes a batch (see the module documentation)."""
+    """When the collector flushes a batch (see the module documentation): the collector's
+    three settings of :class:`~blockfilter.config.Settings`, where they are read and checked."""
 
     #: distinct numbers waiting on one channel that flush that channel's messages
-    flush_every: int = REQUEST_SIZE
+    flush_every: int
     #: seconds after which everything waiting is flushed
-    flush_interval: float = 1.0
+    flush_interval: float
     #: messages waiting that flush everything
-    max_buffer: int = 1000
+    max_buffer: int
 
-
-_SETTINGS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "flush_every": ("BLOCKFILTER_COLLECT_FLUSH_EVERY", int),
-    "flush_interval": ("BLOCKFILTER_COLLECT_FLUSH_INTERVAL", float),
-    "max_buffer": ("BLOCKFILTER_COLLECT_MAX_BUFFER", int),
-}
+    @classmethod
+    def of(cls, settings: Settings) -> CollectSettings:
+        return cls(
+            settings.collect_flush_every,
+            settings.collect_flush_interval,
+            settings.collect_max_buffer,
+        )
 
 
 def collect_settings(
     conf: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
 ) -> CollectSettings:
-    """The collector's settings: ``conf`` (lower-case keys), then the environment, then defaults.
+    """The collector's settings, as :func:`~blockfilter.config.load_settings` reads them:
+    ``conf`` (lower-case keys), then the environment, then the defaults.
 
-    :raises ConfigError: a value is not a positive number (naming the variable).
+    :raises ConfigError: a setting is not a positive number in its range (naming it).
     """
-    env = os.environ if environ is None else environ
-    values: dict[str, Any] = {}
-    for name, (variable, parse) in _SETTINGS.items():
-        raw = conf.get(variable.lower()) if conf is not None else None
-        if raw is None:
-            raw = env.get(variable)
-        if raw is None or raw == "":
-            continue
-        try:
-            value = parse(raw.strip()) if isinstance(raw, str) else parse(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{variable}: expected a number, got {raw!r}") from None
-        if not value > 0:
-            raise ConfigError(f"{variable}: must be > 0, got {raw!r}")
-        values[name] = value
-    return CollectSettings(**values)
-
-
-def describe_collect_settings(
-    conf: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
-) -> list[tuple[str, str, str]]:
-    """Rows of (variable, value, source) for ``blockfilter config``, as :func:`collect_settings`
-    reads them (a bad value raises its :class:`ConfigError`)."""
-    env = os.environ if environ is None else environ
-    effective = collect_settings(conf, env)
-    rows = []
-    for name, (variable, _) in _SETTINGS.items():
-        key = variable.lower()
-        if conf is not None and conf.get(key) is not None:
-            source = f"celery conf {key}"
-        elif env.get(variable):
-            source = f"env {variable}"
-        else:
-            source = "default"
-        rows.append((variable, str(getattr(effective, name)), source))
-    return rows
+    return CollectSettings.of(load_settings(environ, celery_conf=conf))
 
 
 # -- what is waiting -------------------------------------------------------------------------
@@ -317,18 +287,19 @@ def collector_stats() -> dict[str, Any]:
 class _WatchedBuffer(Queue):  # type: ignore[type-arg]
     """Batches' buffer, telling the collector about each message as it is buffered."""
 
-    def __init__(self, lock: threading.RLock, on_put: Callable[[Any], str | None]) -> None:
+    def __init__(
+        self, lock: threading.RLock, on_put: Callable[[Any], Callable[[], None] | None]
+    ) -> None:
         super().__init__()
         self._collector_lock = lock
         self._on_put = on_put
-        self.on_full: Callable[[str], None] = lambda channel: None
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         with self._collector_lock:
             super().put(item, block, timeout)
-            full = self._on_put(item)
-        if full is not None:
-            self.on_full(full)
+            flush = self._on_put(item)
+        if flush is not None:
+            flush()
 
     def put_back(self, item: Any) -> None:
         """Put without counting (the collector counts what it puts back itself)."""
@@ -340,113 +311,91 @@ class CollectorTask(Batches, BlockfilterTask):  # type: ignore[misc]
 
     Batches buffers requests in the worker's main process and flushes on a count and a timer;
     this class counts distinct numbers per channel as requests arrive, flushes a channel's
-    messages when they fill a request, and acknowledges a batch only once it was handled.
-    Relies on Batches' buffer attributes (``_buffer``, ``_pending``, ``_count``, ``_tref``),
-    hence the ``<1`` pin on celery-batches. :class:`~blockfilter.monitoring.BlockfilterTask`
-    gives it the summaries monitoring shows in place of the messages.
+    messages when they fill a request, flushes everything once the oldest message is due or
+    ``MAX_BUFFER`` are waiting, and acknowledges a batch only once it was handled. What it
+    needs of Batches beyond its public API is in :mod:`.batches_private`.
+    :class:`~blockfilter.monitoring.BlockfilterTask` gives it the summaries monitoring shows
+    in place of the messages.
     """
 
     abstract = True
-    # Batches' own triggers: its count becomes MAX_BUFFER, its timer a tick of a fifth of
-    # FLUSH_INTERVAL (set per worker in Strategy, from the settings).
-    flush_every = CollectSettings.max_buffer
-    flush_interval = CollectSettings.flush_interval / TICKS_PER_INTERVAL
+    # Batches' own triggers flush everything, on a count of messages and on a plain period:
+    # at a steady rate its timer would cut a partial batch each period, and a count of
+    # messages is not one of numbers. The collector's buffer and ticker decide instead
+    # (see Strategy), so Batches' are set out of reach.
+    flush_every = sys.maxsize
+    flush_interval = MAX_SECONDS
 
     def Strategy(  # type: ignore[override]  # noqa: N802
         self, task: Any, app: Any, consumer: Any
     ) -> Callable[..., None]:
-        # Celery builds the strategies again after every broker reconnect, on the same task.
-        stale = self._rearm_after_reconnect()
-        settings = collect_settings(app.conf)
-        self.flush_every = settings.max_buffer
-        # Batches' timer fires every flush_interval whatever the messages' age: at a steady
-        # rate it would cut a partial batch each period. Ticking more often and flushing only
-        # once the oldest message is FLUSH_INTERVAL old keeps steady traffic in full batches
-        # and still bounds the wait (at most FLUSH_INTERVAL and a tick).
-        self.flush_interval = settings.flush_interval / TICKS_PER_INTERVAL
-        self._lock = threading.RLock()
-        self._fill = BatchFill(settings.flush_every)
-        self._arrived: dict[int, float] = {}  # id(request) -> when it was buffered
-        buffer = _WatchedBuffer(self._lock, self._buffered)
-        buffer.on_full = self._flush_channel
-        # Batches' strategy binds the buffer's put() when it is built: swap it in first.
-        self._buffer = buffer
-        self._count = count(1)
+        check_supported(self)
+        # Celery builds the strategies again after every broker reconnect, on the same task:
+        # the buffer and what it counts are kept (the requests waiting in it, too).
+        rebuilt = hasattr(self, "_watched")
+        if not rebuilt:
+            self._lock = threading.RLock()
+            self._fill = BatchFill()
+            self._arrived: dict[int, float] = {}  # id(request) -> when it was buffered
+            self._watched = _WatchedBuffer(self._lock, self._buffered)
+            self._first_seen = False
+        else:
+            self._stop_ticker()
+        self._settings = _collect_settings_of(app.conf)
+        self._fill.flush_every = self._settings.flush_every
+        self._consumer_pool = consumer.pool
         # Every worker of the app builds this strategy, also those that never see a collect
         # message: the settings are logged, and the prefetch checked, on the first message.
-        self._settings = settings
         self._prefetch_limit = int(getattr(consumer, "initial_prefetch_count", 0) or 0)
-        self._first_seen = False
+        install_buffer(self, self._watched)  # before Batches' strategy binds its put()
         handler: Callable[..., None] = super().Strategy(task, app, consumer)  # type: ignore[operator]
-        if stale:
-            self._take_back(stale, consumer.timer)
+        # Ticking a few times per interval, and flushing only once the oldest message is
+        # FLUSH_INTERVAL old, keeps steady traffic in full batches and still bounds the wait
+        # (at most FLUSH_INTERVAL and a tick). Armed at every build: a reconnect clears the
+        # worker's timers (celery-batches 0.11 never arms its own again: its issue #107).
+        self._ticker = consumer.timer.call_repeatedly(
+            self._settings.flush_interval / TICKS_PER_INTERVAL, self._tick
+        )
+        if rebuilt:
+            waiting = self._watched.qsize()
+            log.warning(
+                "%s: the broker connection was restarted; the flush timer is armed again "
+                "(celery-batches #107)%s",
+                COLLECT_TASK_NAME,
+                f", {waiting} buffered message(s) kept" if waiting else "",
+            )
         return handler
 
-    def _rearm_after_reconnect(self) -> list[tuple[Any, float]]:
-        """Work around celery-batches issue #107 (fixed upstream after 0.11, unreleased).
-
-        Batches arms its flush timer on the first message and keeps the handle in ``_tref``;
-        after a broker reconnect Celery clears the timer, builds the strategy again, and
-        Batches, seeing ``_tref`` set, never arms it again: the worker holds its buffer and
-        never flushes. Cancelling the old entry and forgetting it lets the next message (or
-        :meth:`_take_back`) arm the timer anew. Returns the requests still buffered, with
-        when they arrived: they are flushed as usual (their acknowledgement, on the dead
-        connection, fails; the broker redelivers them, so a hook may see them twice, with
-        the same ids, as after any reconnect).
-        """
-        tref = getattr(self, "_tref", None)
-        if tref is not None:
-            try:
-                tref.cancel()
-            except Exception:  # an entry of a timer that is gone: nothing to cancel
-                log.debug("%s: the old flush timer could not be cancelled", COLLECT_TASK_NAME)
-            self._tref = None
-        old = getattr(self, "_buffer", None)
-        if not isinstance(old, _WatchedBuffer):
-            return []  # the first start: nothing was buffered yet
-        arrived = getattr(self, "_arrived", {})
-        stale: list[tuple[Any, float]] = []
-        while not old.empty():
-            request = old.get_nowait()
-            stale.append((request, arrived.get(id(request), time.monotonic())))
-        log.warning(
-            "%s: the broker connection was restarted; the flush timer is armed again "
-            "(celery-batches #107)%s",
-            COLLECT_TASK_NAME,
-            f", {len(stale)} buffered message(s) kept" if stale else "",
-        )
-        return stale
-
-    def _take_back(self, stale: Sequence[tuple[Any, float]], timer: Any) -> None:
-        """Buffer again what was waiting before a reconnect, with its arrival times."""
-        for request, arrived in stale:
-            self._buffer.put(request)
-            if id(request) in self._arrived:
-                self._arrived[id(request)] = arrived
-        if self._tref is None and not self._buffer.empty():
-            self._tref = timer.call_repeatedly(self.flush_interval, self._do_flush)
+    def _stop_ticker(self) -> None:
+        try:
+            self._ticker.cancel()
+        except Exception:  # an entry of a timer that is gone: nothing to cancel
+            log.debug("%s: the old flush timer could not be cancelled", COLLECT_TASK_NAME)
 
     # The methods below run in the worker's main process: the message handler and the flush
     # timer (a thread of its own with transports that have no event loop), under self._lock.
 
-    def _buffered(self, request: Any) -> str | None:
-        """Count a request just buffered; the channel it filled, if any."""
+    def _buffered(self, request: Any) -> Callable[[], None] | None:
+        """Count a request just buffered; the flush it calls for, if any."""
         if not self._first_seen:
             self._first_seen = True
             _describe(self._settings, self._prefetch_limit)
         self._arrived[id(request)] = time.monotonic()
-        if request.eta is not None:
-            return None  # a later ETA: it waits in Batches' pending queue, not in a request
-        route = route_of(message_of(request))
-        return route[0] if route is not None and self._fill.add(route) else None
+        # A later ETA: it waits in Batches' pending queue, not in a request.
+        route = None if request.eta is not None else route_of(message_of(request))
+        if route is not None and self._fill.add(route):
+            return functools.partial(self._flush_channel, route[0])
+        if self._watched.qsize() + pending_count(self) >= self._settings.max_buffer:
+            return self._flush_all
+        return None
 
     def _flush_channel(self, channel: str) -> None:
         """Flush the messages of ``channel`` (and the invalid ones); the rest keep waiting."""
         with self._lock:
             taken: list[Any] = []
             kept: list[tuple[Any, Route | None]] = []
-            while not self._buffer.empty():
-                request = self._buffer.get_nowait()
+            while not self._watched.empty():
+                request = self._watched.get_nowait()
                 route = None if request.eta is not None else route_of(message_of(request))
                 if request.eta is None and (route is None or route[0] == channel):
                     taken.append(request)
@@ -455,41 +404,44 @@ class CollectorTask(Batches, BlockfilterTask):  # type: ignore[misc]
                     kept.append((request, route))
             self._fill.clear()
             for request, route in kept:
-                self._buffer.put_back(request)
+                self._watched.put_back(request)
                 if request.eta is None:
                     self._fill.add(route)
-            # Batches flushes everything when its count reaches MAX_BUFFER: count what waits.
-            self._count = count(len(kept) + self._pending.qsize() + 1)
         if taken:
             self.flush(taken)
 
-    def _do_flush(self) -> None:
-        """Batches' flush of everything: on MAX_BUFFER, or once the oldest message is due."""
+    def _tick(self) -> None:
+        """Flush everything once the oldest message waiting is due (or only ETAs wait)."""
         with self._lock:
-            waiting = self._buffer.qsize()
+            waiting = self._watched.qsize()
+            pending = pending_count(self)
             oldest = min(self._arrived.values(), default=None)
             due = (
-                waiting == 0  # Batches then looks at its ETA queue, or stops its timer
-                or waiting + self._pending.qsize() >= self.flush_every
+                (waiting == 0 and pending > 0)  # Batches' flush lets the ETAs that are due go
+                or waiting + pending >= self._settings.max_buffer
                 or (
                     oldest is not None
                     and time.monotonic() - oldest >= self._settings.flush_interval
                 )
             )
-            if not due:
-                return
+            if due:
+                self._flush_all()
+
+    def _flush_all(self) -> None:
+        with self._lock:
             self._fill.clear()
             self._arrived.clear()
-            super()._do_flush()
+            flush_everything(self)
 
     def flush(self, requests: Sequence[Any]) -> Any:
         """Run a batch in the pool; acknowledge it once handled, requeue it if that failed.
 
-        As :meth:`Batches.flush`, except that a late-acknowledged batch that raised (the
-        batch function returns ``None`` then) or whose process died is rejected with requeue
-        instead of acknowledged, and that a message delivered twice (kept from before a
-        reconnect, then redelivered) is filtered once: the filter would call the second copy
-        a ``duplicate_id``, and a pipeline would see one message with two verdicts.
+        Batches' ``flush()`` acknowledges a late-acknowledged batch when its function
+        returns, whatever happened in it. Here a batch that raised (the batch function
+        returns ``None`` then) or whose process died is rejected with requeue instead, and a
+        message delivered twice (kept from before a reconnect, then redelivered) is filtered
+        once: the filter would call the second copy a ``duplicate_id``, and a pipeline would
+        see one message with two verdicts.
         """
         requests, copies = _without_redeliveries(requests)
         acks_late = [r for r in requests if r.task.acks_late]
@@ -515,13 +467,27 @@ class CollectorTask(Batches, BlockfilterTask):  # type: ignore[misc]
             for copy in copies:
                 copy.reject(requeue=False)
 
-        return self._pool.apply_async(
+        return self._consumer_pool.apply_async(
             apply_batches_task,
             (self, simple, 0, None),
             accept_callback=on_accepted,
             callback=on_return,
             error_callback=on_error,
         )
+
+
+def _collect_settings_of(conf: Any) -> CollectSettings:
+    """The collector's settings for its worker's buffer.
+
+    Only a worker started with ``BLOCKFILTER_STARTUP_CHECK=off`` can get here with a bad
+    setting (the check refuses it otherwise): its batches fail on the same error and are
+    parked, so it buffers as by default rather than take down the worker's other tasks.
+    """
+    try:
+        return collect_settings(conf)
+    except ConfigError as exc:
+        log.error("%s: %s; buffering with the default settings", COLLECT_TASK_NAME, exc)
+        return CollectSettings.of(Settings())
 
 
 def _without_redeliveries(requests: Sequence[Any]) -> tuple[list[Any], list[Any]]:
@@ -601,13 +567,9 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
     started = time.monotonic()
     messages = [message_of(request) for request in requests]
     try:
-        settings = load_settings(celery_conf=self.app.conf)
-        pm = get_plugin_manager(settings)
-        with build_filter(settings, pm) as engine:
-            results = list(engine.run(messages))
-            summary = engine.summary.as_dict()
-            refusal = engine.refusal
-            metrics.count_run(engine)
+        # The collector is a message's first attempt, and a task always has a retry left
+        # (BLOCKFILTER_TASK_MAX_RETRIES >= 1): only refused credentials make a deferral final.
+        batch = check_batch(messages, self.app.conf, retries_left=lambda settings: True)
     except Exception:
         # Not about a check (bad settings, a broken source plugin, a bug): keep the batch.
         # Should parking fail too, the exception leaves and the batch is requeued.
@@ -615,33 +577,23 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
         parked = park_deferred(self.app, messages, reason=PARKED_TASK_FAILED)
         return _report(messages, None, started, parked=parked)
 
-    deferred = [i for i, result in enumerate(results) if result["verdict"] == "deferred"]
-    refused = bool(summary.get("credentials_refused")) or any(
-        results[i].get("reason") == "credentials_refused" for i in deferred
+    not_parked = batch.park_final(
+        lambda found, refused: park_final_deferred(self.app, found, refused=refused)
     )
-    # The collector is a message's first attempt, and a task always has a retry left
-    # (BLOCKFILTER_TASK_MAX_RETRIES >= 1): only refused credentials make a deferral final.
-    final = refused
-    handled_indexes = [i for i, r in enumerate(results) if final or r["verdict"] != "deferred"]
-    handled = [results[i] for i in handled_indexes]
+    parked = len(batch.deferred) if batch.final and not_parked is None else 0
+    if batch.refusal_to_report is not None:
+        report_refusal(
+            batch.refusal_to_report,
+            batch.settings,
+            messages=len(batch.deferred),
+            task=COLLECT_TASK_NAME,
+        )
     handed_off: set[int] = set()
-    parked = 0
-    not_parked: Exception | None = None
-    if deferred and final:
-        not_parked = park_final_deferred(self.app, [messages[i] for i in deferred], refused=True)
-        parked = 0 if not_parked is not None else len(deferred)
-        if refusal is not None:
-            report_refusal(refusal, settings, messages=len(deferred), task=COLLECT_TASK_NAME)
-    elif deferred:
-        _hand_off(self, settings, requests, messages, deferred, "check failed")
-        handed_off.update(deferred)
-
+    if batch.to_retry:
+        _hand_off(self, batch.settings, requests, messages, batch.to_retry, "check failed")
+        handed_off.update(batch.to_retry)
     try:
-        with dispatch_gate(pm, settings, handled, summary):  # see blockfilter.ledger.source
-            if handled:
-                notify_verdicts(pm, handled)
-            dispatch_results(pm, handled, deferred_final=True)
-        metrics.count_verdicts(handled)
+        batch.hand_to_hooks()
     except Exception as exc:
         # The hook specification: "Raise to have the batch retried", hence all of it.
         log.warning(
@@ -650,14 +602,11 @@ def collect(self: Any, requests: list[SimpleRequest]) -> dict[str, Any]:
             type(exc).__name__,
             TASK_NAME,
         )
-        _hand_off(self, settings, requests, messages, handled_indexes, "hook failed")
-        handed_off.update(handled_indexes)
+        _hand_off(self, batch.settings, requests, messages, batch.handled, "hook failed")
+        handed_off.update(batch.handled)
     if not_parked is not None:
-        raise DeferredNotParked(
-            f"{len(deferred)} deferred message(s) could not be parked on the deferred queue "
-            f"({type(not_parked).__name__}); they were handed to blockfilter_suppressed"
-        )
-    return _report(messages, summary, started, handed_off=len(handed_off), parked=parked)
+        raise DeferredNotParked.of(len(batch.deferred), not_parked, quote_error=False)
+    return _report(messages, batch.summary, started, handed_off=len(handed_off), parked=parked)
 
 
 def handoff_options(delivery_info: Mapping[str, Any] | None) -> dict[str, Any]:

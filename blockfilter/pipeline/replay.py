@@ -35,8 +35,9 @@ from kombu.message import Message
 from .. import metrics
 from ..engine.lines import text_repeats_a_key
 from ..errors import ConfigError
+from .deferred import deferred_queue
 from .monitoring import describe_arguments
-from .tasks import TASK_NAME, deferred_queue
+from .tasks import TASK_NAME
 
 log = logging.getLogger("blockfilter.replay")
 

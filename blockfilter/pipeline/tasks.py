@@ -12,7 +12,9 @@ declares or changes your queues)::
 Settings come from the environment and, taking precedence, from the app's lower-case
 ``kaleyra_*`` / ``blockfilter_*`` keys (``app.conf.blockfilter_on_error = "defer"``).
 
-What one ``blockfilter.filter_messages`` task does with its batch:
+What one ``blockfilter.filter_messages`` task does with its batch (steps 1, 2 and the parking
+of 4 are the batch core it shares with the collector, :mod:`blockfilter.pipeline.batch`; the
+deferred queue is :mod:`blockfilter.pipeline.deferred`):
 
 1. Runs the filter (:func:`blockfilter.plugins.build_filter`): one verdict per message.
 2. Calls the observers (``blockfilter_verdicts``), then ``blockfilter_dispatch`` with the
@@ -72,21 +74,27 @@ import logging
 import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime, timezone
 from typing import Any, Final, NoReturn, cast
 
 from celery import Celery, group, shared_task
 from celery.exceptions import Reject, TaskPredicate
 from celery.result import GroupResult
-from kombu import Exchange, Queue
 
-from .. import metrics
-from ..config import Settings, load_settings
-from ..errors import BlockfilterError
-from ..ledger.source import dispatch_gate
+from ..config import Settings
 from ..model import Parsed, channel_of, parse_message
-from ..plugins.manager import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
 from ..redact import guard_library_logs, masked_exception
+from .batch import check_batch
+from .deferred import (  # noqa: F401  (importable from here, as before deferred.py)
+    DEFERRED_QUEUE,
+    DEFERRED_QUEUE_SETTING,
+    PARKED_CHECK_FAILED,
+    PARKED_CREDENTIALS_REFUSED,
+    PARKED_TASK_FAILED,
+    DeferredNotParked,
+    deferred_queue,
+    park_deferred,
+    park_final_deferred,
+)
 from .monitoring import BlockfilterTask
 from .worker import report_refusal
 
@@ -98,80 +106,11 @@ guard_library_logs()
 
 TASK_NAME: Final = "blockfilter.filter_messages"
 
-#: The library's own queue of messages whose check could not be made; see :func:`deferred_queue`.
-DEFERRED_QUEUE: Final = "blockfilter.deferred"
-#: ``app.conf`` key naming another deferred queue (several pipelines sharing one broker).
-DEFERRED_QUEUE_SETTING: Final = "blockfilter_deferred_queue"
-
 #: No task retry waits longer than this, however many retries are configured.
 MAX_RETRY_COUNTDOWN_S: Final = 600.0
 
 #: Numbers per API request: the unit :func:`split_campaign` cuts at.
 REQUEST_SIZE: Final = 100
-
-# The reasons a message is parked on the deferred queue (its ``x-blockfilter-reason`` header).
-PARKED_CHECK_FAILED: Final = "check_failed"
-PARKED_CREDENTIALS_REFUSED: Final = "credentials_refused"
-PARKED_TASK_FAILED: Final = "task_failed"
-
-
-# -- the deferred queue ---------------------------------------------------------------------
-
-
-def deferred_queue(app: Celery) -> Queue:
-    """The queue deferred messages are parked on: durable, on the broker's default exchange.
-
-    Named ``blockfilter.deferred`` unless ``app.conf.blockfilter_deferred_queue`` says
-    otherwise. Publishing through the default exchange (routing key = queue name) declares no
-    exchange and binds nothing, so the user's own topology is left alone.
-    """
-    name = app.conf.get(DEFERRED_QUEUE_SETTING) or DEFERRED_QUEUE
-    return Queue(name, Exchange(""), routing_key=name, durable=True)
-
-
-def park_deferred(
-    app: Celery,
-    messages: Sequence[Any],
-    *,
-    reason: str,
-    task_id: str | None = None,
-) -> int:
-    """Publish ``messages`` (original dicts, JSON), one queue message each, to the deferred queue.
-
-    Persistent messages on a durable queue, with publish retries for a passing broker hiccup.
-    Returns how many were published.
-    """
-    if not messages:
-        return 0
-    queue = deferred_queue(app)
-    parked_at = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-    headers = {"x-blockfilter-reason": reason, "x-blockfilter-parked-at": parked_at}
-    if task_id:
-        headers["x-blockfilter-task-id"] = task_id
-    with app.producer_or_acquire() as producer:
-        for message in messages:
-            producer.publish(
-                message,
-                exchange=queue.exchange,
-                routing_key=queue.routing_key,
-                # The queue must exist before a message goes to the default exchange, or the
-                # broker drops it; kombu declares it once per connection, not per message.
-                declare=[queue],
-                serializer="json",
-                delivery_mode="persistent",
-                headers=headers,
-                retry=True,
-                retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5},
-            )
-    metrics.count_parked(reason, len(messages))
-    log.warning(
-        "parked %d message(s) on queue %s (%s); replay them with `blockfilter replay`",
-        len(messages),
-        queue.name,
-        reason,
-    )
-    return len(messages)
-
 
 # -- retries ---------------------------------------------------------------------------------
 
@@ -318,12 +257,6 @@ class _EagerRetry(Exception):  # noqa: N818 - a signal, not an error
         self.carried_summary = carried_summary
 
 
-class DeferredNotParked(BlockfilterError):
-    """Deferred messages could not be parked on the deferred queue (the broker is away): they
-    were handed to ``blockfilter_suppressed`` as ``deferred``, and the task fails so that
-    someone looks. Nothing replays them: the pipeline's suppressed hook has the record."""
-
-
 def _filter_batch(
     task: Any, messages: list[dict[str, Any]], carried_summary: dict[str, Any] | None
 ) -> dict[str, Any]:
@@ -332,60 +265,38 @@ def _filter_batch(
     messages = list(messages)
     request_id = task.request.id
     try:
-        settings = load_settings(celery_conf=task.app.conf)
-        pm = get_plugin_manager(settings)
-        with build_filter(settings, pm) as engine:
-            results = list(engine.run(messages))
-            summary = engine.summary.as_dict()
-            refusal = engine.refusal
-            metrics.count_run(engine)
+        batch = check_batch(
+            messages,
+            task.app.conf,
+            retries_left=lambda settings: task.request.retries < settings.task_max_retries,
+        )
     except Exception:
         # Not about a check (bad settings, a broken source plugin, a bug): keep the batch.
         park_deferred(task.app, messages, reason=PARKED_TASK_FAILED, task_id=request_id)
         raise
+    settings = batch.settings
 
-    deferred = [
-        (message, result)
-        for message, result in zip(messages, results, strict=True)
-        if result["verdict"] == "deferred"
-    ]
-    retries_left = task.request.retries < settings.task_max_retries
-    refused = bool(summary.get("credentials_refused")) or any(
-        result.get("reason") == "credentials_refused" for _, result in deferred
-    )
-    final = not deferred or refused or not retries_left
-    # Deferred results that will be retried are nobody's business yet: the retry decides them.
-    handled = results if final else [r for r in results if r["verdict"] != "deferred"]
-
-    not_parked: Exception | None = None
-    if deferred and final:
-        # Parked first: once on the queue, a hook failure below cannot lose them.
-        not_parked = park_final_deferred(
-            task.app,
-            [message for message, _ in deferred],
-            refused=refused,
-            task_id=request_id,
+    not_parked = batch.park_final(
+        lambda found, refused: park_final_deferred(
+            task.app, found, refused=refused, task_id=request_id
         )
-        if refused and refusal is not None:
-            report_refusal(refusal, settings, messages=len(deferred), task=TASK_NAME)
+    )
+    if batch.refusal_to_report is not None:
+        report_refusal(
+            batch.refusal_to_report, settings, messages=len(batch.deferred), task=TASK_NAME
+        )
     hook_failure: Exception | None = None
     try:
-        # One last ledger read under its fence: an opt-out reported during the check stops
-        # the dispatch, and the report waits for this block (blockfilter.ledger.source).
-        with dispatch_gate(pm, settings, handled, summary):
-            if handled:
-                notify_verdicts(pm, handled)
-            dispatch_results(pm, handled, deferred_final=True)
-        metrics.count_verdicts(handled)
+        batch.hand_to_hooks()
     except Exception as exc:
-        # The hook specification: "Raise to have the batch retried". The whole batch, since we
-        # cannot tell which hook got which messages; repeats carry the same ids.
-        if not retries_left:
+        # The whole batch is retried, since we cannot tell which hook got which messages;
+        # repeats carry the same ids.
+        if not batch.retries_left:
             # Out of retries: park what is not parked yet, so a replay can finish the job.
-            parked = {id(message) for message, _ in deferred} if not_parked is None else set()
+            parked = set(batch.deferred) if not_parked is None else set()
             park_deferred(
                 task.app,
-                [message for message in messages if id(message) not in parked],
+                [message for index, message in enumerate(messages) if index not in parked],
                 reason=PARKED_TASK_FAILED,
                 task_id=request_id,
             )
@@ -397,50 +308,22 @@ def _filter_batch(
         # the hook's exception unmasked, as the context of Celery's Retry.
         _retry(task, settings, messages, carried_summary, exc=masked_exception(hook_failure))
     if not_parked is not None:
-        raise DeferredNotParked(
-            f"{len(deferred)} deferred message(s) could not be parked on the deferred queue "
-            f"({type(not_parked).__name__}: {not_parked}); they were handed to "
-            "blockfilter_suppressed as deferred"
-        )
+        raise DeferredNotParked.of(len(batch.deferred), not_parked, quote_error=True)
 
-    if not final:
+    summary = batch.summary
+    if batch.to_retry:
         log.info(
             "%d of %d message(s) could not be checked; retrying them (retry %d of %d)",
-            len(deferred),
+            len(batch.to_retry),
             len(messages),
             task.request.retries + 1,
             settings.task_max_retries,
         )
         carried = merge_summaries(
-            [carried_summary, _without_results(summary, [r for _, r in deferred])]
+            [carried_summary, _without_results(summary, [batch.results[i] for i in batch.to_retry])]
         )
-        _retry(task, settings, [message for message, _ in deferred], carried)
+        _retry(task, settings, [messages[i] for i in batch.to_retry], carried)
     return merge_summaries([carried_summary, summary]) if carried_summary else summary
-
-
-def park_final_deferred(
-    app: Celery, messages: Sequence[Any], *, refused: bool, task_id: str | None = None
-) -> Exception | None:
-    """Park messages whose deferral is final; the error when the broker would not take them.
-
-    The caller then still hands them to ``blockfilter_suppressed`` (they are final) and fails
-    loudly afterwards: a message always reaches a hook or the deferred queue, and here both
-    were wanted and only one is possible.
-    """
-    reason = PARKED_CREDENTIALS_REFUSED if refused else PARKED_CHECK_FAILED
-    try:
-        park_deferred(app, messages, reason=reason, task_id=task_id)
-    except Exception as exc:
-        log.error(
-            "could not park %d deferred message(s) on queue %s (%s: %s); they go to "
-            "blockfilter_suppressed as deferred, and the task fails",
-            len(messages),
-            deferred_queue(app).name,
-            type(exc).__name__,
-            exc,
-        )
-        return exc
-    return None
 
 
 def _retry(
