@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -22,30 +21,26 @@ import pytest
 # The collector is the blockfilter[collector] extra (celery-batches pins Celery below 5.7).
 pytest.importorskip("celery_batches", reason="blockfilter[collector] is not installed")
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
-    sys.path.insert(0, str(ROOT))
-
-from blockfilter.errors import ConfigError  # noqa: E402
-from blockfilter.pipeline.collector import (  # noqa: E402
+from blockfilter.errors import ConfigError
+from blockfilter.pipeline.collector import (
     COLLECT_TASK_NAME,
     BatchFill,
     CollectSettings,
     collect_settings,
     route_of,
 )
-from blockfilter.testing.simulator import FaultRule  # noqa: E402
-from tests.celery_support.factory import make_app  # noqa: E402
-from tests.celery_support.harness import (  # noqa: E402
+from blockfilter.testing.simulator import FaultRule
+from tests.support.factory import make_app
+from tests.support.harness import (
     RETRY_ATTEMPTS,
     Stack,
-    Worker,
     install_plugin_dist,
     require_broker,
 )
-from tests.celery_support.private_servers import (  # noqa: E402
+from tests.support.private_servers import (
     PrivateRabbit,
 )
+from tests.support.workers import Worker
 
 # -- fast: settings and counting -------------------------------------------------------------
 
@@ -94,7 +89,7 @@ def test_registered_in_the_users_app_with_late_acks() -> None:
 
 COLLECTOR_APP = """\
 # The test app, configured as the collector's worker must be: unlimited prefetch.
-from tests.celery_support.app import app
+from tests.support.app import app
 
 app.conf.worker_prefetch_multiplier = {prefetch}
 app.autodiscover_tasks(["blockfilter"], related_name="collector")

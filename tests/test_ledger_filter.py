@@ -17,8 +17,9 @@ from blockfilter.ledger import add_optouts, remove_optouts, report_send_results
 from blockfilter.ledger.ledger import forget_shared_ledgers
 from blockfilter.plugins.manager import build_filter, make_plugin_manager
 from blockfilter.testing.simulator import Simulator
-from tests.conftest import TEST_KEY, TEST_SID, clean_environ, fast_settings
+from tests.conftest import fast_settings
 from tests.ledger_support import KEY_A, LedgerPlace
+from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 N1, N2, N3 = "+919812300001", "+919812300002", "+919812300003"
@@ -166,15 +167,12 @@ def _cli(args: list[str], env: dict[str, str], stdin: bytes = b"") -> subprocess
 def test_the_command_line_filter_and_check_see_the_ledger(
     simulator: Simulator, place: LedgerPlace, tmp_path: Path
 ) -> None:
-    env = {
-        **clean_environ(),
-        "KALEYRA_SID": TEST_SID,
-        "KALEYRA_API_KEY": TEST_KEY,
-        "KALEYRA_BASE_URL": simulator.base_url,
-        "BLOCKFILTER_OPTOUT_URL": place.url,
-        "BLOCKFILTER_OPTOUT_KEY": KEY_A,
-        "BLOCKFILTER_LOAD_PLUGINS": "",
-    }
+    env = subprocess_env(
+        simulator,
+        BLOCKFILTER_OPTOUT_URL=place.url,
+        BLOCKFILTER_OPTOUT_KEY=KEY_A,
+        BLOCKFILTER_LOAD_PLUGINS="",
+    )
     added = _cli(["optout", "add", "--channel", "sms", "--by", "ops", N1], env)
     assert added.returncode == 0, added.stderr.decode()
     campaign = tmp_path / "campaign.jsonl"
