@@ -37,6 +37,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import repo_root  # noqa: F401  (this checkout's blockfilter, whoever imports this module first)
+
 from blockfilter.testing.simulator import Simulator
 
 SID, KEY = "BENCH", "bench-key-000"

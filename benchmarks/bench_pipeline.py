@@ -28,9 +28,6 @@ import contextlib
 import os
 import platform
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -42,10 +39,13 @@ from typing import Any
 import redis
 from celery import Celery
 from celery.signals import worker_process_init
+from repo_root import ROOT
 
 from blockfilter.plugins.hookspecs import hookimpl
+from tests.support.env import subprocess_env
+from tests.support.workers import Worker
 
-HERE = Path(__file__).resolve().parent
+HERE = ROOT / "benchmarks"
 RESULTS = HERE / "results" / "pipeline.md"
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -126,7 +126,7 @@ class Bench:
         self.redis = redis.Redis.from_url(REDIS_URL)
         self.count_key = f"bench:{self.unique}:count"
         self.simulator = Simulator(sid=SID, api_key=KEY, latency=LATENCY_S).start()
-        self.workers: list[subprocess.Popen[bytes]] = []
+        self.workers: list[Worker] = []
         self.queues: list[str] = []
         self.next_number = 0
 
@@ -138,12 +138,8 @@ class Bench:
 
     def start_worker(self, queue: str, concurrency: int, **env: str) -> None:
         self.queues += [queue, f"{queue}.deferred"]
-        log_path = self.workdir / f"{queue}.log"
-        worker_env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))
-        }
-        worker_env.update(
-            PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+        worker_env = subprocess_env(
+            path=[HERE],
             KALEYRA_SID=SID,
             KALEYRA_API_KEY=KEY,
             KALEYRA_BASE_URL=self.simulator.base_url,
@@ -151,39 +147,17 @@ class Bench:
             BENCH_COUNT_KEY=self.count_key,
             **env,
         )
-        with log_path.open("ab") as log:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "bench_pipeline",
-                    "worker",
-                    "-Q",
-                    queue,
-                    "-c",
-                    str(concurrency),
-                    "--without-heartbeat",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "-n",
-                    f"{queue}@localhost",
-                    "--loglevel=INFO",
-                ],
-                cwd=self.workdir,
-                env=worker_env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.workers.append(process)
-        deadline = time.monotonic() + 60
-        while " ready." not in log_path.read_text(errors="replace"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
+        worker = Worker(
+            worker_env,
+            queue,
+            self.workdir / f"{queue}.log",
+            queue,
+            app="bench_pipeline",
+            concurrency=concurrency,
+            cwd=self.workdir,
+        )
+        self.workers.append(worker)
+        worker.start(timeout=60)
 
     def reset_count(self) -> None:
         self.redis.delete(self.count_key)
@@ -198,13 +172,8 @@ class Bench:
         return time.monotonic()
 
     def close(self) -> None:
-        for process in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        for worker in self.workers:
+            worker.stop(timeout=20)
         self.simulator.stop()
         with app.connection_for_write() as connection:
             for name in self.queues:

@@ -56,16 +56,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import redis  # noqa: E402
+import redis
 
 # The same bare loop the core benchmark races against (stdlib json, the same validation).
-from bench_core import BARE_LOOP, spread  # noqa: E402
+from bench_core import BARE_LOOP, spread
+from repo_root import ROOT
 
-from blockfilter.testing.simulator import Simulator  # noqa: E402
+from blockfilter.testing.simulator import Simulator
 
 RESULTS = ROOT / "benchmarks" / "results"
 REDIS_URL = "redis://127.0.0.1:6379/14"

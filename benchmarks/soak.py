@@ -41,21 +41,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import redis
+from repo_root import ROOT
 
-import redis  # noqa: E402
-
-from blockfilter.tasks import filter_campaign, merge_summaries  # noqa: E402
-from blockfilter.testing.simulator import RemoteSimulator, parse_fault_spec  # noqa: E402
-from tests.celery_support.campaigns import truth  # noqa: E402
-from tests.celery_support.counting_plugin import (  # noqa: E402
+from blockfilter.tasks import filter_campaign, merge_summaries
+from blockfilter.testing.simulator import RemoteSimulator, parse_fault_spec
+from tests.support.campaigns import truth
+from tests.support.counting_plugin import (
     ENTRY_POINT,
     Tally,
     install_counting_dist,
 )
-from tests.celery_support.factory import make_app  # noqa: E402
+from tests.support.env import subprocess_env
+from tests.support.factory import make_app
+from tests.support.workers import Worker
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -111,49 +110,14 @@ def start_simulator(blocked: dict[str, set[str]], tmp: Path, seed: int) -> subpr
         for channel, numbers in blocked.items():
             for n in sorted(numbers):
                 handle.write(f"{channel},{n}\n")
-    env = dict(os.environ, KALEYRA_SID=SID, KALEYRA_API_KEY=KEY)
     return subprocess.Popen(
         [sys.executable, "-c", SIMULATOR, str(blocklist), str(seed)],
-        env=env,
+        env=subprocess_env(KALEYRA_SID=SID, KALEYRA_API_KEY=KEY),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
     )
-
-
-def start_worker(
-    name: str, env: dict[str, str], queue: str, concurrency: int, log: Path
-) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tests.celery_support.app",
-        "worker",
-        "--pool=prefork",
-        "-c",
-        str(concurrency),
-        "--without-heartbeat",
-        "--without-gossip",
-        "--without-mingle",
-        "-Q",
-        queue,
-        "-n",
-        f"{name}@localhost",
-        "--loglevel=INFO",  # the task's retries are logged at INFO
-    ]
-    with log.open("ab") as handle:
-        return subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
 
 def stop(process: subprocess.Popen[Any]) -> None:
@@ -204,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     build_s = time.monotonic() - started
 
     processes: list[subprocess.Popen[Any]] = []
+    workers: list[Worker] = []
     try:
         simulator_process = start_simulator(blocked, tmp, args.seed)
         processes.append(simulator_process)
@@ -219,38 +184,33 @@ def run(args: argparse.Namespace) -> int:
         simulator.reset_stats()
 
         plugin_dir = install_counting_dist(tmp / "plugins")
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("KALEYRA_", "BLOCKFILTER_", "BFTEST_", "BFSOAK_"))
-        }
-        env.update(
-            {
-                "PYTHONPATH": os.pathsep.join([str(plugin_dir), str(ROOT)]),
-                "KALEYRA_SID": SID,
-                "KALEYRA_API_KEY": KEY,
-                "KALEYRA_BASE_URL": base_url,
-                "BLOCKFILTER_LOAD_PLUGINS": ENTRY_POINT,
-                "BFTEST_BROKER_URL": RABBIT_URL,
-                "BFTEST_RESULT_BACKEND": REDIS_URL,
-                "BFTEST_QUEUE": queue,
-                "BFTEST_DEFERRED_QUEUE": deferred_queue,
-                "BFTEST_KEYPREFIX": prefix,
-                "BFSOAK_REDIS_URL": REDIS_URL,
-                "BFSOAK_PREFIX": prefix,
-            }
+        # No upstream argument: the library's default retry settings are what a soak measures.
+        env = subprocess_env(
+            path=[plugin_dir],
+            strip=("BFTEST_", "BFSOAK_"),
+            KALEYRA_SID=SID,
+            KALEYRA_API_KEY=KEY,
+            KALEYRA_BASE_URL=base_url,
+            BLOCKFILTER_LOAD_PLUGINS=ENTRY_POINT,
+            BFTEST_BROKER_URL=RABBIT_URL,
+            BFTEST_RESULT_BACKEND=REDIS_URL,
+            BFTEST_QUEUE=queue,
+            BFTEST_DEFERRED_QUEUE=deferred_queue,
+            BFTEST_KEYPREFIX=prefix,
+            BFSOAK_REDIS_URL=REDIS_URL,
+            BFSOAK_PREFIX=prefix,
         )
         for index in range(args.workers):
-            processes.append(
-                start_worker(
-                    f"bfsoak-{unique}-{index}",
-                    env,
-                    queue,
-                    args.concurrency,
-                    tmp / f"worker-{index}.log",
-                )
+            # The task's retries are logged at INFO (the Worker's default level).
+            worker = Worker(
+                env,
+                queue,
+                tmp / f"worker-{index}.log",
+                f"bfsoak-{unique}-{index}",
+                concurrency=args.concurrency,
             )
-        time.sleep(3)  # the workers connect; tasks sent earlier would simply wait for them
+            workers.append(worker)
+            worker.start(timeout=60)
 
         print(f"soak: sending {size:,} messages in tasks of about {args.chunk_size}", flush=True)
         started = time.monotonic()
@@ -279,6 +239,8 @@ def run(args: argparse.Namespace) -> int:
             (tmp / f"worker-{i}.log").read_text(errors="replace") for i in range(args.workers)
         )
     finally:
+        for worker in reversed(workers):
+            worker.stop(timeout=30)
         for process in reversed(processes):
             stop(process)
         with contextlib.suppress(Exception), app.connection_for_write() as connection:

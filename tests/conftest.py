@@ -14,12 +14,11 @@ import pytest
 
 from blockfilter.config import Settings, load_settings
 from tests.hostile_upstream import AnswerFunction, HostileUpstream
+from tests.support.env import TEST_KEY, TEST_SID
+from tests.support.env import clean_environ as clean_environ  # its place before tests.support
 
 # Fails the session if any test's captured output or logs ever show a test API key.
 pytest_plugins = ["tests._secret_guard", "tests.ledger_support"]
-
-TEST_SID = "TESTSID"
-TEST_KEY = "test-key-0123456789"
 
 
 def fast_settings(base_url: str, **overrides: object) -> Settings:
@@ -40,12 +39,6 @@ def fast_settings(base_url: str, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return load_settings(environ={}, **values)
-
-
-def clean_environ() -> dict[str, str]:
-    """This process's environment without any KALEYRA_* or BLOCKFILTER_* variable: the
-    starting point of every subprocess a test runs, so the machine's settings never leak in."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("KALEYRA_", "BLOCKFILTER_"))}
 
 
 def port_open(host: str, port: int) -> bool:
@@ -98,8 +91,8 @@ def _no_worker_state_left_behind() -> Iterator[None]:
 def private_rabbit(tmp_path: Path) -> Iterator[Any]:
     """A RabbitMQ node of the test's own (a test stops and restarts it), stopped afterwards;
     the test is skipped where none can be started, or Redis (records, results) is away."""
-    from tests.celery_support.harness import REDIS_URL, reachable
-    from tests.celery_support.private_servers import PrivateRabbit, rabbit_unavailable_reason
+    from tests.support.harness import REDIS_URL, reachable
+    from tests.support.private_servers import PrivateRabbit, rabbit_unavailable_reason
 
     reason = rabbit_unavailable_reason()
     if reason:

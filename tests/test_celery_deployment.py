@@ -21,23 +21,19 @@ from typing import Any
 
 import phonenumbers
 import pytest
+from celery.signals import before_task_publish
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
-    sys.path.insert(0, str(ROOT))
-
-from celery.signals import before_task_publish  # noqa: E402
-
-from blockfilter import hookimpl  # noqa: E402
-from blockfilter.pipeline.monitoring import (  # noqa: E402
+from blockfilter import hookimpl
+from blockfilter.pipeline.monitoring import (
     MaskedRequest,
     describe_arguments,
     hide_published_arguments,
 )
-from blockfilter.redact import HIDDEN_ARGUMENTS  # noqa: E402
-from blockfilter.tasks import TASK_NAME, filter_campaign  # noqa: E402
-from blockfilter.testing.simulator import FaultRule  # noqa: E402
-from tests.celery_support.harness import (  # noqa: E402
+from blockfilter.redact import HIDDEN_ARGUMENTS
+from blockfilter.tasks import TASK_NAME, filter_campaign
+from blockfilter.testing.simulator import FaultRule
+from tests.support.env import ROOT, TEST_KEY, TEST_SID, subprocess_env
+from tests.support.harness import (
     RETRY_ATTEMPTS,
     TASK_MAX_RETRIES,
     Stack,
@@ -307,7 +303,7 @@ def test_no_number_or_text_in_the_result_backend_or_a_debug_worker_log(
 def test_worker_requests_show_the_summary_whatever_the_producer_sent() -> None:
     from kombu import Message
 
-    from tests.celery_support.factory import make_app
+    from tests.support.factory import make_app
 
     app = make_app(
         broker="memory://", backend="cache+memory://", queue="q", deferred_queue="", keyprefix=""
@@ -364,8 +360,6 @@ def parked_reasons(stack: Stack, expected: int, timeout: float = 15.0) -> Counte
 def test_refused_credentials_log_an_error_naming_the_refusal_and_park_as_such(
     stack: Stack,
 ) -> None:
-    from tests.celery_support.harness import TEST_KEY
-
     env = stack.worker_env()
     env["BLOCKFILTER_COLLECT_FLUSH_INTERVAL"] = "0.3"
     worker = stack.start_worker(env=env)
@@ -476,8 +470,7 @@ def test_eager_mode_with_an_unreachable_broker_hands_every_deferred_message_to_a
     from blockfilter.plugins.manager import get_plugin_manager, reset_plugin_manager
     from blockfilter.tasks import DeferredNotParked
     from blockfilter.testing.simulator import Simulator
-    from tests.celery_support.harness import TEST_KEY, TEST_SID
-    from tests.celery_support.private_servers import free_port
+    from tests.support.private_servers import free_port
 
     app = Celery("eager", broker=f"amqp://guest:guest@127.0.0.1:{free_port()}//")
     app.conf.update(
@@ -558,15 +551,9 @@ def run_blockfilter(*args: str, env: dict[str, str]) -> subprocess.CompletedProc
 
 
 def test_config_shows_what_a_worker_of_the_app_sees() -> None:
-    from tests.conftest import clean_environ
-
-    env = clean_environ()
-    env["PYTHONPATH"] = str(ROOT)
-    env["KALEYRA_SID"] = "FROMENV"
-    env["BFTEST_EXTRA_CONF"] = json.dumps(
-        {"kaleyra_sid": "FROMCONF", "blockfilter_collect_flush_interval": 0.5}
-    )
-    done = run_blockfilter("config", "--app", "tests.celery_support.app", env=env)
+    extra_conf = {"kaleyra_sid": "FROMCONF", "blockfilter_collect_flush_interval": 0.5}
+    env = subprocess_env(KALEYRA_SID="FROMENV", BFTEST_EXTRA_CONF=json.dumps(extra_conf))
+    done = run_blockfilter("config", "--app", "tests.support.app", env=env)
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line.split()[1:] for line in done.stdout.splitlines()}
     assert rows["KALEYRA_SID"] == ["FROMCONF", "(celery", "conf", "kaleyra_sid)"]

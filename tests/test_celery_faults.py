@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -38,22 +37,18 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
-    sys.path.insert(0, str(ROOT))
-
-from blockfilter.model import VERDICT_FIELDS  # noqa: E402
-from blockfilter.tasks import TASK_NAME, filter_campaign, merge_summaries, split_campaign  # noqa: E402
-from blockfilter.testing.simulator import FaultRule, SimulatorStats  # noqa: E402
-from tests.celery_support.campaigns import (  # noqa: E402
+from blockfilter.model import VERDICT_FIELDS
+from blockfilter.tasks import TASK_NAME, filter_campaign, merge_summaries, split_campaign
+from blockfilter.testing.simulator import FaultRule, SimulatorStats
+from tests.support.campaigns import (
     DISPATCHED,
     Campaign,
     logical_requests,
     make_campaign,
     primary_requests,
 )
-from tests.celery_support.harness import install_plugin_dist, require_broker  # noqa: E402
-from tests.celery_support.tuned import TunedStack  # noqa: E402
+from tests.support.harness import install_plugin_dist, require_broker
+from tests.support.tuned import TunedStack
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from blockfilter.testing.simulator import FaultRule, Simulator
-from tests.conftest import TEST_KEY, TEST_SID, clean_environ
+from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
 
 
 def numbers(count: int, seed: int = 1) -> list[str]:
@@ -28,22 +28,6 @@ def numbers(count: int, seed: int = 1) -> list[str]:
 def simulator():
     with Simulator(sid=TEST_SID, api_key=TEST_KEY) as sim:
         yield sim
-
-
-def cli_env(sim: Simulator, **extra: str) -> dict[str, str]:
-    env = clean_environ()
-    env.update(
-        KALEYRA_SID=TEST_SID,
-        KALEYRA_API_KEY=TEST_KEY,
-        KALEYRA_BASE_URL=sim.base_url,
-        BLOCKFILTER_RETRY_ATTEMPTS="2",
-        BLOCKFILTER_BACKOFF_BASE="0.01",
-        BLOCKFILTER_BACKOFF_MAX="0.02",
-        BLOCKFILTER_REQUEST_TIMEOUT="1",
-        BLOCKFILTER_RETRY_DEADLINE="2",
-    )
-    env.update(extra)
-    return env
 
 
 def blockfilter(
@@ -88,7 +72,7 @@ def test_a_campaign_comes_out_whole_with_the_right_verdicts_and_fewest_requests(
     campaign = write_campaign(tmp_path / "campaign.jsonl", messages)
     summary_file = tmp_path / "summary.json"
     done = blockfilter(
-        "filter", str(campaign), "--summary-json", str(summary_file), env=cli_env(simulator)
+        "filter", str(campaign), "--summary-json", str(summary_file), env=subprocess_env(simulator)
     )
     assert done.returncode == 0, done.stderr
     out = records(done.stdout)
@@ -132,7 +116,13 @@ def test_stdin_and_atomic_out_file(simulator: Simulator, tmp_path: Path) -> None
     payload = "".join(json.dumps(m) + "\n" for m in messages).encode()
     out_file = tmp_path / "out.jsonl"
     done = blockfilter(
-        "filter", "-", "--out", str(out_file), "--quiet", env=cli_env(simulator), stdin=payload
+        "filter",
+        "-",
+        "--out",
+        str(out_file),
+        "--quiet",
+        env=subprocess_env(simulator),
+        stdin=payload,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == b"" and done.stderr == b""
@@ -144,7 +134,7 @@ def test_an_outage_defers_every_message_and_exits_4(simulator: Simulator, tmp_pa
     simulator.set_faults([FaultRule(kind="wa500")])
     messages = [{"id": str(i), "channel": "sms", "to": n} for i, n in enumerate(numbers(150))]
     campaign = write_campaign(tmp_path / "c.jsonl", messages)
-    done = blockfilter("filter", str(campaign), env=cli_env(simulator))
+    done = blockfilter("filter", str(campaign), env=subprocess_env(simulator))
     assert done.returncode == 4, done.stderr
     out = records(done.stdout)
     assert len(out) == 150
@@ -163,7 +153,7 @@ def test_credentials_refused_writes_every_record_and_exits_3(
     campaign = write_campaign(tmp_path / "c.jsonl", messages)
     summary_file = tmp_path / "s.json"
     done = blockfilter(
-        "filter", str(campaign), "--summary-json", str(summary_file), env=cli_env(simulator)
+        "filter", str(campaign), "--summary-json", str(summary_file), env=subprocess_env(simulator)
     )
     assert done.returncode == 3, done.stderr
     out = records(done.stdout)
@@ -182,7 +172,7 @@ def test_malformed_lines_become_invalid_records(simulator: Simulator, tmp_path: 
     campaign.write_bytes(
         b"\n".join([good.encode(), b"{oops", b"\xff\xfe not utf-8", b"", b'"a string"']) + b"\n"
     )
-    done = blockfilter("filter", str(campaign), env=cli_env(simulator))
+    done = blockfilter("filter", str(campaign), env=subprocess_env(simulator))
     assert done.returncode == 0, done.stderr
     out = records(done.stdout)
     assert [(r["id"], r["verdict"]) for r in out] == [
@@ -199,9 +189,11 @@ def test_the_key_never_shows_even_at_debug(simulator: Simulator, tmp_path: Path)
     messages = [{"id": str(i), "channel": "sms", "to": n} for i, n in enumerate(numbers(250))]
     campaign = write_campaign(tmp_path / "c.jsonl", messages)
     outputs = [
-        blockfilter("-vv", "filter", str(campaign), env=cli_env(simulator)),
-        blockfilter("config", env=cli_env(simulator)),
-        blockfilter("-vv", "check", "--channel", "sms", messages[0]["to"], env=cli_env(simulator)),
+        blockfilter("-vv", "filter", str(campaign), env=subprocess_env(simulator)),
+        blockfilter("config", env=subprocess_env(simulator)),
+        blockfilter(
+            "-vv", "check", "--channel", "sms", messages[0]["to"], env=subprocess_env(simulator)
+        ),
     ]
     for done in outputs:
         assert TEST_KEY.encode() not in done.stdout + done.stderr
@@ -212,7 +204,7 @@ def test_the_key_never_shows_even_at_debug(simulator: Simulator, tmp_path: Path)
 
 def test_missing_credentials_is_one_clear_line(tmp_path: Path) -> None:
     campaign = write_campaign(tmp_path / "c.jsonl", [])
-    env = clean_environ()
+    env = subprocess_env()
     done = blockfilter("filter", str(campaign), env=env)
     assert done.returncode == 2
     assert done.stderr.decode().strip().splitlines() == [
@@ -227,7 +219,7 @@ def test_bad_settings_exit_2_without_a_traceback(simulator: Simulator, tmp_path:
         {"BLOCKFILTER_ON_ERROR": "maybe"},
         {"KALEYRA_SID": "../../admin"},
     ):
-        done = blockfilter("filter", str(campaign), env=cli_env(simulator, **extra))
+        done = blockfilter("filter", str(campaign), env=subprocess_env(simulator, **extra))
         assert done.returncode == 2, extra
         assert b"Traceback" not in done.stderr
         assert len(done.stderr.decode().strip().splitlines()) == 1
@@ -236,9 +228,11 @@ def test_bad_settings_exit_2_without_a_traceback(simulator: Simulator, tmp_path:
 def test_check_prints_the_blocklisted_numbers(simulator: Simulator) -> None:
     pool = numbers(3)
     simulator.block("whatsapp", pool[1])
-    done = blockfilter("check", "--channel", "whatsapp", *pool, env=cli_env(simulator))
+    done = blockfilter("check", "--channel", "whatsapp", *pool, env=subprocess_env(simulator))
     assert (done.returncode, done.stdout.decode()) == (0, pool[1] + "\n")
-    done = blockfilter("check", "--channel", "whatsapp", "--json", *pool, env=cli_env(simulator))
+    done = blockfilter(
+        "check", "--channel", "whatsapp", "--json", *pool, env=subprocess_env(simulator)
+    )
     assert json.loads(done.stdout) == {"channel": "whatsapp", "blocked": [pool[1]]}
 
 
@@ -249,11 +243,11 @@ def test_estimate_equals_the_requests_a_run_makes(simulator: Simulator, tmp_path
         for i in range(2000)
     ]
     campaign = write_campaign(tmp_path / "c.jsonl", messages)
-    estimate = blockfilter("filter", str(campaign), "--estimate", env=cli_env(simulator))
+    estimate = blockfilter("filter", str(campaign), "--estimate", env=subprocess_env(simulator))
     assert estimate.returncode == 0, estimate.stderr
     assert simulator.stats.requests == 0
     predicted = int(estimate.stdout.split()[0])
-    done = blockfilter("filter", str(campaign), "--quiet", env=cli_env(simulator))
+    done = blockfilter("filter", str(campaign), "--quiet", env=subprocess_env(simulator))
     assert done.returncode == 0
     # 730 numbers: the even ones on sms, the odd ones on whatsapp, 365 each.
     assert simulator.stats.requests == predicted == 8
@@ -262,7 +256,9 @@ def test_estimate_equals_the_requests_a_run_makes(simulator: Simulator, tmp_path
 def test_max_requests_defers_the_rest(simulator: Simulator, tmp_path: Path) -> None:
     messages = [{"id": str(i), "channel": "sms", "to": n} for i, n in enumerate(numbers(500))]
     campaign = write_campaign(tmp_path / "c.jsonl", messages)
-    done = blockfilter("filter", str(campaign), "--max-requests", "2", env=cli_env(simulator))
+    done = blockfilter(
+        "filter", str(campaign), "--max-requests", "2", env=subprocess_env(simulator)
+    )
     assert done.returncode == 4
     verdicts = [r["verdict"] for r in records(done.stdout)]
     assert verdicts.count("allowed") == 200 and verdicts.count("deferred") == 300
@@ -272,7 +268,7 @@ def test_max_requests_defers_the_rest(simulator: Simulator, tmp_path: Path) -> N
 def test_a_closed_pipe_ends_quietly(simulator: Simulator, tmp_path: Path) -> None:
     messages = [{"id": str(i), "channel": "sms", "to": n} for i, n in enumerate(numbers(2000))]
     campaign = write_campaign(tmp_path / "c.jsonl", messages)
-    env = cli_env(simulator)
+    env = subprocess_env(simulator)
     command = f"{sys.executable} -m blockfilter filter {campaign} | head -n 1"
     done = subprocess.run(command, shell=True, capture_output=True, env=env, timeout=120)
     assert len(done.stdout.splitlines()) == 1
@@ -294,7 +290,7 @@ def test_the_simulator_command_prints_its_url_when_ready(tmp_path: Path) -> None
     blocked = tmp_path / "blocked.txt"
     (number,) = numbers(1)
     blocked.write_text(f"sms,{number}\n")
-    env = clean_environ()
+    env = subprocess_env()
     process = subprocess.Popen(
         [
             sys.executable,
@@ -324,7 +320,7 @@ def test_the_simulator_command_prints_its_url_when_ready(tmp_path: Path) -> None
 
 
 def test_plugins_lists_the_built_ins_with_versions_and_hooks() -> None:
-    env = clean_environ()
+    env = subprocess_env()
     done = subprocess.run(
         [sys.executable, "-m", "blockfilter", "plugins"], capture_output=True, env=env, timeout=60
     )

@@ -12,7 +12,6 @@ import contextlib
 import functools
 import logging
 import math
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -26,24 +25,20 @@ import pytest
 # The collector is the blockfilter[collector] extra (celery-batches pins Celery below 5.7).
 pytest.importorskip("celery_batches", reason="blockfilter[collector] is not installed")
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
-    sys.path.insert(0, str(ROOT))
+from celery import Celery
+from celery.concurrency.solo import TaskPool as SoloPool
+from celery_batches import Batches
+from kombu.asynchronous.timer import Timer
 
-from celery import Celery  # noqa: E402
-from celery.concurrency.solo import TaskPool as SoloPool  # noqa: E402
-from celery_batches import Batches  # noqa: E402
-from kombu.asynchronous.timer import Timer  # noqa: E402
-
-from blockfilter.config import load_settings  # noqa: E402
-from blockfilter.errors import ConfigError  # noqa: E402
-from blockfilter.pipeline.batches_private import (  # noqa: E402
+from blockfilter.config import load_settings
+from blockfilter.errors import ConfigError
+from blockfilter.pipeline.batches_private import (
     check_supported,
     flush_everything,
     install_buffer,
     pending_count,
 )
-from blockfilter.pipeline.collector import (  # noqa: E402
+from blockfilter.pipeline.collector import (
     COLLECT_TASK_NAME,
     BatchFill,
     CollectorTask,
@@ -52,18 +47,18 @@ from blockfilter.pipeline.collector import (  # noqa: E402
     message_of,
     route_of,
 )
-from blockfilter.testing.simulator import FaultRule  # noqa: E402
-from tests.celery_support.factory import make_app  # noqa: E402
-from tests.celery_support.harness import (  # noqa: E402
+from blockfilter.testing.simulator import FaultRule
+from tests.support.factory import make_app
+from tests.support.harness import (
     RETRY_ATTEMPTS,
     Stack,
-    Worker,
     install_plugin_dist,
     require_broker,
 )
-from tests.celery_support.private_servers import (  # noqa: E402
+from tests.support.private_servers import (
     PrivateRabbit,
 )
+from tests.support.workers import Worker
 
 # -- fast: settings and counting -------------------------------------------------------------
 
@@ -274,7 +269,7 @@ def test_registered_in_the_users_app_with_late_acks() -> None:
 
 COLLECTOR_APP = """\
 # The test app, configured as the collector's worker must be: unlimited prefetch.
-from tests.celery_support.app import app
+from tests.support.app import app
 
 app.conf.worker_prefetch_multiplier = {prefetch}
 app.autodiscover_tasks(["blockfilter"], related_name="collector")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -26,8 +24,9 @@ from typing import Any
 import pytest
 
 from blockfilter.testing.simulator import Simulator
+from tests.support.env import ROOT, subprocess_env
+from tests.support.workers import Worker
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "sms_pipeline"
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"
 SID, KEY = "EXAMPLESID", "example-key-0123"
@@ -86,7 +85,7 @@ class Pipeline:
     tmp: Path
     simulator: Simulator
     unique: str = field(default_factory=lambda: uuid.uuid4().hex[:10])
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)
 
     @property
     def queue(self) -> str:
@@ -97,27 +96,18 @@ class Pipeline:
         return self.tmp / "pipeline.sqlite3"
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("KALEYRA_", "BLOCKFILTER_", "SMS_PIPELINE_", "PYTHONPATH"))
+        own = {
+            "PYTHONPATH": str(self.site),  # the installed copy, not the repository's
+            "SMS_PIPELINE_DB": str(self.database),
+            "SMS_PIPELINE_QUEUE": self.queue,
+            "SMS_PIPELINE_BROKER_URL": RABBIT_URL,
+            "SMS_PIPELINE_RESULT_BACKEND": "rpc://",
+            "KALEYRA_SID": SID,
+            "KALEYRA_API_KEY": KEY,
+            "BLOCKFILTER_TASK_RETRY_BACKOFF": "0.2",
+            "BLOCKFILTER_COLLECT_FLUSH_INTERVAL": "0.3",
         }
-        env.update(
-            PYTHONPATH=str(self.site),  # the installed copy, not the repository's
-            SMS_PIPELINE_DB=str(self.database),
-            SMS_PIPELINE_QUEUE=self.queue,
-            SMS_PIPELINE_BROKER_URL=RABBIT_URL,
-            SMS_PIPELINE_RESULT_BACKEND="rpc://",
-            KALEYRA_SID=SID,
-            KALEYRA_API_KEY=KEY,
-            KALEYRA_BASE_URL=self.simulator.base_url,
-            BLOCKFILTER_RETRY_ATTEMPTS="2",
-            BLOCKFILTER_BACKOFF_BASE="0.01",
-            BLOCKFILTER_TASK_RETRY_BACKOFF="0.2",
-            BLOCKFILTER_COLLECT_FLUSH_INTERVAL="0.3",
-        )
-        env.update(extra)
-        return env
+        return subprocess_env(self.simulator, strip=("SMS_PIPELINE_",), **{**own, **extra})
 
     def run(self, *args: str, stdin: str | None = None) -> str:
         done = subprocess.run(
@@ -134,40 +124,16 @@ class Pipeline:
         return done.stdout
 
     def start_worker(self, queue: str, **extra: str) -> None:
-        log_path = self.tmp / f"worker-{len(self.workers)}.log"
-        with log_path.open("ab") as log:
-            process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "sms_pipeline.celery_app",
-                    "worker",
-                    "-Q",
-                    queue,
-                    "-c",
-                    "2",
-                    "--without-heartbeat",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "-n",
-                    f"{queue}@localhost",
-                    "--loglevel=INFO",
-                ],
-                cwd=self.tmp,
-                env=self.env(**extra),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.workers.append(process)
-        deadline = time.monotonic() + 40
-        while " ready." not in log_path.read_text(errors="replace"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"worker did not start:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
+        worker = Worker(
+            self.env(**extra),
+            queue,
+            self.tmp / f"worker-{len(self.workers)}.log",
+            queue,
+            app="sms_pipeline.celery_app",
+            cwd=self.tmp,  # not the repository: nothing is imported from a source tree
+        )
+        self.workers.append(worker)
+        worker.start()
 
     def rows(self, table: str) -> dict[str, dict[str, Any]]:
         with contextlib.closing(sqlite3.connect(self.database)) as db:
@@ -186,14 +152,8 @@ class Pipeline:
             time.sleep(0.2)
 
     def close(self) -> None:
-        for process in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        for worker in self.workers:
+            worker.stop()
         from kombu import Connection
 
         with Connection(RABBIT_URL) as connection:

@@ -38,17 +38,13 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, note, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
-    sys.path.insert(0, str(ROOT))
-
-from blockfilter.config import Settings, load_settings  # noqa: E402
-from blockfilter.engine.filter import Filter  # noqa: E402
-from blockfilter.kaleyra.source import KaleyraSource  # noqa: E402
-from blockfilter.store.cache import open_cache  # noqa: E402
-from blockfilter.testing.simulator import Simulator  # noqa: E402
-from tests.celery_support.private_servers import PrivateRedis, Tenant  # noqa: E402
-from tests.conftest import TEST_KEY, TEST_SID, clean_environ  # noqa: E402
+from blockfilter.config import Settings, load_settings
+from blockfilter.engine.filter import Filter
+from blockfilter.kaleyra.source import KaleyraSource
+from blockfilter.store.cache import open_cache
+from blockfilter.testing.simulator import Simulator
+from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
+from tests.support.private_servers import PrivateRedis, Tenant
 
 VERDICTS = frozenset({"allowed", "rerouted", "blocked", "invalid", "deferred"})
 LET_THROUGH = frozenset({"allowed", "rerouted"})
@@ -194,22 +190,18 @@ def redis_server(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
 # -- blockfilter as a user runs it -------------------------------------------------------------
 
 
+# The command-line runs here: no installed plugin, a retry budget a little longer than the
+# support's default (FAST_RETRIES).
+CLI_BUDGET = {
+    "BLOCKFILTER_LOAD_PLUGINS": "",
+    "BLOCKFILTER_BACKOFF_MAX": "0.05",
+    "BLOCKFILTER_REQUEST_TIMEOUT": "2",
+    "BLOCKFILTER_RETRY_DEADLINE": "4",
+}
+
+
 def cli_env(simulator: Simulator, cache: PrivateRedis, **extra: str) -> dict[str, str]:
-    env = clean_environ()
-    env.update(
-        KALEYRA_SID=TEST_SID,
-        KALEYRA_API_KEY=TEST_KEY,
-        KALEYRA_BASE_URL=simulator.base_url,
-        BLOCKFILTER_CACHE_URL=cache.url,
-        BLOCKFILTER_LOAD_PLUGINS="",
-        BLOCKFILTER_RETRY_ATTEMPTS="2",
-        BLOCKFILTER_BACKOFF_BASE="0.01",
-        BLOCKFILTER_BACKOFF_MAX="0.05",
-        BLOCKFILTER_REQUEST_TIMEOUT="2",
-        BLOCKFILTER_RETRY_DEADLINE="4",
-    )
-    env.update(extra)
-    return env
+    return subprocess_env(simulator, **{**CLI_BUDGET, "BLOCKFILTER_CACHE_URL": cache.url, **extra})
 
 
 def blockfilter(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

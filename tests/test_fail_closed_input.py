@@ -38,8 +38,8 @@ from blockfilter.pipeline.replay import replay_deferred
 from blockfilter.sources import FunctionSource
 from blockfilter.tasks import deferred_queue
 from blockfilter.testing.simulator import Simulator
-from tests.conftest import TEST_KEY, TEST_SID
-from tests.test_cli import blockfilter, cli_env, numbers, records, write_campaign
+from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
+from tests.test_cli import blockfilter, numbers, records, write_campaign
 from tests.test_replay import sent_batches
 
 PASSWORD = "hunter2-Pw-7f3a"  # distinctive, so finding it anywhere is a leak
@@ -153,7 +153,7 @@ def test_the_command_line_exits_2_with_one_line_naming_the_variable(
         tmp_path / "c.jsonl", [{"id": "a", "channel": "sms", "to": numbers(1)[0]}]
     )
     args = [str(campaign) if part == "CAMPAIGN" else part for part in command]
-    done = blockfilter(*args, env=cli_env(sim, **{variable: raw}))
+    done = blockfilter(*args, env=subprocess_env(sim, **{variable: raw}))
     assert_one_clear_line(done, variable)
     assert done.stdout == b""
     assert sim.stats.requests == 0  # refused before anything was asked
@@ -177,7 +177,7 @@ def test_a_malformed_cache_url_is_a_config_error_that_hides_the_password(
 ) -> None:
     campaign = write_campaign(tmp_path / "c.jsonl", [{"id": "a", "channel": "sms", "to": "x"}])
     args = [str(campaign) if part == "CAMPAIGN" else part for part in command]
-    done = blockfilter(*args, env=cli_env(sim, BLOCKFILTER_CACHE_URL=url))
+    done = blockfilter(*args, env=subprocess_env(sim, BLOCKFILTER_CACHE_URL=url))
     assert_one_clear_line(done, "BLOCKFILTER_CACHE_URL")
     output = done.stdout + done.stderr
     for secret in (PASSWORD, PASSWORD[:6], PASSWORD[6:], "5678"):
@@ -209,7 +209,7 @@ SECRET_URLS = [
 def test_blockfilter_config_shows_the_cache_url_without_its_password(
     sim: Simulator, url: str, shown: str
 ) -> None:
-    done = blockfilter("config", env=cli_env(sim, BLOCKFILTER_CACHE_URL=url))
+    done = blockfilter("config", env=subprocess_env(sim, BLOCKFILTER_CACHE_URL=url))
     assert done.returncode == 0, done.stderr
     assert PASSWORD.encode() not in done.stdout + done.stderr
     row = next(line for line in done.stdout.decode().splitlines() if "CACHE_URL" in line)
@@ -230,7 +230,7 @@ def test_settings_repr_and_describe_redact_passwords_in_urls(url: str, shown: st
     "base_url", [f"ftp://user:{PASSWORD}@api.example", f"http://user:{PASSWORD}@[::1"]
 )
 def test_a_refused_base_url_is_shown_without_its_password(sim: Simulator, base_url: str) -> None:
-    done = blockfilter("config", env=cli_env(sim, KALEYRA_BASE_URL=base_url))
+    done = blockfilter("config", env=subprocess_env(sim, KALEYRA_BASE_URL=base_url))
     assert_one_clear_line(done, "KALEYRA_BASE_URL")
     assert PASSWORD.encode() not in done.stdout + done.stderr
 
@@ -252,7 +252,7 @@ def test_a_run_with_a_password_in_the_cache_url_never_prints_it(
         str(campaign),
         "--summary-json",
         str(summary),
-        env=cli_env(sim, BLOCKFILTER_CACHE_URL=url),
+        env=subprocess_env(sim, BLOCKFILTER_CACHE_URL=url),
     )
     assert done.returncode == 0, done.stderr
     assert len(records(done.stdout)) == 20
@@ -335,7 +335,7 @@ def test_the_command_line_never_allows_the_number_a_repeated_channel_hides(
     sim.block("sms", NUMBER)
     campaign = tmp_path / "c.jsonl"
     campaign.write_bytes(b"\n".join(REPEATING_LINES + FINE_LINES) + b"\n")
-    done = blockfilter("filter", str(campaign), env=cli_env(sim))
+    done = blockfilter("filter", str(campaign), env=subprocess_env(sim))
     assert done.returncode == 0, done.stderr
     out = records(done.stdout)
     assert [r["id"] for r in out[: len(REPEATING_LINES)]] == [
@@ -347,7 +347,7 @@ def test_the_command_line_never_allows_the_number_a_repeated_channel_hides(
     assert [r["verdict"] for r in out[len(REPEATING_LINES) :]] == ["allowed"] * len(FINE_LINES)
     # The record of a repeating line does not carry its bytes on (both channels and all).
     assert all(set(r) == {"id", "verdict", "reason", "detail"} for r in out[: len(REPEATING_LINES)])
-    estimate = blockfilter("filter", str(campaign), "--estimate", env=cli_env(sim))
+    estimate = blockfilter("filter", str(campaign), "--estimate", env=subprocess_env(sim))
     assert estimate.stdout.strip() == b"1 API requests"  # the fine lines' one number only
 
 
@@ -457,7 +457,7 @@ def test_a_message_without_a_usable_id_is_named_by_its_line(sim: Simulator, tmp_
         )
         + b"\n"
     )
-    done = blockfilter("filter", str(campaign), env=cli_env(sim))
+    done = blockfilter("filter", str(campaign), env=subprocess_env(sim))
     assert done.returncode == 0, done.stderr
     out = records(done.stdout)
     assert [r["id"] for r in out] == ["1", "3", "4", "5", "6", "7", "good", "no-channel"]
@@ -545,7 +545,7 @@ def test_a_full_disk_leaves_no_summary_and_the_old_files_as_they_were(
         str(campaign),
         "--summary-json",
         str(full_disk / "summary.json"),
-        env=cli_env(sim),
+        env=subprocess_env(sim),
     )
     stderr = done.stderr.decode()
     assert done.returncode == 1, stderr
@@ -562,7 +562,7 @@ def test_a_full_disk_leaves_no_summary_and_the_old_files_as_they_were(
         str(full_disk / "out.jsonl"),
         "--summary-json",
         str(tmp_path / "summary.json"),
-        env=cli_env(sim),
+        env=subprocess_env(sim),
     )
     assert done.returncode == 1, done.stderr
     assert "--out" in done.stderr.decode() and "No space left" in done.stderr.decode()
@@ -588,7 +588,7 @@ def test_a_summary_that_cannot_be_written_whole_leaves_the_old_one(
         [sys.executable, "-m", "blockfilter", "filter", str(campaign)]
         + ["--summary-json", str(summary)],
         capture_output=True,
-        env=cli_env(sim),
+        env=subprocess_env(sim),
         timeout=120,
         preexec_fn=lambda: _limit_file_size(100),
     )
@@ -604,7 +604,9 @@ def test_summary_json_is_written_whole(sim: Simulator, tmp_path: Path) -> None:
     summary = tmp_path / "out" / "summary.json"
     summary.parent.mkdir()
     summary.write_text("old")
-    done = blockfilter("filter", str(campaign), "--summary-json", str(summary), env=cli_env(sim))
+    done = blockfilter(
+        "filter", str(campaign), "--summary-json", str(summary), env=subprocess_env(sim)
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(summary.read_text())["total"] == 30
     assert [p.name for p in summary.parent.iterdir()] == ["summary.json"]
@@ -639,7 +641,7 @@ def test_an_output_that_is_a_device_or_a_pipe_is_written_in_place(
     campaign = campaign_of(tmp_path / "c.jsonl", 30)
     null = tmp_path / "null"
     os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    done = blockfilter("filter", str(campaign), "--out", str(null), env=cli_env(sim))
+    done = blockfilter("filter", str(campaign), "--out", str(null), env=subprocess_env(sim))
     assert done.returncode == 0, done.stderr
     assert stat.S_ISCHR(null.stat().st_mode)
 
@@ -648,7 +650,7 @@ def test_an_output_that_is_a_device_or_a_pipe_is_written_in_place(
     received: list[bytes] = []
     reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
     reader.start()
-    done = blockfilter("filter", str(campaign), "--out", str(fifo), env=cli_env(sim))
+    done = blockfilter("filter", str(campaign), "--out", str(fifo), env=subprocess_env(sim))
     reader.join(60)
     assert done.returncode == 0, done.stderr
     assert stat.S_ISFIFO(fifo.stat().st_mode)
@@ -668,7 +670,7 @@ def start_slow_run(
     (out_dir / "scrubbed.jsonl").write_bytes(b'{"old": "output"}\n')
     (out_dir / "summary.json").write_bytes(b'{"old": "summary"}\n')
     campaign = campaign_of(tmp_path / "c.jsonl", 300)
-    env = cli_env(
+    env = subprocess_env(
         sim,
         TMPDIR=str(temp_dir),  # where a stdin spool would go
         BLOCKFILTER_REQUEST_TIMEOUT="60",

@@ -18,7 +18,8 @@ from blockfilter.kaleyra.sync import sync_channel
 from blockfilter.store.cache import MemoryCache
 from tests.conftest import fast_settings
 from tests.hostile_upstream import Answer, HostileUpstream, blocklist, national, no_plus, spaced
-from tests.test_cli import blockfilter, cli_env
+from tests.support.env import subprocess_env
+from tests.test_cli import blockfilter
 
 
 def listed(count: int, seed: int) -> list[str]:
@@ -179,7 +180,7 @@ def test_cli_sync_of_a_runaway_list_fails_without_a_traceback(
     hostile_upstream: Callable[..., HostileUpstream],
 ) -> None:
     upstream = hostile_upstream(blocklist({"sms": listed(250, 7)}, paging="same_page"))
-    done = blockfilter("sync", "--channel", "sms", env=cli_env(upstream))  # type: ignore[arg-type]
+    done = blockfilter("sync", "--channel", "sms", env=subprocess_env(upstream))  # type: ignore[arg-type]
     stderr = done.stderr.decode()
     assert done.returncode == 1, stderr
     assert "same as the page next to it" in stderr

@@ -31,7 +31,7 @@ import pytest
 from blockfilter import Filter
 from blockfilter.errors import FinalUpstreamError, RetryBudgetExhausted
 from blockfilter.kaleyra.client import KaleyraClient
-from tests.conftest import TEST_KEY, TEST_SID, clean_environ, fast_settings
+from tests.conftest import fast_settings
 from tests.hostile_upstream import (
     AnswerFunction,
     HostileUpstream,
@@ -48,6 +48,7 @@ from tests.hostile_upstream import (
     redirect,
     spaced,
 )
+from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
 
 Start = Callable[..., HostileUpstream]
 
@@ -119,18 +120,11 @@ def digits_of_every_number(text: str) -> list[str]:
 
 
 def cli_env(upstream: HostileUpstream) -> dict[str, str]:
-    env = clean_environ()
-    env.update(
-        KALEYRA_SID=TEST_SID,
-        KALEYRA_API_KEY=TEST_KEY,
-        KALEYRA_BASE_URL=upstream.base_url,
+    return subprocess_env(
+        upstream,
         BLOCKFILTER_RETRY_ATTEMPTS=str(ATTEMPTS),
-        BLOCKFILTER_BACKOFF_BASE="0.01",
-        BLOCKFILTER_BACKOFF_MAX="0.02",
-        BLOCKFILTER_REQUEST_TIMEOUT="1",
         BLOCKFILTER_RETRY_DEADLINE="10",  # ample on a loaded machine: attempts are the limit
     )
-    return env
 
 
 def blockfilter(*args: str, upstream: HostileUpstream) -> subprocess.CompletedProcess[str]:

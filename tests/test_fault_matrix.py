@@ -29,7 +29,7 @@ import pytest
 from blockfilter.cli import format_summary
 from blockfilter.config import CHANNELS
 from blockfilter.testing.simulator import FAULT_KINDS, FaultRule, Simulator
-from tests.conftest import TEST_KEY, TEST_SID, clean_environ
+from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
 from tests.test_cli import numbers, write_campaign
 
 ATTEMPTS = 3
@@ -132,21 +132,14 @@ def campaign_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def matrix_env(sim: Simulator, **extra: str) -> dict[str, str]:
-    env = clean_environ()
-    env.update(
-        KALEYRA_SID=TEST_SID,
-        KALEYRA_API_KEY=TEST_KEY,
-        KALEYRA_BASE_URL=sim.base_url,
-        BLOCKFILTER_RETRY_ATTEMPTS=str(ATTEMPTS),
-        BLOCKFILTER_BACKOFF_BASE="0.01",
-        BLOCKFILTER_BACKOFF_MAX="0.02",
-        BLOCKFILTER_CONNECT_TIMEOUT="0.5",
-        BLOCKFILTER_REQUEST_TIMEOUT=str(REQUEST_TIMEOUT),
-        BLOCKFILTER_RETRY_DEADLINE=str(RETRY_DEADLINE),
-        BLOCKFILTER_RETRY_AFTER_MAX=str(RETRY_AFTER_MAX),
-    )
-    env.update(extra)
-    return env
+    budget = {
+        "BLOCKFILTER_RETRY_ATTEMPTS": str(ATTEMPTS),
+        "BLOCKFILTER_CONNECT_TIMEOUT": "0.5",
+        "BLOCKFILTER_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT),
+        "BLOCKFILTER_RETRY_DEADLINE": str(RETRY_DEADLINE),
+        "BLOCKFILTER_RETRY_AFTER_MAX": str(RETRY_AFTER_MAX),
+    }
+    return subprocess_env(sim, **{**budget, **extra})
 
 
 @dataclass

@@ -30,8 +30,8 @@ from blockfilter.model import VERDICT_FIELDS, Invalid, Parsed, has_usable_id, pa
 from blockfilter.numbers import InvalidNumber, normalize
 from blockfilter.sources import FunctionSource
 from blockfilter.testing.simulator import Simulator
-from tests.conftest import TEST_KEY, TEST_SID
-from tests.test_cli import blockfilter, cli_env, numbers
+from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
+from tests.test_cli import blockfilter, numbers
 
 REASONS = {
     "blocklisted",
@@ -366,7 +366,9 @@ def run_file(
     path = tmp_path / "input.jsonl"
     path.write_bytes(data)
     summary = tmp_path / "summary.json"
-    done = blockfilter("filter", str(path), "--summary-json", str(summary), *args, env=cli_env(sim))
+    done = blockfilter(
+        "filter", str(path), "--summary-json", str(summary), *args, env=subprocess_env(sim)
+    )
     assert b"Traceback" not in done.stderr, done.stderr.decode()
     found = json.loads(summary.read_text()) if summary.exists() else {}
     return done, parse_records(done.stdout), found
@@ -557,7 +559,9 @@ def test_a_spreadsheet_export_with_a_bom_and_crlf(sim: Simulator, tmp_path: Path
     ]
     assert not done.stdout.startswith(b"\xef\xbb\xbf") and b"\r" not in done.stdout
     # --estimate reads the same file the same way.
-    estimate = blockfilter("filter", str(tmp_path / "input.jsonl"), "--estimate", env=cli_env(sim))
+    estimate = blockfilter(
+        "filter", str(tmp_path / "input.jsonl"), "--estimate", env=subprocess_env(sim)
+    )
     assert estimate.stdout.split()[0] == b"1"
 
 
@@ -599,7 +603,7 @@ def test_an_observer_sees_records_nested_as_deep_as_the_input_allows(
     from blockfilter.cli import main
     from blockfilter.plugins.manager import get_plugin_manager, reset_plugin_manager
 
-    for name, value in cli_env(sim).items():
+    for name, value in subprocess_env(sim).items():
         if name.startswith(("KALEYRA_", "BLOCKFILTER_")):
             monkeypatch.setenv(name, value)
     deep = b"[" * 1020 + b"]" * 1020
@@ -650,7 +654,7 @@ def peak_rss_mib(sim: Simulator, *args: str) -> tuple[float, int, bytes]:
     done = subprocess.run(
         [sys.executable, "-c", _MEASURE, sys.executable, "-m", "blockfilter", *args],
         capture_output=True,
-        env=cli_env(sim),
+        env=subprocess_env(sim),
         timeout=300,
     )
     peak_kib, returncode = done.stdout.split()

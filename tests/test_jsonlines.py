@@ -26,8 +26,7 @@ from blockfilter.engine.lines import LinePlan
 from blockfilter.errors import InputChanged
 from blockfilter.model import Parsed
 from blockfilter.testing.simulator import Simulator
-from tests.conftest import TEST_KEY, TEST_SID
-from tests.test_cli import cli_env
+from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
 from tests.test_hostile_input import VALID, any_messages, good_messages, make_filter
 
 # -- run_lines against run ---------------------------------------------------------------------
@@ -194,7 +193,7 @@ def test_a_file_edited_during_a_run_stops_it_and_writes_nothing(
     from blockfilter import hookimpl
     from blockfilter.plugins.manager import get_plugin_manager, reset_plugin_manager
 
-    for name, value in cli_env(sim).items():
+    for name, value in subprocess_env(sim).items():
         if name.startswith(("KALEYRA_", "BLOCKFILTER_")):
             monkeypatch.setenv(name, value)
     path = tmp_path / "campaign.jsonl"

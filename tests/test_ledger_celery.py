@@ -5,7 +5,6 @@ report returned. Plus the two tasks, on a real worker."""
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -14,16 +13,12 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from blockfilter.config import load_settings  # noqa: E402
-from blockfilter.ledger import report_send_results  # noqa: E402
-from blockfilter.ledger.ledger import forget_shared_ledgers, make_ledger  # noqa: E402
-from blockfilter.tasks import TASK_NAME  # noqa: E402
-from tests.celery_support.harness import Stack, install_plugin_dist, require_broker  # noqa: E402
-from tests.ledger_support import KEY_A, LedgerPlace  # noqa: E402
+from blockfilter.config import load_settings
+from blockfilter.ledger import report_send_results
+from blockfilter.ledger.ledger import forget_shared_ledgers, make_ledger
+from blockfilter.tasks import TASK_NAME
+from tests.ledger_support import KEY_A, LedgerPlace
+from tests.support.harness import Stack, install_plugin_dist, require_broker
 
 
 @dataclass

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import clean_environ
 from tests.ledger_support import KEY_A, KEY_B, LedgerPlace
+from tests.support.env import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 N1, N2, N3 = "+919812300001", "+919812300002", "+919812300003"
@@ -19,12 +19,9 @@ N1, N2, N3 = "+919812300001", "+919812300002", "+919812300003"
 def optout(
     place: LedgerPlace, *args: str, key: str = KEY_A, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    env = {
-        **clean_environ(),
-        "BLOCKFILTER_OPTOUT_URL": place.url,
-        "BLOCKFILTER_OPTOUT_KEY": key,
-        "BLOCKFILTER_LOAD_PLUGINS": "",
-    }
+    env = subprocess_env(
+        BLOCKFILTER_OPTOUT_URL=place.url, BLOCKFILTER_OPTOUT_KEY=key, BLOCKFILTER_LOAD_PLUGINS=""
+    )
     return subprocess.run(
         [sys.executable, "-m", "blockfilter", "optout", *args],
         input=stdin,
@@ -87,12 +84,11 @@ def test_a_missing_key_is_a_usage_error(place: LedgerPlace) -> None:
 
 
 def test_config_shows_the_ledger_settings_without_secrets(place: LedgerPlace) -> None:
-    env = {
-        **clean_environ(),
-        "BLOCKFILTER_OPTOUT_URL": "postgresql://bf:s3cret-pw@db.internal:5432/ledger",
-        "BLOCKFILTER_OPTOUT_KEY": KEY_A,
-        "BLOCKFILTER_OPTOUT_SCOPE": "all",
-    }
+    env = subprocess_env(
+        BLOCKFILTER_OPTOUT_URL="postgresql://bf:s3cret-pw@db.internal:5432/ledger",
+        BLOCKFILTER_OPTOUT_KEY=KEY_A,
+        BLOCKFILTER_OPTOUT_SCOPE="all",
+    )
     done = subprocess.run(
         [sys.executable, "-m", "blockfilter", "config"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,
@@ -104,6 +100,6 @@ def test_config_shows_the_ledger_settings_without_secrets(place: LedgerPlace) ->
     bad = subprocess.run(
         [sys.executable, "-m", "blockfilter", "config"],
         capture_output=True, text=True, cwd=ROOT, timeout=60,
-        env={**clean_environ(), "BLOCKFILTER_OPTOUT_SCOPE": "galaxy"},
+        env=subprocess_env(BLOCKFILTER_OPTOUT_SCOPE="galaxy"),
     )  # fmt: skip
     assert bad.returncode == 2 and "BLOCKFILTER_OPTOUT_SCOPE" in bad.stderr

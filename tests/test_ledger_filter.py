@@ -19,8 +19,9 @@ from blockfilter.ledger.ledger import forget_shared_ledgers
 from blockfilter.plugins.hookspecs import hookimpl
 from blockfilter.plugins.manager import build_filter, make_plugin_manager
 from blockfilter.testing.simulator import Simulator
-from tests.conftest import TEST_KEY, TEST_SID, clean_environ, fast_settings
+from tests.conftest import fast_settings
 from tests.ledger_support import KEY_A, LedgerPlace
+from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 N1, N2, N3 = "+919812300001", "+919812300002", "+919812300003"
@@ -168,15 +169,12 @@ def _cli(args: list[str], env: dict[str, str], stdin: bytes = b"") -> subprocess
 def test_the_command_line_filter_and_check_see_the_ledger(
     simulator: Simulator, place: LedgerPlace, tmp_path: Path
 ) -> None:
-    env = {
-        **clean_environ(),
-        "KALEYRA_SID": TEST_SID,
-        "KALEYRA_API_KEY": TEST_KEY,
-        "KALEYRA_BASE_URL": simulator.base_url,
-        "BLOCKFILTER_OPTOUT_URL": place.url,
-        "BLOCKFILTER_OPTOUT_KEY": KEY_A,
-        "BLOCKFILTER_LOAD_PLUGINS": "",
-    }
+    env = subprocess_env(
+        simulator,
+        BLOCKFILTER_OPTOUT_URL=place.url,
+        BLOCKFILTER_OPTOUT_KEY=KEY_A,
+        BLOCKFILTER_LOAD_PLUGINS="",
+    )
     added = _cli(["optout", "add", "--channel", "sms", "--by", "ops", N1], env)
     assert added.returncode == 0, added.stderr.decode()
     campaign = tmp_path / "campaign.jsonl"
@@ -313,15 +311,12 @@ def test_a_cached_verdict_carries_its_age_and_a_synced_one_the_snapshots(
 def test_the_command_line_summary_counts_verdicts_by_source(
     simulator: Simulator, sqlite_place: LedgerPlace, tmp_path: Path
 ) -> None:
-    env = {
-        **clean_environ(),
-        "KALEYRA_SID": TEST_SID,
-        "KALEYRA_API_KEY": TEST_KEY,
-        "KALEYRA_BASE_URL": simulator.base_url,
-        "BLOCKFILTER_OPTOUT_URL": sqlite_place.url,
-        "BLOCKFILTER_OPTOUT_KEY": KEY_A,
-        "BLOCKFILTER_LOAD_PLUGINS": "",
-    }
+    env = subprocess_env(
+        simulator,
+        BLOCKFILTER_OPTOUT_URL=sqlite_place.url,
+        BLOCKFILTER_OPTOUT_KEY=KEY_A,
+        BLOCKFILTER_LOAD_PLUGINS="",
+    )
     assert _cli(["optout", "add", "--channel", "sms", N1], env).returncode == 0
     campaign = tmp_path / "campaign.jsonl"
     campaign.write_text(

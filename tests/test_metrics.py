@@ -18,24 +18,20 @@ import pytest
 
 pytest.importorskip("prometheus_client", reason="blockfilter[metrics] is not installed")
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
-    sys.path.insert(0, str(ROOT))
+from prometheus_client.parser import text_string_to_metric_families
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-from blockfilter import metrics  # noqa: E402
-from blockfilter.tasks import TASK_NAME, filter_campaign  # noqa: E402
-from blockfilter.testing.simulator import FaultRule, Simulator  # noqa: E402
-from tests.celery_support.harness import (  # noqa: E402
+from blockfilter import metrics
+from blockfilter.tasks import TASK_NAME, filter_campaign
+from blockfilter.testing.simulator import FaultRule, Simulator
+from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
+from tests.support.harness import (
     RETRY_ATTEMPTS,
     TASK_MAX_RETRIES,
     Stack,
     install_plugin_dist,
     require_broker,
 )
-from tests.celery_support.private_servers import free_port  # noqa: E402
-from tests.conftest import TEST_KEY, TEST_SID, clean_environ  # noqa: E402
+from tests.support.private_servers import free_port
 
 HAS_COLLECTOR = importlib.util.find_spec("celery_batches") is not None
 
@@ -221,13 +217,7 @@ def test_filter_writes_its_metrics_to_a_file(tmp_path: Path) -> None:
     source.write_text("".join(json.dumps(m) + "\n" for m in messages), encoding="utf-8")
     with Simulator(sid=TEST_SID, api_key=TEST_KEY) as simulator:
         simulator.block("sms", *(number(300 + i) for i in range(10)))
-        env = clean_environ()
-        env.update(
-            KALEYRA_SID=TEST_SID,
-            KALEYRA_API_KEY=TEST_KEY,
-            KALEYRA_BASE_URL=simulator.base_url,
-            BLOCKFILTER_LOAD_PLUGINS="",
-        )
+        env = subprocess_env(simulator, BLOCKFILTER_LOAD_PLUGINS="")
         done = subprocess.run(
             [sys.executable, "-m", "blockfilter", "filter", str(source)]
             + ["--out", str(tmp_path / "out.jsonl"), "--metrics-file", str(tmp_path / "m.prom")],

@@ -24,25 +24,22 @@ from typing import Any
 import phonenumbers
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
-    sys.path.insert(0, str(ROOT))
-
-from blockfilter.engine.filter import Filter  # noqa: E402
-from blockfilter.errors import CheckFailed  # noqa: E402
-from blockfilter.pipeline.collector import COLLECT_TASK_NAME  # noqa: E402
-from blockfilter.plugins.hookspecs import hookimpl  # noqa: E402
-from blockfilter.plugins.manager import make_plugin_manager, reset_plugin_manager  # noqa: E402
-from blockfilter.sources import FunctionSource  # noqa: E402
-from blockfilter.tasks import TASK_NAME  # noqa: E402
-from blockfilter.testing.simulator import Simulator  # noqa: E402
-from tests.celery_support.harness import (  # noqa: E402
+from blockfilter.engine.filter import Filter
+from blockfilter.errors import CheckFailed
+from blockfilter.pipeline.collector import COLLECT_TASK_NAME
+from blockfilter.plugins.hookspecs import hookimpl
+from blockfilter.plugins.manager import make_plugin_manager, reset_plugin_manager
+from blockfilter.sources import FunctionSource
+from blockfilter.tasks import TASK_NAME
+from blockfilter.testing.simulator import Simulator
+from tests.conftest import fast_settings
+from tests.support.env import ROOT, TEST_KEY, TEST_SID, subprocess_env
+from tests.support.harness import (
     Stack,
-    Worker,
     install_plugin_dist,
     require_broker,
 )
-from tests.conftest import TEST_KEY, TEST_SID, clean_environ, fast_settings  # noqa: E402
+from tests.support.workers import Worker
 
 # The plugin: an opt-out table read from BF_OPTOUT_<CHANNEL> (comma-separated E.164), so every
 # process a test starts (commands, workers) reads the same table.
@@ -139,19 +136,7 @@ def expected_verdicts(
 
 def surface_env(simulator: Simulator, site: Path, opted_out: set[str]) -> dict[str, str]:
     """A user's shell: credentials for the simulator, the plugin installed, its opt-outs."""
-    env = clean_environ()
-    env.update(
-        KALEYRA_SID=TEST_SID,
-        KALEYRA_API_KEY=TEST_KEY,
-        KALEYRA_BASE_URL=simulator.base_url,
-        PYTHONPATH=str(site),
-        BF_OPTOUT_SMS=",".join(sorted(opted_out)),
-        BLOCKFILTER_RETRY_ATTEMPTS="2",
-        BLOCKFILTER_BACKOFF_BASE="0.01",
-        BLOCKFILTER_REQUEST_TIMEOUT="1",
-        BLOCKFILTER_RETRY_DEADLINE="2",
-    )
-    return env
+    return subprocess_env(simulator, path=[site], BF_OPTOUT_SMS=",".join(sorted(opted_out)))
 
 
 def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -16,18 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
+from kombu import Exchange, Queue
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
-    sys.path.insert(0, str(ROOT))
-
-from celery import Celery  # noqa: E402
-from kombu import Exchange, Queue  # noqa: E402
-
-from blockfilter.errors import ConfigError  # noqa: E402
-from blockfilter.pipeline.replay import load_app, main_replay, replay_deferred  # noqa: E402
-from blockfilter.tasks import TASK_NAME, deferred_queue, park_deferred  # noqa: E402
-from tests.celery_support.harness import Stack, install_plugin_dist, require_broker  # noqa: E402
+from blockfilter.errors import ConfigError
+from blockfilter.pipeline.replay import load_app, main_replay, replay_deferred
+from blockfilter.tasks import TASK_NAME, deferred_queue, park_deferred
+from tests.support.env import ROOT
+from tests.support.harness import Stack, install_plugin_dist, require_broker
 
 
 def parked_messages(count: int) -> list[dict[str, Any]]:
@@ -62,11 +58,11 @@ def sent_batches(app: Celery, queue_name: str) -> list[list[Any]]:
 
 
 def test_load_app_from_module_path_registers_the_task() -> None:
-    app = load_app("tests.celery_support.app:app", None)
+    app = load_app("tests.support.app:app", None)
     assert isinstance(app, Celery)
     assert TASK_NAME in app.tasks
     # Like `celery -A`: a module path finds its `app` attribute.
-    assert load_app("tests.celery_support.app", None) is app
+    assert load_app("tests.support.app", None) is app
 
 
 def test_load_app_needs_an_app_or_a_broker() -> None:
@@ -151,9 +147,9 @@ def test_replay_sends_batches_and_acks_only_what_it_sent(stack: Stack) -> None:
 
 
 def run_cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    """``blockfilter ARGS`` with the test app's environment (``--app tests.celery_support.app``)."""
+    """``blockfilter ARGS`` with the test app's environment (``--app tests.support.app``)."""
     return subprocess.run(
-        [sys.executable, "-m", "blockfilter", *args, "--app", "tests.celery_support.app"],
+        [sys.executable, "-m", "blockfilter", *args, "--app", "tests.support.app"],
         cwd=ROOT,
         env=stack.worker_env(),
         capture_output=True,

@@ -27,27 +27,21 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
-    sys.path.insert(0, str(ROOT))
-
-from blockfilter.config import Settings, load_settings  # noqa: E402
-from blockfilter.engine.filter import Filter  # noqa: E402
-from blockfilter.tasks import filter_campaign, merge_summaries  # noqa: E402
-from blockfilter.testing.simulator import Simulator  # noqa: E402
-from tests.celery_support.campaigns import DISPATCHED, Campaign, make_campaign  # noqa: E402
-from tests.celery_support.harness import (  # noqa: E402
-    TEST_KEY,
-    TEST_SID,
+from blockfilter.config import Settings, load_settings
+from blockfilter.engine.filter import Filter
+from blockfilter.tasks import filter_campaign, merge_summaries
+from blockfilter.testing.simulator import Simulator
+from tests.support.campaigns import DISPATCHED, Campaign, make_campaign
+from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
+from tests.support.harness import (
     install_plugin_dist,
     require_broker,
 )
-from tests.celery_support.private_servers import (  # noqa: E402
+from tests.support.private_servers import (
     PrivateRabbit,
     PrivateRedis,
 )
-from tests.celery_support.tuned import TunedStack  # noqa: E402
-from tests.conftest import clean_environ  # noqa: E402
+from tests.support.tuned import TunedStack
 
 pytestmark = pytest.mark.slow
 
@@ -312,13 +306,8 @@ def test_cli_filter_with_the_cache_down_exits_0(
     cache_server.kill()
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(m) + "\n" for m in campaign.messages), encoding="utf-8")
-    env = clean_environ()
-    env.update(
-        KALEYRA_SID=TEST_SID,
-        KALEYRA_API_KEY=TEST_KEY,
-        KALEYRA_BASE_URL=simulator.base_url,
-        BLOCKFILTER_CACHE_URL=cache_server.url,
-        BLOCKFILTER_LOAD_PLUGINS="",
+    env = subprocess_env(
+        simulator, BLOCKFILTER_CACHE_URL=cache_server.url, BLOCKFILTER_LOAD_PLUGINS=""
     )
     done = subprocess.run(
         [

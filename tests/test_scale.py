@@ -35,7 +35,7 @@ from blockfilter.kaleyra.sync import sync_pages
 from blockfilter.store.cache import MemoryCache, RedisCache
 from blockfilter.store.ratelimit import RateLimiter
 from blockfilter.testing.simulator import Simulator
-from tests.conftest import clean_environ
+from tests.support.env import subprocess_env
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 #: The Redis database the command-line tests use (see the module docs).
@@ -114,21 +114,14 @@ def cli_redis() -> Iterator[redis.Redis]:
 
 def cli_env(sim: Simulator, **extra: str) -> dict[str, str]:
     """A user's environment: this simulator, an account of the test's own, a Redis cache."""
-    env = clean_environ()
-    env.update(
-        KALEYRA_SID=f"T{uuid.uuid4().hex[:12]}",
-        KALEYRA_API_KEY="test-key-0123456789",
-        KALEYRA_BASE_URL=sim.base_url,
-        BLOCKFILTER_CACHE_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/{CLI_DB}",
-        BLOCKFILTER_CACHE_SECRET=uuid.uuid4().hex,
-        BLOCKFILTER_RETRY_ATTEMPTS="2",
-        BLOCKFILTER_BACKOFF_BASE="0.01",
-        BLOCKFILTER_BACKOFF_MAX="0.02",
-        BLOCKFILTER_REQUEST_TIMEOUT="2",
-        BLOCKFILTER_RETRY_DEADLINE="3",
-    )
-    env.update(extra)
-    return env
+    own = {
+        "KALEYRA_SID": f"T{uuid.uuid4().hex[:12]}",
+        "BLOCKFILTER_CACHE_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{CLI_DB}",
+        "BLOCKFILTER_CACHE_SECRET": uuid.uuid4().hex,
+        "BLOCKFILTER_REQUEST_TIMEOUT": "2",
+        "BLOCKFILTER_RETRY_DEADLINE": "3",
+    }
+    return subprocess_env(sim, **{**own, **extra})
 
 
 def blockfilter(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:

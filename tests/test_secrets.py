@@ -31,7 +31,8 @@ from blockfilter.kaleyra.source import KaleyraSource
 from blockfilter.plugins.manager import reset_plugin_manager
 from blockfilter.redact import SECRET_FILTER, guard_library_logs, mask_number
 from blockfilter.testing.simulator import FaultRule, Simulator
-from tests.conftest import clean_environ, fast_settings
+from tests.conftest import fast_settings
+from tests.support.env import subprocess_env
 from tests.test_cli import numbers, records, write_campaign
 
 SID = "SECRETSSID"
@@ -55,20 +56,13 @@ def _clean_simulator(sim: Simulator) -> Iterator[None]:
 
 
 def env_for(sim: Simulator, **extra: str) -> dict[str, str]:
-    env = clean_environ()
-    env.update(
-        KALEYRA_SID=SID,
-        KALEYRA_API_KEY=KEY,
-        KALEYRA_BASE_URL=sim.base_url,
-        BLOCKFILTER_RETRY_ATTEMPTS="2",
-        BLOCKFILTER_BACKOFF_BASE="0.01",
-        BLOCKFILTER_BACKOFF_MAX="0.02",
-        BLOCKFILTER_RETRY_AFTER_MAX="0.05",
-        BLOCKFILTER_REQUEST_TIMEOUT="0.5",
-        BLOCKFILTER_RETRY_DEADLINE="2",
-    )
-    env.update(extra)
-    return env
+    own = {
+        "KALEYRA_SID": SID,
+        "KALEYRA_API_KEY": KEY,
+        "BLOCKFILTER_RETRY_AFTER_MAX": "0.05",
+        "BLOCKFILTER_REQUEST_TIMEOUT": "0.5",
+    }
+    return subprocess_env(sim, **{**own, **extra})
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
@@ -151,8 +145,7 @@ def test_the_key_never_shows_in_any_command_output(sim: Simulator, tmp_path: Pat
 
 
 def test_the_simulator_command_never_prints_the_key(tmp_path: Path) -> None:
-    env = clean_environ()
-    env.update(KALEYRA_SID=SID, KALEYRA_API_KEY=KEY)
+    env = subprocess_env(KALEYRA_SID=SID, KALEYRA_API_KEY=KEY)
     process = subprocess.Popen(
         [sys.executable, "-m", "blockfilter", "-vv", "simulator", "--port", "0"],
         stdout=subprocess.PIPE,
@@ -456,12 +449,11 @@ def test_a_tls_failure_defers_in_the_command_line(
     https_server: tuple[str, Path], tmp_path: Path
 ) -> None:
     base_url, cert = https_server
-    env = clean_environ()
-    env.pop("REQUESTS_CA_BUNDLE", None)
-    env.update(
+    env = subprocess_env(
+        base_url,
+        strip=("REQUESTS_CA_BUNDLE",),
         KALEYRA_SID=SID,
         KALEYRA_API_KEY=KEY,
-        KALEYRA_BASE_URL=base_url,
         BLOCKFILTER_RETRY_ATTEMPTS="1",
     )
     path = write_campaign(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -19,7 +18,6 @@ from typing import Any
 import pytest
 import requests
 
-import blockfilter
 from blockfilter.testing.simulator import (
     FAULT_KINDS,
     FaultRule,
@@ -27,12 +25,11 @@ from blockfilter.testing.simulator import (
     Simulator,
     parse_fault_spec,
 )
-from tests.conftest import clean_environ
+from tests.support.env import subprocess_env
 
 SID = "SIDTEST01"
 KEY = "sim-key-0123456789abcdef"
 N1, N2, N3 = "+918020000052", "+918020000053", "+918020000054"
-REPO_ROOT = Path(blockfilter.__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -673,13 +670,6 @@ def test_stop_closes_pooled_connections(http: requests.Session) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def child_env(**extra: str) -> dict[str, str]:
-    env = clean_environ()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
-
-
 RUN_SIMULATOR = textwrap.dedent(
     """
     import sys
@@ -699,7 +689,7 @@ def test_run_simulator_serves_until_signalled(
     blocked.write_text(f"sms,{N1}\n")
     process = subprocess.Popen(
         [sys.executable, "-c", RUN_SIMULATOR, str(blocked)],
-        env=child_env(KALEYRA_SID=SID, KALEYRA_API_KEY=KEY),
+        env=subprocess_env(KALEYRA_SID=SID, KALEYRA_API_KEY=KEY),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -767,7 +757,7 @@ def test_pytest_plugin_fixtures(tmp_path: Path) -> None:
             str(tmp_path),
         ],
         cwd=tmp_path,
-        env=child_env(PYTEST_DISABLE_PLUGIN_AUTOLOAD="1"),
+        env=subprocess_env(PYTEST_DISABLE_PLUGIN_AUTOLOAD="1"),
         capture_output=True,
         text=True,
         timeout=60,

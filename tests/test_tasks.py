@@ -11,7 +11,6 @@ import json
 import os
 import random
 import signal
-import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -20,12 +19,8 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the support package is imported as tests.celery_support
-    sys.path.insert(0, str(ROOT))
-
-from blockfilter.model import VERDICT_FIELDS  # noqa: E402
-from blockfilter.tasks import (  # noqa: E402
+from blockfilter.model import VERDICT_FIELDS
+from blockfilter.tasks import (
     DEFERRED_QUEUE,
     TASK_NAME,
     deferred_queue,
@@ -34,9 +29,9 @@ from blockfilter.tasks import (  # noqa: E402
     retry_countdown,
     split_campaign,
 )
-from blockfilter.testing.simulator import FaultRule  # noqa: E402
-from tests.celery_support.factory import make_app  # noqa: E402
-from tests.celery_support.harness import (  # noqa: E402
+from blockfilter.testing.simulator import FaultRule
+from tests.support.factory import make_app
+from tests.support.harness import (
     BROKEN_ENTRY_POINT,
     RETRY_ATTEMPTS,
     TASK_MAX_RETRIES,

@@ -1,4 +1,4 @@
-"""The Celery app of a test worker: ``celery -A tests.celery_support.app worker ...``.
+"""The Celery app of a test worker: ``celery -A tests.support.app worker ...``.
 
 Configured from ``BFTEST_*`` variables set by the test that starts the worker;
 ``BFTEST_EXTRA_CONF`` (a JSON object) adds conf keys of the test's own
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from tests.celery_support.factory import make_app
+from tests.support.factory import make_app
 
 _visibility = os.environ.get("BFTEST_VISIBILITY_TIMEOUT")
 

@@ -1,21 +1,17 @@
-"""What the Celery tests share: brokers, worker processes, the test plugin's distribution.
+"""What the Celery tests share: brokers, one test's stack, the test plugin's distribution.
 
 A :class:`Stack` is one test's world: a Kaleyra simulator in the test process, a Celery app on
-a real broker with queue names and a Redis key prefix of its own, and worker processes started
-with ``celery -A tests.celery_support.app worker`` that find the test plugin through a real
-entry point. Everything it made on the shared brokers is removed afterwards (queues, exchange,
-keys under its prefix; never a FLUSHDB).
+a real broker with queue names and a Redis key prefix of its own, and worker processes
+(:class:`~tests.support.workers.Worker`, on the app of :mod:`tests.support.app`) that find the
+test plugin through a real entry point. Everything it made on the shared brokers is removed
+afterwards (queues, exchange, keys under its prefix; never a FLUSHDB).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -28,16 +24,13 @@ import redis
 from celery import Celery
 
 from blockfilter.testing.simulator import Simulator
-from tests.celery_support.factory import make_app
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
+from tests.support.factory import make_app
+from tests.support.workers import Worker
 
 RABBIT_URL = "amqp://guest:guest@127.0.0.1:5672//"
 REDIS_URL = "redis://127.0.0.1:6379/0"
 BROKERS = {"amqp": RABBIT_URL, "redis": REDIS_URL}
-
-TEST_SID = "TESTSID"
-TEST_KEY = "test-key-0123456789"
 
 # Small budgets so failure cases finish in seconds: 2 client attempts x 3 task attempts.
 RETRY_ATTEMPTS = 2
@@ -91,146 +84,11 @@ def install_plugin_dist(directory: Path) -> Path:
     )
     (info / "entry_points.txt").write_text(
         "[blockfilter]\n"
-        f"{RECORDER_ENTRY_POINT} = tests.celery_support.recorder_plugin\n"
-        f"{BROKEN_ENTRY_POINT} = tests.celery_support.broken_plugin\n",
+        f"{RECORDER_ENTRY_POINT} = tests.support.recorder_plugin\n"
+        f"{BROKEN_ENTRY_POINT} = tests.support.broken_plugin\n",
         encoding="utf-8",
     )
     return directory
-
-
-class Worker:
-    """A ``celery worker`` process in a process group of its own: the one launcher of the tests.
-
-    Prefork with 2 children on the test app by default; ``app`` names another app module (the
-    collector's), ``pool``, ``concurrency`` and ``loglevel`` what the test needs.
-    """
-
-    def __init__(
-        self,
-        env: dict[str, str],
-        queue: str,
-        log_path: Path,
-        name: str,
-        *,
-        app: str = "tests.celery_support.app",
-        pool: str = "prefork",
-        concurrency: int = 2,
-        loglevel: str = "INFO",
-    ) -> None:
-        self.env = env
-        self.queue = queue
-        self.log_path = log_path
-        self.name = name
-        self.app = app
-        self.pool = pool
-        self.concurrency = concurrency
-        self.loglevel = loglevel
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def nodename(self) -> str:
-        return f"{self.name}@localhost"
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            self.app,
-            "worker",
-            f"--pool={self.pool}",
-            "-c",
-            str(self.concurrency),
-            "--without-heartbeat",
-            "--without-gossip",
-            "--without-mingle",
-            "-Q",
-            self.queue,
-            "-n",
-            self.nodename,
-            f"--loglevel={self.loglevel}",
-        ]
-
-    def launch(self) -> int:
-        """Start the process; returns the log's size before it, where its own lines begin."""
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                self.command(),
-                cwd=ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: killed as a whole, children too
-            )
-        return offset
-
-    def start(self, timeout: float = 40.0) -> Worker:
-        """Start the worker and wait until it says it is ready (a ping, not a sleep)."""
-        offset = self.launch()
-        assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
-            if " ready." in text:
-                return self
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise AssertionError(f"worker did not start; its log:\n{self.log_text()[-4000:]}")
-
-    def run_to_exit(self, timeout: float = 60.0) -> tuple[int, str]:
-        """Start a worker that is expected to stop by itself: its exit status and its output."""
-        offset = self.launch()
-        assert self.process is not None
-        try:
-            status = self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise AssertionError(
-                f"the worker did not stop by itself; its log:\n{self.log_text()[-4000:]}"
-            ) from None
-        return status, self.log_path.read_bytes()[offset:].decode(errors="replace")
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def children(self) -> list[int]:
-        """The pool's child processes (prefork)."""
-        assert self.process is not None
-        pid = self.process.pid
-        try:
-            text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker (main process and pool): no shutdown, no acks."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        """Warm shutdown, then SIGKILL if it lingers."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-        # Pool children left behind by a killed main process die with the group.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.process.pid, signal.SIGKILL)
 
 
 @dataclass
@@ -265,30 +123,19 @@ class Stack:
     # -- workers -----------------------------------------------------------------------------
 
     def worker_env(self) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("KALEYRA_", "BLOCKFILTER_", "BFTEST_"))
-        }
-        path = [str(self.plugin_dir), str(ROOT)]
-        if env.get("PYTHONPATH"):
-            path.append(env["PYTHONPATH"])
-        env.update(WORKER_SETTINGS)
-        env.update(
-            {
-                "PYTHONPATH": os.pathsep.join(path),
-                "KALEYRA_SID": TEST_SID,
-                "KALEYRA_API_KEY": TEST_KEY,
-                "KALEYRA_BASE_URL": self.simulator.base_url,
-                "BFTEST_BROKER_URL": self.broker,
-                "BFTEST_RESULT_BACKEND": REDIS_URL,
-                "BFTEST_QUEUE": self.queue,
-                "BFTEST_DEFERRED_QUEUE": self.deferred_queue,
-                "BFTEST_KEYPREFIX": self.keyprefix,
-                "BFTEST_RECORD_URL": REDIS_URL,
-                "BFTEST_RECORD_KEY": self.record_key,
-                "BFTEST_FAIL_KEY": self.fail_key,
-            }
+        env = subprocess_env(
+            self.simulator,
+            path=[self.plugin_dir],
+            strip=("BFTEST_",),
+            **WORKER_SETTINGS,
+            BFTEST_BROKER_URL=self.broker,
+            BFTEST_RESULT_BACKEND=REDIS_URL,
+            BFTEST_QUEUE=self.queue,
+            BFTEST_DEFERRED_QUEUE=self.deferred_queue,
+            BFTEST_KEYPREFIX=self.keyprefix,
+            BFTEST_RECORD_URL=REDIS_URL,
+            BFTEST_RECORD_KEY=self.record_key,
+            BFTEST_FAIL_KEY=self.fail_key,
         )
         if self.visibility_timeout is not None:
             env["BFTEST_VISIBILITY_TIMEOUT"] = str(self.visibility_timeout)

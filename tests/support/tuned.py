@@ -1,4 +1,4 @@
-"""A :class:`~tests.celery_support.harness.Stack` whose workers get settings of the test's own.
+"""A :class:`~tests.support.harness.Stack` whose workers get settings of the test's own.
 
 The failure tests need smaller budgets than the harness's defaults (so a fault matrix runs in
 minutes) or another cache (a private Redis that the test kills); they also drain the deferred
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from tests.celery_support.harness import Stack
+from tests.support.harness import Stack
 
 
 @dataclass

@@ -123,7 +123,7 @@ def install_counting_dist(directory: Path) -> Path:
         f"Metadata-Version: 2.1\nName: {DIST}\nVersion: 1.0\n", encoding="utf-8"
     )
     (info / "entry_points.txt").write_text(
-        f"[blockfilter]\n{ENTRY_POINT} = tests.celery_support.counting_plugin\n",
+        f"[blockfilter]\n{ENTRY_POINT} = tests.support.counting_plugin\n",
         encoding="utf-8",
     )
     return directory
