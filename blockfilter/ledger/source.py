@@ -23,7 +23,7 @@ from typing import Any
 from ..config import Settings
 from ..errors import ConfigError
 from ..plugins.hookspecs import hookimpl
-from ..sources import BaseSource, CheckOutcome, SourceStats
+from ..sources import BaseSource, CheckOutcome, SourceStats, sources_never_alone
 from .mappings import BUILTIN_CODES, merge_codes
 
 log = logging.getLogger("blockfilter.ledger")
@@ -76,6 +76,7 @@ class LedgerPlugin:
         self._sources: dict[int, LedgerSource] = {}
 
     @hookimpl(trylast=True)
+    @sources_never_alone
     def blockfilter_blocklist_sources(self, settings: Settings) -> list[Any]:
         # The same source for the same ledger: one object per process, as the hook asks.
         ledger = self.ledger(settings)
