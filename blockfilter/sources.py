@@ -17,9 +17,22 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 log = logging.getLogger("blockfilter.sources")
+
+Hook = TypeVar("Hook", bound=Callable[..., object])
+
+# The mark of sources_never_alone, on a hook implementation.
+NEVER_ALONE = "blockfilter_sources_never_alone"
+
+
+def sources_never_alone(hook: Hook) -> Hook:
+    """Mark a ``blockfilter_blocklist_sources`` implementation whose sources never stand alone
+    (:attr:`BaseSource.stands_alone` is ``False``), so that a plugin manager with no other
+    source refuses to start before any source is made."""
+    setattr(hook, NEVER_ALONE, True)
+    return hook
 
 
 @dataclass(slots=True)

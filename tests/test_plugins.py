@@ -251,6 +251,31 @@ def test_disabling_kaleyra_with_no_other_source_refuses_to_start() -> None:
         make_plugin_manager(no_entry_points(disable_plugins=["kaleyra"]))
 
 
+def test_sources_that_never_stand_alone_are_no_source_at_start(
+    install: Callable[..., dict[str, str]],
+) -> None:
+    # Marked as the ledger's are: they only add opt-outs to what another source says.
+    install(
+        "blockfilter-extra-optouts",
+        {
+            "extra-optouts": """
+                from blockfilter.plugins.hookspecs import hookimpl
+                from blockfilter.sources import sources_never_alone
+
+                @hookimpl
+                @sources_never_alone
+                def blockfilter_blocklist_sources(settings):
+                    return None
+            """
+        },
+    )
+    with pytest.raises(PluginError, match="no blocklist source.*refusing to run unchecked"):
+        make_plugin_manager(
+            load_settings(environ={}, load_plugins=["extra-optouts"], disable_plugins=["kaleyra"])
+        )
+    assert make_plugin_manager(load_settings(environ={}, load_plugins=["extra-optouts"]))
+
+
 def test_with_kaleyra_disabled_a_plugin_source_alone_does_the_check(
     install: Callable[..., dict[str, str]], simulator: Simulator
 ) -> None:

@@ -316,3 +316,25 @@ def test_the_engine_knows_no_source_by_name() -> None:
         assert not any("kaleyra" in m or "ledger" in m for m in modules), path.name
     manager = (ROOT / "blockfilter" / "plugins" / "manager.py").read_text(encoding="utf-8")
     assert "subset_hook_caller" not in manager
+
+
+def test_a_refused_shared_source_is_renewed_on_its_client_and_cache(simulator: Simulator) -> None:
+    from blockfilter.kaleyra.source import KaleyraSource
+    from blockfilter.plugins.builtin import SHARED_SOURCES
+    from blockfilter.plugins.manager import build_filter
+
+    settings = fast_settings(simulator.base_url, load_plugins=[])
+    pm = make_plugin_manager(settings)
+    simulator.set_faults(["e110"])  # the account is refused (no balance)
+    with build_filter(settings, pm) as first:
+        assert [r["reason"] for r in first.run([msg("1", A)])] == ["credentials_refused"]
+        [refused] = [s for s in first.sources if isinstance(s, KaleyraSource)]
+    assert refused.refused is not None
+    simulator.set_faults([])  # topped up
+    with build_filter(settings, pm) as second:
+        assert [r["verdict"] for r in second.run([msg("1", A)])] == ["allowed"]
+        [fresh] = [s for s in second.sources if isinstance(s, KaleyraSource)]
+    # A new source asks again, on the same connections and cache.
+    assert fresh is not refused and fresh.refused is None
+    assert fresh.client is refused.client and fresh.cache is refused.cache
+    SHARED_SOURCES.clear()

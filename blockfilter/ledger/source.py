@@ -24,7 +24,7 @@ from ..config import Settings
 from ..errors import ConfigError
 from ..model import PROVENANCE_FIELDS
 from ..plugins.hookspecs import hookimpl
-from ..sources import BaseSource, CheckOutcome, SourceStats
+from ..sources import BaseSource, CheckOutcome, SourceStats, sources_never_alone
 from .events import iso
 from .mappings import BUILTIN_CODES, merge_codes
 
@@ -97,6 +97,7 @@ class LedgerPlugin:
         self._sources: dict[int, LedgerSource] = {}
 
     @hookimpl(trylast=True)
+    @sources_never_alone
     def blockfilter_blocklist_sources(self, settings: Settings) -> list[Any]:
         # The same source for the same ledger: one object per process, as the hook asks.
         ledger = self.ledger(settings)

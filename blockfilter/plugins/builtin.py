@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..config import Settings
 from ..ledger.source import LEDGER, LedgerPlugin, LedgerSource
@@ -101,22 +101,29 @@ class KaleyraPlugin:
         return [SHARED_SOURCES.get(settings)]
 
 
-# Marks a blockfilter_fallback_channels implementation that answers the message's own list,
-# whatever else the message holds: when every implementation does, the filter reads the list
-# itself instead of calling the hook for every message, in every pass.
+Hook = TypeVar("Hook", bound=Callable[..., object])
+
+# The mark of answers_own_fallbacks, on a hook implementation.
 OWN_FALLBACKS = "blockfilter_own_fallbacks"
+
+
+def answers_own_fallbacks(hook: Hook) -> Hook:
+    """Mark a ``blockfilter_fallback_channels`` implementation that answers the message's own
+    list, whatever else the message holds: when every implementation does, the filter reads
+    the list itself instead of calling the hook for every message, in every pass."""
+    setattr(hook, OWN_FALLBACKS, True)
+    return hook
 
 
 class DefaultReroutePlugin:
     """The built-in ``default-reroute`` plugin: try the message's own ``fallback`` list."""
 
     @hookimpl(trylast=True)
+    @answers_own_fallbacks
     def blockfilter_fallback_channels(
         self, message: dict[str, Any], channel: str, fallback: list[str]
     ) -> list[str]:
         return fallback
-
-    setattr(blockfilter_fallback_channels, OWN_FALLBACKS, True)
 
 
 # (name, factory) of each built-in plugin, registered in this order after the installed ones.

@@ -38,10 +38,9 @@ from .. import __version__
 from ..config import CHANNELS, Settings, load_settings
 from ..engine.filter import FallbackPolicy, Filter, message_independent
 from ..errors import ConfigError
-from ..ledger.source import LEDGER
 from ..model import Parsed
 from ..redact import mask_numbers_in
-from ..sources import BaseSource, BlocklistSource, FunctionSource, as_source
+from ..sources import NEVER_ALONE, BaseSource, BlocklistSource, FunctionSource, as_source
 from . import hookspecs
 from .builtin import BUILTIN_NAMES, DEFAULT_PLUGINS, KALEYRA, OWN_FALLBACKS, SHARED_SOURCES
 from .hookspecs import PROJECT_NAME
@@ -243,13 +242,13 @@ def _check_hook_names(pm: BlockfilterPluginManager) -> None:
 
 
 def _require_a_source(pm: BlockfilterPluginManager) -> None:
-    # The ledger only knows what was reported to it: alone, it would let every other number
-    # through unchecked.
+    # A source that only adds opt-outs (the ledger knows only what was reported to it) would,
+    # alone, let every other number through unchecked.
     impls = (
         pm.hook.blockfilter_blocklist_sources.get_hookimpls()
         + pm.hook.blockfilter_blocklisted.get_hookimpls()
     )
-    if any(impl.plugin_name != LEDGER for impl in impls):
+    if any(not getattr(impl.function, NEVER_ALONE, False) for impl in impls):
         return
     raise PluginError(
         f"no blocklist source: the built-in {KALEYRA!r} plugin is disabled "
