@@ -109,9 +109,10 @@ def mask_numbers_in(text: str) -> str:
 
 def redact(text: str, *secrets: str | None) -> str:
     """Replace every occurrence of each non-empty secret in ``text`` with ``[REDACTED]``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[REDACTED]")
+    # Longest first: a short secret inside a longer one (one process's key "k", another's
+    # "sekrit-key-9d41") replaced first would split it and leave the rest of it in clear.
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "[REDACTED]")
     return text
 
 

@@ -2,10 +2,10 @@
 
 This is the module ``app.autodiscover_tasks(["blockfilter"])`` imports (or import it
 yourself): importing it registers every task, ``blockfilter.filter_messages`` and
-``blockfilter.collect`` (:mod:`blockfilter.pipeline`) and ``blockfilter.send_results`` and
-``blockfilter.inbound`` (:mod:`blockfilter.ledger.tasks`), with the worker's start-up checks and
-the monitoring guards that come with them. It only gathers them: the tasks themselves import
-nothing from here, so no module imports itself back.
+``blockfilter.collect`` (:mod:`blockfilter.pipeline`) and ``blockfilter.send_results``,
+``blockfilter.inbound`` and ``blockfilter.optout`` (:mod:`blockfilter.ledger.tasks`), with the
+worker's start-up checks and the monitoring guards that come with them. It only gathers
+them: the tasks themselves import nothing from here, so no module imports itself back.
 
 The names of :mod:`blockfilter.pipeline.tasks` (``filter_campaign``, ``merge_summaries``,
 ``filter_messages``...) are importable from here too, as before the package was split.
@@ -17,7 +17,7 @@ import logging
 from importlib import import_module
 
 from ._moved import names_from
-from .ledger import tasks as ledger_tasks  # noqa: F401  (send_results, inbound)
+from .ledger import tasks as ledger_tasks  # noqa: F401  (send_results, inbound, optout)
 from .pipeline.tasks import (  # noqa: F401  (the public names, as before)
     DEFERRED_QUEUE,
     TASK_NAME,

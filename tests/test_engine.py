@@ -294,7 +294,7 @@ class Explains:
             yield CheckOutcome(
                 channel,
                 list(numbers),
-                frozenset(n for n in numbers if n == B),
+                frozenset(n for n in numbers if n == B and channel == "sms"),
                 time.time() - 30,
                 origin="cache",
                 provenance={"age_s": 30.0, "verdict": "allowed", "to": "+10000000000", "x": 1},
@@ -305,15 +305,21 @@ class Explains:
 
 
 def test_a_verdict_carries_its_sources_provenance_and_nothing_else_of_it() -> None:
-    messages = [msg("1", A), msg("2", B), msg("3", A, age_s=1, ledger_event="forged")]
+    messages = [
+        msg("1", A),
+        msg("2", B),
+        msg("3", A, age_s=1, ledger_event="forged"),
+        msg("4", B, fallback=["whatsapp"]),
+    ]
     engine = Filter(load_settings(environ={}), sources=[Explains()])
     results = list(engine.run(messages))
     assert [(r["verdict"], r["source"], r["age_s"]) for r in results] == [
         ("allowed", "cache", 30.0),
         ("blocked", "cache", 30.0),  # a source cannot turn its own answer around
         ("allowed", "cache", 30.0),
+        ("rerouted", "cache", 30.0),  # the fallback channel's status
     ]
-    assert [r["to"] for r in results] == [A, B, A]
+    assert [r["to"] for r in results] == [A, B, A, B]
     assert all("x" not in r for r in results)
     assert "ledger_event" not in results[2]  # a message's own copy is no provenance
     out = list(engine.run_lines(lambda: iter(lines(*messages))))
@@ -322,5 +328,6 @@ def test_a_verdict_carries_its_sources_provenance_and_nothing_else_of_it() -> No
         ("allowed", 30.0, A),
         ("blocked", 30.0, B),
         ("allowed", 30.0, A),
+        ("rerouted", 30.0, B),
     ]
     assert out[2].count(b'"age_s"') == 1 and b"forged" not in out[2]

@@ -162,16 +162,31 @@ def test_the_ledger_tasks_on_a_worker(stack: LedgerStack, place: LedgerPlace) ->
         args=[[{"to": number(2), "channel": "voice", "provider": "twilio", "code": 21610}]],
     ).get(timeout=60)
     assert (report["opted_out"], report["invalid"]) == (1, 0)
+    # An operator's word, as a task: a complaint taken by a support tool.
+    operator = stack.app.send_task(
+        "blockfilter.optout", args=[[number(3), "12"], "all"], kwargs={"by": "support"}
+    ).get(timeout=60)
+    assert (operator["recorded"], operator["changed"], operator["invalid"]) == (1, 1, 1)
+    assert operator["errors"] == [{"index": 1, "reason": "invalid_number"}]
+    lifted = stack.app.send_task(
+        "blockfilter.optout", args=[[number(3)], "voice"], kwargs={"opted_out": False}
+    ).get(timeout=60)
+    assert lifted["changed"] == 1
+    unknown = stack.app.send_task("blockfilter.optout", args=[[number(3)], "fax"]).get(timeout=60)
+    assert unknown["recorded"] == 0 and "channel" in unknown["error"]
     # No number in what the tasks return, nor in what monitoring is shown of their arguments.
     assert target not in str(first) and number(2) not in str(report)
+    assert number(3) not in str(operator) + str(lifted) + str(unknown)
     stack.app.send_task(
         TASK_NAME,
         args=[[{"id": "a", "channel": "sms", "to": target}, {"id": "b", "channel": "voice",
-               "to": number(2)}, {"id": "c", "channel": "sms", "to": number(2)}]],
+               "to": number(2)}, {"id": "c", "channel": "sms", "to": number(2)},
+               {"id": "d", "channel": "sms", "to": number(3)},
+               {"id": "e", "channel": "voice", "to": number(3)}]],
     ).get(timeout=60)  # fmt: skip
-    records = stack.wait_records(lambda rs: len(rs) >= 3, 60, "records")
+    records = stack.wait_records(lambda rs: len(rs) >= 5, 60, "records")
     assert {(r["id"], r["verdict"]) for r in records} == {
-        ("a", "blocked"), ("b", "blocked"), ("c", "allowed"),
+        ("a", "blocked"), ("b", "blocked"), ("c", "allowed"), ("d", "blocked"), ("e", "allowed"),
     }  # fmt: skip
     # The dispatch hooks are shown the event that decided each ledger verdict.
     events = {r["id"]: r["message"].get("ledger_event") for r in records}
@@ -181,6 +196,9 @@ def test_the_ledger_tasks_on_a_worker(stack: LedgerStack, place: LedgerPlace) ->
     assert (events["b"]["source"], events["b"]["provider"], events["b"]["code"]) == (
         "send_result", "twilio", "21610",
     )  # fmt: skip
-    assert events["c"] is None
+    assert events["c"] is None and events["e"] is None
+    assert (events["d"]["source"], events["d"]["channel"], events["d"]["by"]) == (
+        "operator", "all", "support",
+    )  # fmt: skip
     log = "\n".join(w.log_text() for w in stack.workers)
-    assert target not in log and number(2) not in log
+    assert target not in log and number(2) not in log and number(3) not in log

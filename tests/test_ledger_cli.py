@@ -103,3 +103,45 @@ def test_config_shows_the_ledger_settings_without_secrets(place: LedgerPlace) ->
         env=subprocess_env(BLOCKFILTER_OPTOUT_SCOPE="galaxy"),
     )  # fmt: skip
     assert bad.returncode == 2 and "BLOCKFILTER_OPTOUT_SCOPE" in bad.stderr
+
+
+def test_send_results_and_replies_from_files(place: LedgerPlace) -> None:
+    results = "\n".join(
+        [
+            json.dumps({"to": N1, "channel": "sms", "provider": "kaleyra", "code": "OPT-OUT",
+                        "id": "m-1"}),
+            json.dumps({"to": N2, "channel": "sms", "provider": "kaleyra", "status": "DELIVRD"}),
+            "not json",
+            "",
+        ]
+    )  # fmt: skip
+    reported = optout(place, "results", "-", stdin=results)
+    assert reported.returncode == 2, reported.stderr  # a line could not be read
+    report = json.loads(reported.stdout)
+    assert (report["opted_out"], report["ignored"], report["invalid"]) == (1, 1, 1)
+    assert report["errors"] == [{"index": 2, "reason": "a send result is a JSON object"}]
+    again = optout(place, "results", "-", stdin=results.splitlines()[0])
+    assert (again.returncode, json.loads(again.stdout)["duplicates"]) == (0, 1)
+
+    replies = "\n".join(
+        json.dumps({"from": n, "channel": "whatsapp", "text": text, "id": i})
+        for i, (n, text) in enumerate([(N2, "Stop"), (N2, "STOP"), (N3, "hello")])
+    )
+    answered = optout(place, "replies", "-", stdin=replies)
+    assert answered.returncode == 0, answered.stderr
+    answers = [json.loads(line) for line in answered.stdout.splitlines()]
+    assert [(a["action"], a["confirm"]) for a in answers] == [
+        ("opt_out", True),  # one confirmation...
+        ("opt_out", False),  # ...never two
+        (None, False),
+    ]
+    bad = optout(place, "replies", "-", stdin=json.dumps({"from": N3, "channel": "sms"}))
+    assert bad.returncode == 2 and "text" in json.loads(bad.stdout)["error"]
+    for output in (reported, answered, bad):
+        assert not any(f in output.stdout + output.stderr for n in (N1, N2, N3)
+                       for f in (n, n[1:], n[-8:]))  # fmt: skip
+    state = {
+        n: json.loads(optout(place, "show", "--json", n).stdout)["opted_out"] for n in (N1, N2)
+    }
+    assert state[N1]["sms"]["source"] == "send_result" and state[N1]["whatsapp"] is None
+    assert state[N2]["whatsapp"]["source"] == "inbound" and state[N2]["sms"] is None

@@ -261,12 +261,13 @@ def test_the_tasks_hide_their_arguments_from_monitoring() -> None:
     try:
         app.send_task("blockfilter.send_results", args=[[{"to": N1, "code": "OPT-OUT"}]])
         app.send_task("blockfilter.inbound", args=[{"from": N1, "text": "STOP"}])
+        app.send_task("blockfilter.optout", args=[[N1], "sms"], kwargs={"by": N1})
     finally:
         before_task_publish.disconnect(capture)
         app.close()
     # Each shown as a summary (which one depends on the handlers registered), never the
     # number in any spelling.
-    assert set(seen) == {"blockfilter.send_results", "blockfilter.inbound"}
+    assert set(seen) == {"blockfilter.send_results", "blockfilter.inbound", "blockfilter.optout"}
     for argsrepr, kwargsrepr in seen.values():
         shown = f"{argsrepr} {kwargsrepr}"
         assert N1 not in shown and N1[1:] not in shown and N1[-8:] not in shown

@@ -16,6 +16,7 @@ from blockfilter.redact import (
     guard_library_logs,
     mask_numbers_in,
     masked_exception,
+    redact,
 )
 
 E164 = "+919812345678"
@@ -123,3 +124,10 @@ def test_stored_exceptions_are_masked_and_keep_their_type_and_traceback() -> Non
     pickle.loads(pickle.dumps(weird))  # Celery's pickle serializer can carry it
     clean = ValueError("nothing to hide")
     assert masked_exception(clean) is clean
+
+
+def test_a_secret_inside_a_longer_one_leaves_nothing_of_it() -> None:
+    long = "sekrit-key-9d41e07bb2"
+    for order in ((long, "k"), ("k", long)):
+        cleaned = redact(f"bad number for key {long}", *order)
+        assert "9d41e07bb2" not in cleaned and "sekrit" not in cleaned

@@ -253,6 +253,17 @@ def inbound(
     )
 
 
+def answer_inbound(
+    message: Any, *, settings: Settings | None = None, ledger: Ledger | None = None, pm: Any = None
+) -> dict[str, Any]:
+    """:func:`inbound` as a plain dict, for a task's result or a line of output: an unusable
+    message is no error to retry but an answer whose ``error`` says why."""
+    try:
+        return inbound(message, settings=settings, ledger=ledger, pm=pm).as_dict()
+    except ValueError as exc:
+        return {"action": None, "recorded": False, "confirm": False, "error": str(exc)}
+
+
 # -- operators -------------------------------------------------------------------------------
 
 

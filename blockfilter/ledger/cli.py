@@ -1,10 +1,11 @@
-"""``blockfilter optout``: an operator's way into the ledger.
+"""``blockfilter optout``: the opt-out ledger on the command line, an operator's way in.
 
 ``add`` / ``remove`` record opt-outs and opt-ins on an operator's word; ``show`` answers for
 one number (with the event that decided); ``import`` records a file of numbers; ``export``
 prints every number opted out, in clear, for a migration, only with ``--plaintext``;
-``keygen`` makes a key; ``rotate`` re-seals under the newest key; ``writeback`` sends what is
-queued for Kaleyra now.
+``results`` and ``replies`` read files of send results and of replies (the other two ways
+in, on the command line); ``keygen`` makes a key; ``rotate`` re-seals under the newest key;
+``writeback`` sends what is queued for Kaleyra now.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ def add_parser(commands: Any) -> None:
         help="required: the export holds the numbers in clear",
     )
 
+    results = sub.add_parser(
+        "results", help="record what the provider said of sent messages (JSON Lines)"
+    )
+    results.add_argument("file", metavar="FILE", help="one send result a line (- for stdin)")
+    replies = sub.add_parser("replies", help="read replies for STOP and START (JSON Lines)")
+    replies.add_argument(
+        "file", metavar="FILE", help="one reply a line, as inbound takes (- for stdin)"
+    )
+
     sub.add_parser("keygen", help="print a new key for BLOCKFILTER_OPTOUT_KEY")
     sub.add_parser("rotate", help="re-seal every event and queued write-back under the newest key")
     sub.add_parser("writeback", help="write what is queued back to Kaleyra now")
@@ -107,6 +117,21 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_OK if not done["invalid"] else EXIT_USAGE
+    if command == "results":
+        from .api import report_send_results
+
+        report = report_send_results(_read_objects(args.file), settings=settings, ledger=ledger)
+        print(json.dumps(report.as_dict()))
+        return EXIT_OK if not report.invalid else EXIT_USAGE
+    if command == "replies":
+        from .api import answer_inbound
+
+        unusable = 0
+        for message in _read_objects(args.file):
+            answer = answer_inbound(message, settings=settings, ledger=ledger)
+            unusable += "error" in answer
+            print(json.dumps(answer), flush=True)  # a reply's confirmation may go out now
+        return EXIT_OK if not unusable else EXIT_USAGE
     if command == "show":
         return _show(ledger, args)
     if command == "export":
@@ -173,6 +198,24 @@ def _read_numbers(path: str) -> list[str]:
     handle = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
     try:
         return [line.strip() for line in handle if line.strip() and not line.startswith("#")]
+    finally:
+        if handle is not sys.stdin:
+            handle.close()
+
+
+def _read_objects(path: str) -> list[Any]:
+    """The JSON values of a JSON Lines file, blank lines skipped; a line that is not JSON is
+    kept as ``None``, so the function it goes to names it by its index as unusable."""
+    handle = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    try:
+        found = []
+        for line in handle:
+            if line.strip():
+                try:
+                    found.append(json.loads(line))
+                except ValueError:
+                    found.append(None)
+        return found
     finally:
         if handle is not sys.stdin:
             handle.close()

@@ -1,8 +1,10 @@
-"""The ledger's Celery tasks: ``blockfilter.send_results`` and ``blockfilter.inbound``.
+"""The ledger's Celery tasks: ``blockfilter.send_results``, ``blockfilter.inbound`` and
+``blockfilter.optout`` (an operator's word), one for each way in.
 
 Registered in the user's app with the other tasks (``blockfilter.tasks`` imports this
-module). Both are idempotent (a result or reply with an ``id`` is recorded once), so they are
-``acks_late`` with ``reject_on_worker_lost``: a worker killed mid-task has it redelivered.
+module). All are idempotent (a result or reply with an ``id`` is recorded once; an operator's
+opt-out recorded twice leaves the same state), so they are ``acks_late`` with
+``reject_on_worker_lost``: a worker killed mid-task has it redelivered.
 A ledger that cannot be written is retried with backoff for as long as it takes (an opt-out
 must not be dropped because the database was restarting). Their results hold counts and codes
 only, and their arguments are hidden from Celery's monitoring (``argsrepr``).
@@ -20,7 +22,8 @@ from .store import LedgerUnavailable
 
 SEND_RESULTS_TASK: Final = "blockfilter.send_results"
 INBOUND_TASK: Final = "blockfilter.inbound"
-_HIDDEN: Final = frozenset({SEND_RESULTS_TASK, INBOUND_TASK})
+OPTOUT_TASK: Final = "blockfilter.optout"
+_HIDDEN: Final = frozenset({SEND_RESULTS_TASK, INBOUND_TASK, OPTOUT_TASK})
 
 
 @before_task_publish.connect(weak=False)
@@ -32,7 +35,7 @@ def _hide_arguments(sender: Any = None, headers: Any = None, **_: Any) -> None:
         headers["kwargsrepr"] = "{}"
 
 
-# Both tasks: redelivered after a worker crash (a report must not be lost), and retried for as
+# Every task: redelivered after a worker crash (a report must not be lost), and retried for as
 # long as the ledger is away, backing off to five minutes.
 _LEDGER_TASK_OPTIONS: dict[str, Any] = {
     "bind": True,
@@ -69,10 +72,33 @@ def send_results(self: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
 def inbound_reply(self: Any, message: dict[str, Any]) -> dict[str, Any]:
     """Read one reply (see :func:`blockfilter.ledger.inbound`); returns what it made of it,
     ``confirm`` included. An unusable message is not retried: ``error`` says why."""
-    from .api import inbound
+    from .api import answer_inbound
 
     settings, pm = _context(self)
+    return answer_inbound(message, settings=settings, pm=pm)
+
+
+@shared_task(name=OPTOUT_TASK, **_LEDGER_TASK_OPTIONS)
+def operator_optout(
+    self: Any,
+    numbers: list[str],
+    channel: str,
+    opted_out: bool = True,
+    by: str | None = None,
+    reason: str | None = None,
+    region: str | None = None,
+) -> dict[str, Any]:
+    """An operator's word, as a task (see :func:`blockfilter.ledger.add_optouts`): these
+    numbers opted out of ``channel`` (``all``: every channel), or back in with
+    ``opted_out=False``. Returns the counts; bad entries are named by index, never by number.
+    An unknown channel is not retried: ``error`` says why."""
+    from .api import add_optouts, remove_optouts
+
+    if isinstance(numbers, str) or not isinstance(numbers, (list, tuple)):
+        raise TypeError(f"optout takes a list of numbers, not {type(numbers)}")
+    settings = load_settings(celery_conf=self.app.conf)
+    record = add_optouts if opted_out else remove_optouts
     try:
-        return inbound(message, settings=settings, pm=pm).as_dict()
+        return record(numbers, channel, by=by, reason=reason, region=region, settings=settings)
     except ValueError as exc:
-        return {"action": None, "recorded": False, "confirm": False, "error": str(exc)}
+        return {"recorded": 0, "changed": 0, "invalid": len(numbers), "error": str(exc)}
