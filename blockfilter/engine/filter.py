@@ -39,6 +39,7 @@ from ..model import (
     VERDICT_FIELDS,
     Invalid,
     Parsed,
+    channel_named,
     channel_of,
     has_usable_id,
     parse_message,
@@ -678,9 +679,7 @@ class Filter:
         :raises CredentialsRefused: the upstream refused the credentials or the account.
         :raises CheckFailed: some number could not be checked.
         """
-        lowered = channel.lower() if isinstance(channel, str) else channel
-        if lowered not in CHANNELS:
-            raise ValueError(f"unknown channel {channel!r}; the channels: {', '.join(CHANNELS)}")
+        lowered = channel_named(channel)
         asked = list(dict.fromkeys(normalize(number) for number in numbers))
         if not asked:
             return []
