@@ -24,6 +24,8 @@ PROVENANCE_FIELDS = frozenset({"age_s", "ledger_event"})
 #: numbers a request: the filter's requests, the tasks' and the collector's batches, and the
 #: ledger's write-backs are cut to it.
 MAX_NUMBERS_PER_REQUEST: Final = 100
+#: The largest ``limit`` the API takes when paging through a whole blocklist.
+MAX_PAGE_SIZE: Final = 100
 
 
 class Verdict:
@@ -47,7 +49,6 @@ class Reason:
 
     CHECK_FAILED: Final = "check_failed"
     CREDENTIALS_REFUSED: Final = "credentials_refused"
-    REQUEST_BUDGET: Final = "request_budget"
     #: A task failed for good with the message still in it (it is parked for a replay).
     TASK_FAILED: Final = "task_failed"
 

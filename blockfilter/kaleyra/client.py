@@ -57,7 +57,7 @@ from ..errors import (
     TransientUpstreamError,
     UpstreamError,
 )
-from ..model import MAX_NUMBERS_PER_REQUEST, channel_named
+from ..model import MAX_NUMBERS_PER_REQUEST, MAX_PAGE_SIZE, channel_named
 from ..numbers import normalize_answer, regions_of
 from ..redact import guard_library_logs
 from .transport import (
@@ -82,9 +82,6 @@ __all__ = [
 
 log = logging.getLogger("blockfilter.client")
 
-#: The API answers at most this many numbers per request (``mobile``).
-#: The largest ``limit`` the API accepts when paging the whole blocklist.
-MAX_PAGE_SIZE = 100
 
 # Kaleyra codes that mean "this account cannot check anything until a human acts".
 _REFUSED_CODES = frozenset({"RBC001", "WA401", "WA-401", "E110"})
