@@ -1,8 +1,9 @@
 """blockfilter: check recipients against Kaleyra's blocklist before a message goes out.
 
 ``from blockfilter import hookimpl`` marks a pipeline's hook implementations;
-``blockfilter.Filter`` runs the filter without Celery. Both are imported on first use, so that
-a plugin importing ``hookimpl`` does not pay for the whole library, nor
+``blockfilter.Filter`` runs the filter without Celery; ``Verdict`` and ``Reason`` name what its
+records say; the errors it raises derive from ``BlockfilterError``. Each is imported on first
+use, so that a plugin importing ``hookimpl`` does not pay for the whole library, nor
 ``blockfilter --version`` for pluggy.
 """
 
@@ -12,14 +13,34 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Filter", "Settings", "__version__", "hookimpl", "load_settings"]
+__all__ = [
+    "BlockfilterError",
+    "CheckFailed",
+    "ConfigError",
+    "CredentialsRefused",
+    "Filter",
+    "Reason",
+    "Settings",
+    "Verdict",
+    "__version__",
+    "hookimpl",
+    "load_settings",
+]
 
 if TYPE_CHECKING:
     from .config import Settings, load_settings
     from .engine.filter import Filter
+    from .errors import BlockfilterError, CheckFailed, ConfigError, CredentialsRefused
+    from .model import Reason, Verdict
     from .plugins.hookspecs import hookimpl
 
 _LAZY = {
+    "BlockfilterError": "errors",
+    "CheckFailed": "errors",
+    "ConfigError": "errors",
+    "CredentialsRefused": "errors",
+    "Reason": "model",
+    "Verdict": "model",
     "Filter": "engine.filter",
     "Settings": "config",
     "hookimpl": "plugins.hookspecs",

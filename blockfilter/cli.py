@@ -444,19 +444,20 @@ def _filter(args: argparse.Namespace) -> int:
 
 
 def exit_code_for(summary: dict[str, Any]) -> int:
+    from .model import Verdict
+
     if summary.get("credentials_refused"):
         return EXIT_REFUSED
-    if summary["verdicts"].get("deferred"):
+    if summary["verdicts"].get(Verdict.DEFERRED):
         return EXIT_DEFERRED
     return EXIT_OK
 
 
 def format_summary(summary: dict[str, Any]) -> str:
+    from .model import Verdict
+
     verdicts = summary["verdicts"]
-    parts = ", ".join(
-        f"{verdicts.get(name, 0)} {name}"
-        for name in ("allowed", "rerouted", "blocked", "invalid", "deferred")
-    )
+    parts = ", ".join(f"{verdicts.get(name, 0)} {name}" for name in Verdict.ALL)
     lines = [
         f"blockfilter: {summary['total']} messages: {parts}",
         f"  {summary['requests']} API requests, {summary['cache_hits']} cache hits, "

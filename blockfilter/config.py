@@ -486,13 +486,17 @@ def redact_url(text: str) -> str:
     return f"{scheme}://{netloc}{tail}"
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine: ``localhost``, 127.0.0.0/8, ``::1`` (an IPv4-mapped
+    IPv6 address counts as its IPv4 address)."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)
 
 
 def validate_base_url(raw: str) -> str:
@@ -508,7 +512,7 @@ def validate_base_url(raw: str) -> str:
             "KALEYRA_BASE_URL takes a scheme, host and port only; "
             "the client appends /v1/<SID>/contacts/blocklisted"
         )
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
         raise ConfigError(
             "KALEYRA_BASE_URL: plain http:// is only allowed to loopback "
             "(127.0.0.0/8, ::1, localhost); use https://"

@@ -1,14 +1,16 @@
-"""Reading one message: which fields matter, what makes it unusable, and the verdict records.
+"""The facts every part shares: verdict names, reasons, the request size, a message's parts.
 
 A message is a JSON object with ``id``, ``channel`` and ``to`` (plus an optional ``region`` for
-national numbers and ``fallback``). Everything else is carried through untouched.
+national numbers and ``fallback``). Everything else is carried through untouched. Its record
+gets a :class:`Verdict` and, for some verdicts, a reason (:class:`Reason` for the deferrals,
+``invalid``'s codes from :func:`parse_message`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from .config import CHANNELS
 from .numbers import MAX_INPUT_LENGTH, InvalidNumber, normalize
@@ -17,6 +19,52 @@ from .numbers import MAX_INPUT_LENGTH, InvalidNumber, normalize
 # synced snapshot, the ledger's event. Any other key a source gives is not carried: a source
 # must not be able to set a verdict's own fields.
 PROVENANCE_FIELDS = frozenset({"age_s", "ledger_event"})
+
+#: Kaleyra's "Get Blocklist" and "Change Blocklist Status for Number" take at most this many
+#: numbers a request: the filter's requests, the tasks' and the collector's batches, and the
+#: ledger's write-backs are cut to it.
+MAX_NUMBERS_PER_REQUEST: Final = 100
+#: The largest ``limit`` the API takes when paging through a whole blocklist.
+MAX_PAGE_SIZE: Final = 100
+
+
+class Verdict:
+    """The verdict names of the contract. Records carry them as plain strings."""
+
+    ALLOWED: Final = "allowed"
+    REROUTED: Final = "rerouted"
+    BLOCKED: Final = "blocked"
+    INVALID: Final = "invalid"
+    DEFERRED: Final = "deferred"
+    #: Every verdict, in the order summaries list them.
+    ALL: Final = (ALLOWED, REROUTED, BLOCKED, INVALID, DEFERRED)
+    #: Handed to ``blockfilter_dispatch``: they go out (on their final channel).
+    DISPATCHED: Final = frozenset({ALLOWED, REROUTED})
+    #: Handed to ``blockfilter_suppressed`` at once (``deferred`` only once final).
+    SUPPRESSED: Final = frozenset({BLOCKED, INVALID})
+
+
+class Reason:
+    """Why a message was deferred: its number could not be checked."""
+
+    CHECK_FAILED: Final = "check_failed"
+    CREDENTIALS_REFUSED: Final = "credentials_refused"
+    #: A task failed for good with the message still in it (it is parked for a replay).
+    TASK_FAILED: Final = "task_failed"
+
+
+def channel_named(value: Any) -> str:
+    """``value`` as one of :data:`~blockfilter.config.CHANNELS` (any case, spaces around it
+    ignored): what every function that takes a channel name from its caller checks first.
+
+    :raises ValueError: not a known channel.
+    """
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in _KNOWN_CHANNELS:
+            return name
+    raise ValueError(f"unknown channel {str(value)[:40]!r}; expected one of {', '.join(CHANNELS)}")
+
 
 # The fields a verdict adds. A message that already carries one of them (a file of earlier
 # output fed back in, say) gets them replaced, never duplicated.

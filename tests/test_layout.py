@@ -40,7 +40,7 @@ MOVED = {
 }
 # Names users import from modules that became packages (and from the package root), still there.
 BECAME_PACKAGES = {
-    "blockfilter": ["Filter", "Settings", "hookimpl", "load_settings"],
+    "blockfilter": ["Filter", "Settings", "hookimpl", "load_settings", "Verdict", "Reason"],
     "blockfilter.engine": ["Filter", "Summary"],
     "blockfilter.kaleyra": ["KaleyraSource"],
     "blockfilter.plugins": ["get_plugin_manager", "build_filter", "describe_plugins"],

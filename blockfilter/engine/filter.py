@@ -39,6 +39,9 @@ from ..model import (
     VERDICT_FIELDS,
     Invalid,
     Parsed,
+    Reason,
+    Verdict,
+    channel_named,
     channel_of,
     has_usable_id,
     parse_message,
@@ -66,8 +69,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("blockfilter.engine")
 
 # Why a number could not be checked; interned so a million failures share three strings.
-FAILED_CHECK: Final = "check_failed"
-FAILED_CREDENTIALS: Final = "credentials_refused"
+FAILED_CHECK: Final = Reason.CHECK_FAILED
+FAILED_CREDENTIALS: Final = Reason.CREDENTIALS_REFUSED
 FAILED_BUDGET: Final = "request_budget"
 
 CLEAN, BLOCKED, FAILED = 0, 1, 2
@@ -225,8 +228,8 @@ class Summary:
         for (verdict, channel, _), n in self.counts.items():
             requested[channel][verdict] += n
         for (asked, final), n in self.reroutes.items():
-            requested[final]["rerouted"] -= n
-            requested[asked]["rerouted"] += n
+            requested[final][Verdict.REROUTED] -= n
+            requested[asked][Verdict.REROUTED] += n
         return {
             channel: {verdict: n for verdict, n in counts.items() if n}
             for channel, counts in requested.items()
@@ -678,9 +681,7 @@ class Filter:
         :raises CredentialsRefused: the upstream refused the credentials or the account.
         :raises CheckFailed: some number could not be checked.
         """
-        lowered = channel.lower() if isinstance(channel, str) else channel
-        if lowered not in CHANNELS:
-            raise ValueError(f"unknown channel {channel!r}; the channels: {', '.join(CHANNELS)}")
+        lowered = channel_named(channel)
         asked = list(dict.fromkeys(normalize(number) for number in numbers))
         if not asked:
             return []
@@ -831,7 +832,7 @@ class Filter:
         """The verdict fields of a message and its final channel. ``position`` (1-based, the
         line number over JSON Lines) names the record of a message without a usable id."""
         if isinstance(parsed, Invalid):
-            fields: dict[str, Any] = {"verdict": "invalid", "reason": parsed.reason}
+            fields: dict[str, Any] = {"verdict": Verdict.INVALID, "reason": parsed.reason}
             if parsed.detail:
                 fields["detail"] = parsed.detail
             if position and not has_usable_id(message):
@@ -854,7 +855,7 @@ class Filter:
             if kind == CLEAN:
                 return _with_provenance(
                     {
-                        "verdict": "rerouted",
+                        "verdict": Verdict.REROUTED,
                         "e164": parsed.e164,
                         "checked_at": self._iso(value),
                         "channel": channel,
@@ -866,7 +867,7 @@ class Filter:
             return self._unchecked(parsed, value, channel)
         return _with_provenance(
             {
-                "verdict": "blocked",
+                "verdict": Verdict.BLOCKED,
                 "e164": parsed.e164,
                 "checked_at": self._iso(status[1]),
                 "reason": "blocklisted",
@@ -878,7 +879,7 @@ class Filter:
     def _allowed(self, parsed: Parsed, status: tuple[Any, ...]) -> dict[str, Any]:
         return _with_provenance(
             {
-                "verdict": "allowed",
+                "verdict": Verdict.ALLOWED,
                 "e164": parsed.e164,
                 "checked_at": self._iso(status[1]),
                 "source": status[2],
@@ -891,25 +892,29 @@ class Filter:
         if failure == FAILED_CREDENTIALS:
             # A refused account is not a passing glitch to fail open on: always deferred.
             return {
-                "verdict": "deferred",
+                "verdict": Verdict.DEFERRED,
                 "e164": parsed.e164,
-                "reason": "credentials_refused",
+                "reason": Reason.CREDENTIALS_REFUSED,
             }, parsed.channel
         if failure == FAILED_BUDGET or self.on_error == "defer":
-            fields = {"verdict": "deferred", "e164": parsed.e164, "reason": "check_failed"}
+            fields = {
+                "verdict": Verdict.DEFERRED,
+                "e164": parsed.e164,
+                "reason": Reason.CHECK_FAILED,
+            }
             if failure == FAILED_BUDGET:
                 fields["detail"] = "--max-requests reached before this number was checked"
             return fields, parsed.channel
         if self.on_error == "allow":
             if channel == parsed.channel:
                 return {
-                    "verdict": "allowed",
+                    "verdict": Verdict.ALLOWED,
                     "e164": parsed.e164,
                     "checked_at": None,
                     "reason": "unchecked",
                 }, channel
             return {
-                "verdict": "rerouted",
+                "verdict": Verdict.REROUTED,
                 "e164": parsed.e164,
                 "checked_at": None,
                 "channel": channel,
@@ -917,7 +922,7 @@ class Filter:
                 "reason": "unchecked",
             }, channel
         return {
-            "verdict": "blocked",
+            "verdict": Verdict.BLOCKED,
             "e164": parsed.e164,
             "checked_at": None,
             "reason": "unchecked",

@@ -57,6 +57,7 @@ from ..errors import (
     TransientUpstreamError,
     UpstreamError,
 )
+from ..model import MAX_NUMBERS_PER_REQUEST, MAX_PAGE_SIZE, channel_named
 from ..numbers import normalize_answer, regions_of
 from ..redact import guard_library_logs
 from .transport import (
@@ -81,10 +82,6 @@ __all__ = [
 
 log = logging.getLogger("blockfilter.client")
 
-#: The API answers at most this many numbers per request (``mobile``).
-MAX_NUMBERS_PER_REQUEST = 100
-#: The largest ``limit`` the API accepts when paging the whole blocklist.
-MAX_PAGE_SIZE = 100
 
 # Kaleyra codes that mean "this account cannot check anything until a human acts".
 _REFUSED_CODES = frozenset({"RBC001", "WA401", "WA-401", "E110"})
@@ -364,7 +361,7 @@ class KaleyraClient:
         :raises FinalUpstreamError: ``WA400`` (:class:`BadRequest`) or another final answer.
         :raises RetryBudgetExhausted: every attempt the budget allowed failed transiently.
         """
-        channel = _channel(channel)
+        channel = channel_named(channel)
         unique = list(dict.fromkeys(numbers))
         if len(unique) > MAX_NUMBERS_PER_REQUEST:
             raise ValueError(
@@ -389,7 +386,7 @@ class KaleyraClient:
         concurrently, at most ``BLOCKFILTER_CONCURRENCY`` at once. The first error of any
         request is raised once the others are cancelled or finished.
         """
-        channel = _channel(channel)
+        channel = channel_named(channel)
         unique = list(dict.fromkeys(numbers))
         batches = [
             unique[start : start + MAX_NUMBERS_PER_REQUEST]
@@ -435,7 +432,7 @@ class KaleyraClient:
         """One page of the blocklist of ``channel``: up to ``page_size`` numbers from
         ``offset`` (one logical request, within the retry budget). A page shorter than
         ``page_size`` is the last; pages can be fetched concurrently."""
-        channel = _channel(channel)
+        channel = channel_named(channel)
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size}")
         if offset < 0:
@@ -573,7 +570,7 @@ class KaleyraClient:
             not E.164.
         :raises CredentialsRefused, FinalUpstreamError, RetryBudgetExhausted: as for a lookup.
         """
-        channel = _channel(channel)
+        channel = channel_named(channel)
         add, remove = list(dict.fromkeys(add)), list(dict.fromkeys(remove))
         count = len(add) + len(remove)
         if not 0 < count <= MAX_NUMBERS_PER_REQUEST:
@@ -621,13 +618,6 @@ def _all_numbers(values: Sequence[object]) -> bool:
         return all(map(_NUMBER.fullmatch, values))  # type: ignore[arg-type]
     except TypeError:  # not a string
         return False
-
-
-def _channel(channel: str) -> str:
-    value = channel.strip().lower()
-    if value not in CHANNELS:
-        raise ValueError(f"unknown channel {channel!r}; expected one of {', '.join(CHANNELS)}")
-    return value
 
 
 def _mobiles(data: _Data) -> list[str]:

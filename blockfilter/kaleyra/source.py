@@ -35,6 +35,7 @@ from typing import Any, Final, TypeVar
 
 from ..config import CHANNELS, Settings
 from ..errors import ConfigError, CredentialsRefused, RequestBudgetExhausted
+from ..model import MAX_NUMBERS_PER_REQUEST, channel_named
 from ..sources import BaseSource, CheckOutcome, SourceStats
 from ..store.cache import (
     CachedStatus,
@@ -50,7 +51,6 @@ from .sync import SyncProgress, SyncResult, check_eviction_policy, sync_channel,
 
 log = logging.getLogger("blockfilter.kaleyra")
 
-MAX_NUMBERS_PER_REQUEST = 100
 # Seconds a status cache that failed is left alone before it is tried again.
 CACHE_RETRY_AFTER_S = 5.0
 # How many cache entries one round trip asks for: big enough to amortise a Redis round trip,
@@ -467,9 +467,7 @@ class KaleyraSource(BaseSource):
 
         :raises UpstreamError: a page failed; :raises RequestBudgetExhausted: as any request.
         """
-        channel = channel.strip().lower()
-        if channel not in CHANNELS:
-            raise ValueError(f"unknown channel {channel!r}; expected one of {', '.join(CHANNELS)}")
+        channel = channel_named(channel)
         registry = self._inflight
         with registry.lock:
             running = registry.syncs.get(channel)

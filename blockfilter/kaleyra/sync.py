@@ -34,8 +34,8 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
-from ..config import CHANNELS
 from ..errors import ConfigError, SyncAborted
+from ..model import channel_named
 from ..numbers import InvalidNumber, normalize, normalize_answer
 from ..store.cache import SnapshotWriter, StatusCache, SyncInfo
 from .client import MAX_PAGE_SIZE, KaleyraClient
@@ -229,9 +229,7 @@ def sync_channel(
     :raises CacheUnavailable: the cache failed; nothing is put in place.
     :raises RequestBudgetExhausted: ``--max-requests`` ran out mid-sync; nothing is put in place.
     """
-    channel = channel.strip().lower()
-    if channel not in CHANNELS:
-        raise ValueError(f"unknown channel {channel!r}; expected one of {', '.join(CHANNELS)}")
+    channel = channel_named(channel)
     check_eviction_policy(cache)
     started = time.monotonic()
     width = max(1, concurrency or client.settings.concurrency)

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import ConfigError
-from ..model import PROVENANCE_FIELDS
+from ..model import PROVENANCE_FIELDS, Verdict
 from ..plugins.hookspecs import hookimpl
 from ..sources import BaseSource, CheckOutcome, SourceStats, sources_never_alone
 from .events import iso
@@ -143,7 +143,7 @@ def optout_codes(pm: Any, provider: str) -> dict[str, bool]:
 
 # -- the dispatch gate -----------------------------------------------------------------------
 
-_DISPATCHED = ("allowed", "rerouted")
+_DISPATCHED = Verdict.DISPATCHED
 
 
 @contextlib.contextmanager
@@ -183,7 +183,7 @@ def _block(result: dict[str, Any], event: Any, checked_at: float, summary: dict[
     old_source = result.get("source")
     if "original_channel" in result:
         result["channel"] = result.pop("original_channel")
-    result["verdict"] = "blocked"
+    result["verdict"] = Verdict.BLOCKED
     result["reason"] = "blocklisted"
     # What the other source said of its answer no longer explains the verdict: the ledger,
     # read just now, decided it.
@@ -192,7 +192,7 @@ def _block(result: dict[str, Any], event: Any, checked_at: float, summary: dict[
     result["checked_at"] = iso(checked_at)
     result["source"] = LEDGER
     result.update(provenance_of(event))
-    _move(summary, old_verdict, old_channel, "blocked", result["channel"], old_source)
+    _move(summary, old_verdict, old_channel, Verdict.BLOCKED, result["channel"], old_source)
     log.info("ledger: an opt-out reported during the check stopped a dispatch")
 
 

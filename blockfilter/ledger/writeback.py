@@ -25,11 +25,11 @@ from typing import Any
 
 from ..config import Settings
 from ..errors import BlockfilterError, ConfigError
+from ..model import MAX_NUMBERS_PER_REQUEST
 from .store import OutboxItem
 
 log = logging.getLogger("blockfilter.ledger.writeback")
 
-BATCH = 100
 #: Seconds a flush holds the rows it claimed.
 LEASE_S = 120.0
 #: Backoff of a failed batch: 5 s, doubled per failure, at most 10 minutes.
@@ -81,8 +81,8 @@ def flush_write_back(
     for channel, by_number in by_channel.items():
         states = _states(ledger, channel, by_number)
         numbers = list(by_number)
-        for start in range(0, len(numbers), BATCH):
-            chunk = numbers[start : start + BATCH]
+        for start in range(0, len(numbers), MAX_NUMBERS_PER_REQUEST):
+            chunk = numbers[start : start + MAX_NUMBERS_PER_REQUEST]
             batch = [item for number in chunk for item in by_number[number]]
             add = [number for number in chunk if states[number]]
             remove = [number for number in chunk if not states[number]]

@@ -28,6 +28,7 @@ from .. import metrics
 from ..config import Settings, load_settings
 from ..errors import CredentialsRefused
 from ..ledger.source import dispatch_gate
+from ..model import Reason, Verdict
 from ..plugins.manager import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
 
 #: Parks messages whose deferral is final; ``refused`` says why (their credentials were
@@ -117,9 +118,11 @@ def check_batch(
         summary = engine.summary.as_dict()
         refusal = engine.refusal
         metrics.count_run(engine)
-    deferred = [index for index, result in enumerate(results) if result["verdict"] == "deferred"]
+    deferred = [
+        index for index, result in enumerate(results) if result["verdict"] == Verdict.DEFERRED
+    ]
     refused = bool(summary.get("credentials_refused")) or any(
-        results[index].get("reason") == "credentials_refused" for index in deferred
+        results[index].get("reason") == Reason.CREDENTIALS_REFUSED for index in deferred
     )
     return CheckedBatch(
         messages=messages,

@@ -123,7 +123,7 @@ from celery_batches.trace import apply_batches_task
 from .. import metrics
 from ..config import MAX_SECONDS, Settings, load_settings
 from ..errors import ConfigError
-from ..model import Parsed, parse_message
+from ..model import MAX_NUMBERS_PER_REQUEST, Parsed, parse_message
 from .batch import check_batch
 from .batches_private import check_supported, flush_everything, install_buffer, pending_count
 from .deferred import PARKED_TASK_FAILED, DeferredNotParked, park_deferred, park_final_deferred
@@ -137,8 +137,6 @@ COLLECT_TASK_NAME: Final = "blockfilter.collect"
 #: The queue name the documentation suggests for the collector (the routing is the user's).
 COLLECT_QUEUE: Final = "blockfilter.collect"
 
-#: Numbers per API request: a batch never needs more of one channel.
-REQUEST_SIZE: Final = 100
 #: The flush timer looks at the oldest waiting message this many times per FLUSH_INTERVAL.
 TICKS_PER_INTERVAL: Final = 5
 
@@ -186,7 +184,7 @@ def collect_settings(
 class BatchFill:
     """The distinct numbers waiting, per channel: says when a channel can fill a request."""
 
-    def __init__(self, flush_every: int = REQUEST_SIZE) -> None:
+    def __init__(self, flush_every: int = MAX_NUMBERS_PER_REQUEST) -> None:
         self.flush_every = flush_every
         self._numbers: dict[str, set[str]] = defaultdict(set)
 
@@ -250,7 +248,9 @@ class CollectorStats:
             self.messages += int(report["messages"])
             numbers: Mapping[str, int] = report["numbers"]
             self.numbers += sum(numbers.values())
-            self.channel_batches += sum(math.ceil(n / REQUEST_SIZE) for n in numbers.values())
+            self.channel_batches += sum(
+                math.ceil(n / MAX_NUMBERS_PER_REQUEST) for n in numbers.values()
+            )
             self.requests += int(report["requests"])
             self.numbers_by_channel.update(numbers)
 

@@ -18,6 +18,7 @@ from kombu import Exchange, Queue
 
 from .. import metrics
 from ..errors import BlockfilterError
+from ..model import Reason
 
 # The tasks' logger: parking is what a task does, and its log lines were always the tasks'.
 log = logging.getLogger("blockfilter.tasks")
@@ -28,9 +29,9 @@ DEFERRED_QUEUE: Final = "blockfilter.deferred"
 DEFERRED_QUEUE_SETTING: Final = "blockfilter_deferred_queue"
 
 # The reasons a message is parked on the deferred queue (its ``x-blockfilter-reason`` header).
-PARKED_CHECK_FAILED: Final = "check_failed"
-PARKED_CREDENTIALS_REFUSED: Final = "credentials_refused"
-PARKED_TASK_FAILED: Final = "task_failed"
+PARKED_CHECK_FAILED: Final = Reason.CHECK_FAILED
+PARKED_CREDENTIALS_REFUSED: Final = Reason.CREDENTIALS_REFUSED
+PARKED_TASK_FAILED: Final = Reason.TASK_FAILED
 
 
 class DeferredNotParked(BlockfilterError):

@@ -81,7 +81,7 @@ from celery.exceptions import Reject, TaskPredicate
 from celery.result import GroupResult
 
 from ..config import Settings
-from ..model import Parsed, channel_of, parse_message
+from ..model import MAX_NUMBERS_PER_REQUEST, Parsed, channel_of, parse_message
 from ..redact import guard_library_logs, masked_exception
 from .batch import check_batch
 from .deferred import (  # noqa: F401  (importable from here, as before deferred.py)
@@ -109,8 +109,6 @@ TASK_NAME: Final = "blockfilter.filter_messages"
 #: No task retry waits longer than this, however many retries are configured.
 MAX_RETRY_COUNTDOWN_S: Final = 600.0
 
-#: Numbers per API request: the unit :func:`split_campaign` cuts at.
-REQUEST_SIZE: Final = 100
 
 # -- retries ---------------------------------------------------------------------------------
 
@@ -402,7 +400,7 @@ def split_campaign(
                 last_full = 0
             current.append(group_indexes)
             size += len(group_indexes)
-            if len(current) % REQUEST_SIZE == 0:
+            if len(current) % MAX_NUMBERS_PER_REQUEST == 0:
                 last_full = len(current)
         if current:
             leftovers.append([i for g in current for i in g])

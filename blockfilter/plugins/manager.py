@@ -38,7 +38,7 @@ from .. import __version__
 from ..config import CHANNELS, Settings, load_settings
 from ..engine.filter import FallbackPolicy, Filter, message_independent
 from ..errors import ConfigError
-from ..model import Parsed
+from ..model import Parsed, Verdict
 from ..redact import mask_numbers_in
 from ..sources import NEVER_ALONE, BaseSource, BlocklistSource, FunctionSource, as_source
 from . import hookspecs
@@ -50,8 +50,8 @@ log = logging.getLogger("blockfilter.plugins")
 ENTRY_POINT_GROUP = PROJECT_NAME
 HOOK_PREFIX = "blockfilter_"
 
-DISPATCHED_VERDICTS = frozenset({"allowed", "rerouted"})
-SUPPRESSED_VERDICTS = frozenset({"blocked", "invalid"})
+DISPATCHED_VERDICTS = Verdict.DISPATCHED
+SUPPRESSED_VERDICTS = Verdict.SUPPRESSED
 
 
 class PluginError(ConfigError):
@@ -641,7 +641,7 @@ def split_results(results: Iterable[dict[str, Any]], *, deferred_final: bool) ->
             outcome.dispatched.append(result)
         elif verdict in SUPPRESSED_VERDICTS:
             outcome.suppressed.append(result)
-        elif verdict == "deferred":
+        elif verdict == Verdict.DEFERRED:
             (outcome.suppressed if deferred_final else outcome.deferred).append(result)
         else:
             raise ValueError(f"result {result.get('id')!r} has no known verdict: {verdict!r}")

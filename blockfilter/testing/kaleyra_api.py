@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..config import CHANNELS
 from ..kaleyra.transport import Request, Response, TransportFailed, TransportTimeout
+from ..model import MAX_NUMBERS_PER_REQUEST, MAX_PAGE_SIZE
 
 #: The opaque ``channel_type`` Kaleyra puts on each blocklisted entry. Its meaning is not
 #: documented, so clients must not depend on it; the values only have to be stable.
@@ -62,8 +63,6 @@ FAULT_KINDS: dict[str, str] = {
 #: Default ``seconds`` of the faults that take one.
 DEFAULT_FAULT_SECONDS: dict[str, float] = {"rate_limit": 1.0, "timeout": 30.0, "trickle": 5.0}
 
-MAX_NUMBERS_PER_REQUEST = 100
-MAX_PAGE_SIZE = 100
 #: Per-request records kept for benchmarks; older ones are dropped first.
 MAX_RECORDS = 200_000
 

@@ -17,7 +17,6 @@ it in-process (:class:`Simulator`), from another process through its admin HTTP 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from types import FrameType, TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from ..config import is_loopback
 from ..redact import mask_numbers_in
 from .kaleyra_api import (
     CHANNEL_TYPES,
@@ -180,15 +180,6 @@ def _url_host(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return bool((mapped or address).is_loopback)
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +368,7 @@ class _Handler(BaseHTTPRequestHandler):
     # -- the admin API -------------------------------------------------------------------------
 
     def _admin(self, method: str, path: str, query: str) -> None:
-        if not _is_loopback(self.client_address[0]):
+        if not is_loopback(self.client_address[0]):
             self._send(_error(403, "403", "Forbidden", "The admin API is loopback only"))
             return
         try:
