@@ -38,6 +38,7 @@ def test_verdict_names_are_written_only_where_they_are_defined() -> None:
         ("cli.py", "blocked"),  # the key of `blockfilter check --json`'s answer
         ("ledger/cli.py", "invalid"),  # how many lines of an import were not numbers
         ("ledger/api.py", "invalid"),
+        ("ledger/tasks.py", "invalid"),
     }
     found = sorted(
         (module, node.value, node.lineno)
