@@ -1,4 +1,4 @@
-"""The filter: parsing, the status table, verdicts, and the JSON Lines plan.
+"""The filter: its passes (filter), the status table, the verdicts, the summary, JSON Lines.
 
 The names of :mod:`blockfilter.engine.filter` are importable from here too
 (``from blockfilter.engine import ...``, as before the package was split); they are looked

@@ -15,35 +15,32 @@ How a run goes (the same for the Python API, the command line and the Celery tas
 Reading the input several times is what keeps memory in proportion to the distinct numbers
 rather than to the messages: the command line re-reads its (spooled) file instead of holding it.
 Over JSON Lines, the first pass also writes down what each line holds (a
-:class:`~blockfilter.jsonlines.LinePlan`), so the later passes splice each verdict onto the
+:class:`~blockfilter.engine.lines.LinePlan`), so the later passes splice each verdict onto the
 line's own bytes without decoding the line again.
+
+This module orchestrates the passes; what it learns goes in the status table
+(:mod:`~blockfilter.engine.table`), the verdicts are decided by
+:mod:`~blockfilter.engine.verdicts`, and the counts kept by :mod:`~blockfilter.engine.summary`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
-from ..config import CHANNELS, Settings, load_settings
-from ..errors import CheckFailed, CredentialsRefused, RequestBudgetExhausted
+from ..config import CHANNELS, ON_ERROR_POLICIES, Settings, load_settings
+from ..errors import CheckFailed, CredentialsRefused
 from ..model import (
-    PROVENANCE_FIELDS,
     VERDICT_FIELDS,
     Invalid,
     Parsed,
-    Reason,
-    Verdict,
     channel_named,
-    channel_of,
-    has_usable_id,
     parse_message,
 )
 from ..numbers import normalize
@@ -62,23 +59,14 @@ from .lines import (
     render_line,
     splice,
 )
+from .summary import Summary
+from .table import ASKED, BLOCKED, FAILED, StatusTable, _key
+from .verdicts import FallbackPolicy, Verdicts
 
 if TYPE_CHECKING:
     import pluggy
 
 log = logging.getLogger("blockfilter.engine")
-
-# Why a number could not be checked; interned so a million failures share three strings.
-FAILED_CHECK: Final = Reason.CHECK_FAILED
-FAILED_CREDENTIALS: Final = Reason.CREDENTIALS_REFUSED
-FAILED_BUDGET: Final = "request_budget"
-
-CLEAN, BLOCKED, FAILED = 0, 1, 2
-# The status of a number handed to the sources and not answered (yet): unchecked.
-ASKED: Final = (FAILED, FAILED_CHECK)
-# Which status a later answer of another source may replace: blocklisted anywhere wins, then
-# a failure (unchecked), then clean.
-_RANK = {CLEAN: 0, FAILED: 1, BLOCKED: 2}
 
 # Distinct numbers handed to the sources at a time during the first pass: enough for a few
 # full requests and one cache round trip, few enough that the first request leaves early.
@@ -86,8 +74,6 @@ _STREAM_CHUNK = 500
 
 # Results shown to the blockfilter_verdicts observers at a time (as `blockfilter filter` did).
 _OBSERVED_BATCH = 500
-
-FallbackPolicy = Callable[[Mapping[str, Any], Parsed], Sequence[str]]
 
 
 def message_independent(policy: FallbackPolicy) -> FallbackPolicy:
@@ -102,172 +88,6 @@ def message_independent(policy: FallbackPolicy) -> FallbackPolicy:
 def default_fallback_policy(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
     """The message's own ``fallback`` list, in order."""
     return parsed.fallback
-
-
-def _key(e164: str) -> int:
-    # E.164 never starts with a 0 after the "+", so the digits as an int are a lossless,
-    # compact key: a small int takes half the memory of the string.
-    return int(e164[1:])
-
-
-class StatusTable:
-    """What the run has learnt, per channel and number: clean, blocklisted or unchecked.
-
-    One dict a channel, from a number's key to its status ``(kind, value)``; every number of
-    one answer shares one status tuple, so a million numbers cost their keys and dict slots
-    and little else. A number handed to the sources is marked :data:`ASKED` first (so it is
-    never handed over twice), which reads as unchecked until an answer replaces it: a source
-    that skips a number leaves it unchecked (fail closed), and it is not asked again.
-
-    Sources are joined here: blocklisted anywhere wins; otherwise a failure anywhere leaves the
-    number unchecked; a clean or blocklisted status keeps the oldest time any source gave.
-    """
-
-    def __init__(self) -> None:
-        # (kind, value) when unchecked; (kind, checked_at, origin, provenance) when answered.
-        self._status: dict[str, dict[int, tuple[Any, ...]]] = {c: {} for c in CHANNELS}
-
-    def want(self, channel: str, key: int) -> bool:
-        """Mark a number as asked; false if it was asked (or known) already."""
-        statuses = self._status[channel]
-        if key in statuses:
-            return False
-        statuses[key] = ASKED
-        return True
-
-    def record(self, outcome: CheckOutcome, origin: str) -> None:
-        """Join ``outcome`` in; ``origin`` names what answered (the verdict's ``source``)."""
-        statuses = self._status[outcome.channel]
-        if outcome.error is not None:
-            failed = (FAILED, _failure_reason(outcome.error))
-            for number in outcome.numbers:
-                key = _key(number)
-                if statuses.get(key, ASKED)[0] != BLOCKED:
-                    statuses[key] = failed
-            return
-        checked_at = outcome.checked_at if outcome.checked_at is not None else time.time()
-        provenance = _provenance(outcome.provenance)
-        clean = (CLEAN, checked_at, origin, provenance)
-        blocked = (BLOCKED, checked_at, origin, provenance)
-        for number in outcome.numbers:
-            key = _key(number)
-            new = blocked if number in outcome.blocked else clean
-            old = statuses.get(key, ASKED)
-            if old is ASKED or _RANK[new[0]] > _RANK[old[0]]:
-                statuses[key] = new
-            elif new[0] == old[0] and checked_at < old[1]:
-                statuses[key] = new  # the same answer, learnt earlier
-
-    def lookup(self, channel: str, key: int) -> tuple[Any, ...] | None:
-        """The number's status; ``None`` if it was never asked."""
-        return self._status[channel].get(key)
-
-
-def _failure_reason(error: BaseException) -> str:
-    if isinstance(error, CredentialsRefused):
-        return FAILED_CREDENTIALS
-    if isinstance(error, RequestBudgetExhausted):
-        return FAILED_BUDGET
-    return FAILED_CHECK
-
-
-@dataclass
-class Summary:
-    """Counts of a run, as the contract's summary JSON."""
-
-    # (verdict, final channel, source) -> messages: one increment a message on the hot path;
-    # the per-verdict, per-channel and per-source views are derived from it.
-    counts: Counter[tuple[str, str, str | None]] = field(default_factory=Counter)
-    # (requested channel, final channel) -> rerouted messages: so the summary can say which
-    # channel they asked for as well as where they go.
-    reroutes: Counter[tuple[str, str]] = field(default_factory=Counter)
-    requests: int = 0
-    cache_hits: int = 0
-    elapsed_s: float = 0.0
-    credentials_refused: bool = False
-
-    def count(
-        self, verdict: str, channel: str, source: str | None = None, requested: str | None = None
-    ) -> None:
-        self.counts[verdict, channel, source] += 1
-        if requested is not None and requested != channel:
-            self.reroutes[requested, channel] += 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    @property
-    def verdicts(self) -> Counter[str]:
-        verdicts: Counter[str] = Counter()
-        for (verdict, _, _), n in self.counts.items():
-            verdicts[verdict] += n
-        return verdicts
-
-    @property
-    def channels(self) -> dict[str, dict[str, int]]:
-        channels: dict[str, dict[str, int]] = defaultdict(dict)
-        for (verdict, channel, _), n in self.counts.items():
-            channels[channel][verdict] = channels[channel].get(verdict, 0) + n
-        return dict(channels)
-
-    @property
-    def sources(self) -> dict[str, dict[str, int]]:
-        """source (``api``, ``cache``, ``snapshot``, ``ledger``, a plugin) -> verdict -> n."""
-        sources: dict[str, dict[str, int]] = defaultdict(dict)
-        for (verdict, _, source), n in self.counts.items():
-            if source is not None:
-                sources[source][verdict] = sources[source].get(verdict, 0) + n
-        return dict(sources)
-
-    @property
-    def requested_channels(self) -> dict[str, dict[str, int]]:
-        """Verdicts by the channel each message asked for (``channels`` is by the channel it
-        goes out on: a rerouted message counts under its fallback there, under its own here)."""
-        requested: dict[str, Counter[str]] = defaultdict(Counter)
-        for (verdict, channel, _), n in self.counts.items():
-            requested[channel][verdict] += n
-        for (asked, final), n in self.reroutes.items():
-            requested[final][Verdict.REROUTED] -= n
-            requested[asked][Verdict.REROUTED] += n
-        return {
-            channel: {verdict: n for verdict, n in counts.items() if n}
-            for channel, counts in requested.items()
-            if any(counts.values())
-        }
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "total": self.total,
-            "verdicts": dict(self.verdicts),
-            "channels": self.channels,
-            "sources": self.sources,
-            "requested_channels": self.requested_channels,
-            "requests": self.requests,
-            "cache_hits": self.cache_hits,
-            "elapsed_s": round(self.elapsed_s, 3),
-            "credentials_refused": self.credentials_refused,
-        }
-
-
-class _IsoTimes:
-    """ISO 8601 strings of checked_at times; a batch shares one time, so memoise a few."""
-
-    def __init__(self) -> None:
-        self._memo: dict[float, str] = {}
-
-    def __call__(self, epoch: float) -> str:
-        text = self._memo.get(epoch)
-        if text is None:
-            if len(self._memo) > 4096:
-                self._memo.clear()
-            text = (
-                datetime.fromtimestamp(epoch, timezone.utc)
-                .isoformat(timespec="milliseconds")
-                .replace("+00:00", "Z")
-            )
-            self._memo[epoch] = text
-        return text
 
 
 _DUPLICATE = Invalid("duplicate_id", "an earlier message in this run has the same id")
@@ -365,7 +185,7 @@ class Filter:
         # in the records of the library's loggers whichever handler the host attaches.
         guard_library_logs(self.settings.api_key, self.settings.cache_secret)
         self.on_error = (on_error or self.settings.on_error).lower()
-        if self.on_error not in ("defer", "allow", "drop"):
+        if self.on_error not in ON_ERROR_POLICIES:
             raise ValueError(f"on_error must be defer, allow or drop, not {on_error!r}")
         if sources is not None and plugins not in (None, False):
             raise TypeError(
@@ -394,7 +214,7 @@ class Filter:
         #: Distinct (channel, number) pairs handed to the sources so far: with the summary's
         #: ``cache_hits``, what the cache could not answer (the metrics' cache misses).
         self.numbers_looked_up = 0
-        self._iso = _IsoTimes()
+        self._verdicts = Verdicts(self.on_error)
 
     # -- plugins and sources ---------------------------------------------------------------
     # blockfilter.plugins builds on this module (build_filter, PluginFilter): it is imported
@@ -511,7 +331,9 @@ class Filter:
         observe = self._observer()
         batch: list[dict[str, Any]] = []
         for position, (message, p) in enumerate(replay(), 1):
-            fields, channel = self._verdict(message, p, table, position)
+            fields, channel = self._verdicts.verdict(
+                message, p, table, self.fallback_policy, position
+            )
             self.summary.count(
                 fields["verdict"], channel, fields.get("source"), fields.get("original_channel")
             )
@@ -614,7 +436,9 @@ class Filter:
                 verdict = shared[code]
                 if verdict is None:
                     verdict = shared[code] = _Shared(
-                        *self._verdict(_NO_MESSAGE, routes[code], table)
+                        *self._verdicts.verdict(
+                            _NO_MESSAGE, routes[code], table, self.fallback_policy
+                        )
                     )
                 route_lines[code] += 1
                 yield verdict.render(line)
@@ -624,7 +448,9 @@ class Filter:
                 break
             else:
                 message, parsed = _decode_again(line, lines_read, is_duplicate)
-                fields, channel = self._verdict(message, parsed, table, lines_read)
+                fields, channel = self._verdicts.verdict(
+                    message, parsed, table, self.fallback_policy, lines_read
+                )
                 self.summary.count(
                     fields["verdict"], channel, fields.get("source"), fields.get("original_channel")
                 )
@@ -802,6 +628,12 @@ class Filter:
         if self._progress is not None:
             self._progress("numbers", len(outcome.numbers), None)
 
+    def _verdict(
+        self, message: Any, parsed: Parsed | Invalid, table: StatusTable, position: int = 0
+    ) -> tuple[dict[str, Any], str]:
+        # The policy is read at each verdict: it is a public attribute a caller may replace.
+        return self._verdicts.verdict(message, parsed, table, self.fallback_policy, position)
+
     def _next_fallback_to_check(
         self, message: Any, parsed: Parsed, table: StatusTable
     ) -> str | None:
@@ -823,127 +655,6 @@ class Filter:
             if numbers:
                 self._feed(streams, table, channel, numbers)
         self._drain(streams, table)
-
-    # -- verdicts --------------------------------------------------------------------------
-
-    def _verdict(
-        self, message: Any, parsed: Parsed | Invalid, table: StatusTable, position: int = 0
-    ) -> tuple[dict[str, Any], str]:
-        """The verdict fields of a message and its final channel. ``position`` (1-based, the
-        line number over JSON Lines) names the record of a message without a usable id."""
-        if isinstance(parsed, Invalid):
-            fields: dict[str, Any] = {"verdict": Verdict.INVALID, "reason": parsed.reason}
-            if parsed.detail:
-                fields["detail"] = parsed.detail
-            if position and not has_usable_id(message):
-                fields = {"id": str(position), **fields}
-            return fields, channel_of(message)
-        status: tuple[Any, ...] = table.lookup(parsed.channel, parsed.key) or (
-            FAILED,  # a source skipped the number: treat it as unchecked
-            FAILED_CHECK,
-        )
-        kind, value = status[0], status[1]
-        if kind == CLEAN:
-            return self._allowed(parsed, status), parsed.channel
-        if kind == FAILED:
-            return self._unchecked(parsed, value, parsed.channel)
-        for channel in self.fallback_policy(message, parsed):
-            fallback = table.lookup(channel, parsed.key) or (FAILED, FAILED_CHECK)
-            kind, value = fallback[0], cast(Any, fallback[1])
-            if kind == BLOCKED:
-                continue
-            if kind == CLEAN:
-                return _with_provenance(
-                    {
-                        "verdict": Verdict.REROUTED,
-                        "e164": parsed.e164,
-                        "checked_at": self._iso(value),
-                        "channel": channel,
-                        "original_channel": parsed.channel,
-                        "source": fallback[2],
-                    },
-                    fallback,
-                ), channel
-            return self._unchecked(parsed, value, channel)
-        return _with_provenance(
-            {
-                "verdict": Verdict.BLOCKED,
-                "e164": parsed.e164,
-                "checked_at": self._iso(status[1]),
-                "reason": "blocklisted",
-                "source": status[2],
-            },
-            status,
-        ), parsed.channel
-
-    def _allowed(self, parsed: Parsed, status: tuple[Any, ...]) -> dict[str, Any]:
-        return _with_provenance(
-            {
-                "verdict": Verdict.ALLOWED,
-                "e164": parsed.e164,
-                "checked_at": self._iso(status[1]),
-                "source": status[2],
-            },
-            status,
-        )
-
-    def _unchecked(self, parsed: Parsed, failure: str, channel: str) -> tuple[dict[str, Any], str]:
-        """The verdict for a message whose ``channel`` could not be checked."""
-        if failure == FAILED_CREDENTIALS:
-            # A refused account is not a passing glitch to fail open on: always deferred.
-            return {
-                "verdict": Verdict.DEFERRED,
-                "e164": parsed.e164,
-                "reason": Reason.CREDENTIALS_REFUSED,
-            }, parsed.channel
-        if failure == FAILED_BUDGET or self.on_error == "defer":
-            fields = {
-                "verdict": Verdict.DEFERRED,
-                "e164": parsed.e164,
-                "reason": Reason.CHECK_FAILED,
-            }
-            if failure == FAILED_BUDGET:
-                fields["detail"] = "--max-requests reached before this number was checked"
-            return fields, parsed.channel
-        if self.on_error == "allow":
-            if channel == parsed.channel:
-                return {
-                    "verdict": Verdict.ALLOWED,
-                    "e164": parsed.e164,
-                    "checked_at": None,
-                    "reason": "unchecked",
-                }, channel
-            return {
-                "verdict": Verdict.REROUTED,
-                "e164": parsed.e164,
-                "checked_at": None,
-                "channel": channel,
-                "original_channel": parsed.channel,
-                "reason": "unchecked",
-            }, channel
-        return {
-            "verdict": Verdict.BLOCKED,
-            "e164": parsed.e164,
-            "checked_at": None,
-            "reason": "unchecked",
-        }, parsed.channel
-
-
-def _provenance(given: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The fields of a source's provenance a verdict may carry (once per outcome)."""
-    if not given:
-        return None
-    kept = {name: value for name, value in given.items() if name in PROVENANCE_FIELDS}
-    return kept or None
-
-
-def _with_provenance(fields: dict[str, Any], status: tuple[Any, ...]) -> dict[str, Any]:
-    """``fields`` with what the answering source said of its answer (``age_s``,
-    ``ledger_event``...), which names no number."""
-    provenance = status[3]
-    if provenance:
-        fields.update(provenance)
-    return fields
 
 
 def observed_lines(
