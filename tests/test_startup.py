@@ -77,3 +77,72 @@ def test_a_filter_run_leaves_the_garbage_collector_as_it_found_it(
     ((during, frozen),) = seen
     assert during[0] > before[0] and frozen > 0  # paced for the run...
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0  # ...and put back
+
+
+def test_runs_that_overlap_share_the_pacing_and_the_last_one_out_puts_it_back() -> None:
+    # A worker with a thread pool runs batches at once: the first one's end must not put the
+    # collector back under the second one, nor the second one's restore the first one's values.
+    import threading
+
+    from blockfilter.gcpacing import RUN_THRESHOLDS, paced_collections
+
+    before = gc.get_threshold()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def second() -> None:
+        first_in.wait(5)
+        with paced_collections():
+            second_in.set()
+            first_out.wait(5)
+            seen["second after the first left"] = gc.get_threshold()
+
+    worker = threading.Thread(target=second)
+    worker.start()
+    with paced_collections():
+        first_in.set()
+        second_in.wait(5)
+    first_out.set()
+    worker.join(5)
+    assert seen["second after the first left"] == RUN_THRESHOLDS
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_a_task_batch_is_checked_with_paced_collections() -> None:
+    from blockfilter import hookimpl
+    from blockfilter.config import load_settings
+    from blockfilter.gcpacing import RUN_THRESHOLDS
+    from blockfilter.pipeline import batch
+    from blockfilter.plugins.manager import get_plugin_manager, reset_plugin_manager
+    from blockfilter.sources import FunctionSource
+    from blockfilter.testing.simulator import Simulator
+
+    seen: list[tuple[int, ...]] = []
+
+    def blocklist(channel: str, numbers: list[str]) -> set[str]:
+        seen.append(gc.get_threshold())  # while the batch is being checked
+        return set()
+
+    class OptOutTable:  # a pipeline's own source, as a plugin registers it
+        @hookimpl
+        def blockfilter_blocklist_sources(self, settings: object) -> list[object]:
+            return [FunctionSource("optouts", blocklist)]
+
+    before = gc.get_threshold()
+    with Simulator(sid="GCSID", api_key="gc-key-81f3") as simulator:
+        conf = {
+            "kaleyra_sid": "GCSID",
+            "kaleyra_api_key": "gc-key-81f3",
+            "kaleyra_base_url": simulator.base_url,
+            "blockfilter_load_plugins": "",
+        }
+        reset_plugin_manager()
+        get_plugin_manager(load_settings(celery_conf=conf)).register(OptOutTable())
+        try:
+            message = {"id": "m1", "channel": "sms", "to": "+919812300001"}
+            checked = batch.check_batch([message], conf, retries_left=lambda settings: False)
+        finally:
+            reset_plugin_manager()
+    assert [r["verdict"] for r in checked.results] == ["allowed"]
+    assert seen == [RUN_THRESHOLDS]
+    assert gc.get_threshold() == before

@@ -27,6 +27,7 @@ import pluggy
 from .. import metrics
 from ..config import Settings, load_settings
 from ..errors import CredentialsRefused
+from ..gcpacing import paced_collections
 from ..ledger.source import dispatch_gate
 from ..model import Reason, Verdict
 from ..plugins.manager import build_filter, dispatch_results, get_plugin_manager, notify_verdicts
@@ -113,7 +114,7 @@ def check_batch(
     messages = list(messages)
     settings = load_settings(celery_conf=conf)
     plugins = get_plugin_manager(settings)
-    with build_filter(settings, plugins) as engine:
+    with paced_collections(), build_filter(settings, plugins) as engine:
         results = list(engine.run(messages))
         summary = engine.summary.as_dict()
         refusal = engine.refusal
