@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from types import FrameType
 from typing import Any
 
-from .errors import BlockfilterError
+from .errors import OutputError
 
 # Where a process can name its own open files: how an O_TMPFILE file is linked in at commit.
 _FD_DIR = "/proc/self/fd"
@@ -37,10 +37,6 @@ _NO_TMPFILE = {errno.EISDIR, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOENT}
 _STOP_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
 )
-
-
-class OutputError(BlockfilterError):
-    """A file could not be written; the old one, if any, is left as it was."""
 
 
 class Terminated(BaseException):

@@ -9,9 +9,15 @@ Upstream failures are split by what a caller should do about them:
 
 No message of any of these ever contains the API key: the client builds them from the
 response code and the request *shape*, never from the headers.
+
+Every exception a caller of the package may catch is defined here, whichever part raises it
+(the modules that raise them import them from here, and their names stay importable from
+there too): the transport's, the plugins', the files', the deferred queue's and the numbers'.
 """
 
 from __future__ import annotations
+
+from typing import Final
 
 
 class BlockfilterError(Exception):
@@ -106,3 +112,86 @@ class SyncAborted(FinalUpstreamError):
 class CheckFailed(BlockfilterError):
     """Some of the numbers asked about could not be checked, so no answer is given: a list of
     the blocklisted ones that left them out would pass them off as not blocklisted."""
+
+
+# -- numbers -------------------------------------------------------------------------------
+
+
+class InvalidNumber(ValueError):
+    """The input is not a valid phone number (or names an unknown region).
+
+    ``reason`` is always ``"invalid_number"``, the verdict's stable code; ``detail`` says why in
+    words and never contains the full number (at most its masked form).
+    """
+
+    reason: Final = "invalid_number"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+# -- plugins -------------------------------------------------------------------------------
+
+
+class PluginError(ConfigError):
+    """A plugin cannot be used: it failed to load (strict mode), implements an unknown hook,
+    refused to start, or returned something unusable. The message names the plugin.
+
+    :ivar plugin_name: the plugin's name (its entry-point name), when one is to blame.
+    """
+
+    def __init__(self, message: str, *, plugin_name: str | None = None) -> None:
+        super().__init__(message)
+        self.plugin_name = plugin_name
+
+
+# -- files the command line writes ---------------------------------------------------------
+
+
+class OutputError(BlockfilterError):
+    """A file could not be written; the old one, if any, is left as it was."""
+
+
+# -- the deferred queue --------------------------------------------------------------------
+
+
+class DeferredNotParked(BlockfilterError):
+    """Deferred messages could not be parked on the deferred queue (the broker is away): they
+    were handed to ``blockfilter_suppressed`` as ``deferred``, and the task fails so that
+    someone looks. Nothing replays them: the pipeline's suppressed hook has the record."""
+
+    @classmethod
+    def of(cls, count: int, error: Exception, *, quote_error: bool) -> DeferredNotParked:
+        """The error for ``count`` messages the broker would not take.
+
+        :param quote_error: also quote ``error``'s text (a task masks its exceptions before
+            they are stored; the collector's go to the worker log as they are).
+        """
+        cause = f"{type(error).__name__}: {error}" if quote_error else type(error).__name__
+        tail = " as deferred" if quote_error else ""
+        return cls(
+            f"{count} deferred message(s) could not be parked on the deferred queue "
+            f"({cause}); they were handed to blockfilter_suppressed{tail}"
+        )
+
+
+# -- the transport under the Kaleyra client -------------------------------------------------
+
+
+class TransportError(Exception):
+    """The exchange ended without a whole answer. The text says what went wrong (an
+    exception's class name, at most), never the URL: it holds the numbers asked."""
+
+
+class TransportTimeout(TransportError):
+    """No whole answer within the request's ``timeout`` (or no connection within its
+    ``connect_timeout``)."""
+
+
+class TransportFailed(TransportError):
+    """The connection could not be made, or broke before the answer was whole."""
+
+
+class BodyTooLarge(TransportError):
+    """The body is longer than the request's ``max_body_bytes``."""

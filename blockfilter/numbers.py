@@ -38,6 +38,7 @@ from phonenumbers import (
     PhoneNumberType,
 )
 
+from .errors import InvalidNumber
 from .redact import mask_number
 
 __all__ = [
@@ -78,20 +79,6 @@ def _calling_codes_by_first_digits() -> dict[str, tuple[int, int]]:
 
 
 _CALLING_CODES: Final = _calling_codes_by_first_digits()
-
-
-class InvalidNumber(ValueError):
-    """The input is not a valid phone number (or names an unknown region).
-
-    ``reason`` is always ``"invalid_number"``, the verdict's stable code; ``detail`` says why in
-    words and never contains the full number (at most its masked form).
-    """
-
-    reason: Final = "invalid_number"
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
 
 
 def is_known_region(region: str) -> bool:

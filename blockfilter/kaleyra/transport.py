@@ -39,7 +39,13 @@ from urllib3.exceptions import SSLError as Urllib3SSLError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 from urllib3.util import create_urllib3_context, parse_url
 
-from ..errors import ConfigError
+from ..errors import (
+    BodyTooLarge,
+    ConfigError,
+    TransportError,
+    TransportFailed,
+    TransportTimeout,
+)
 
 __all__ = [
     "NetworkEnvironment",
@@ -96,24 +102,6 @@ class Response:
 
 #: What the client sends its requests through.
 Transport = Callable[[Request], Response]
-
-
-class TransportError(Exception):
-    """The exchange ended without a whole answer. The text says what went wrong (an
-    exception's class name, at most), never the URL: it holds the numbers asked."""
-
-
-class TransportTimeout(TransportError):
-    """No whole answer within the request's ``timeout`` (or no connection within its
-    ``connect_timeout``)."""
-
-
-class TransportFailed(TransportError):
-    """The connection could not be made, or broke before the answer was whole."""
-
-
-class BodyTooLarge(TransportError):
-    """The body is longer than the request's ``max_body_bytes``."""
 
 
 # -- the environment ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from .. import metrics
-from ..errors import BlockfilterError
+from ..errors import DeferredNotParked  # noqa: F401  (the tasks and the collector raise it)
 from ..model import Reason
 
 # The tasks' logger: parking is what a task does, and its log lines were always the tasks'.
@@ -32,26 +32,6 @@ DEFERRED_QUEUE_SETTING: Final = "blockfilter_deferred_queue"
 PARKED_CHECK_FAILED: Final = Reason.CHECK_FAILED
 PARKED_CREDENTIALS_REFUSED: Final = Reason.CREDENTIALS_REFUSED
 PARKED_TASK_FAILED: Final = Reason.TASK_FAILED
-
-
-class DeferredNotParked(BlockfilterError):
-    """Deferred messages could not be parked on the deferred queue (the broker is away): they
-    were handed to ``blockfilter_suppressed`` as ``deferred``, and the task fails so that
-    someone looks. Nothing replays them: the pipeline's suppressed hook has the record."""
-
-    @classmethod
-    def of(cls, count: int, error: Exception, *, quote_error: bool) -> DeferredNotParked:
-        """The error for ``count`` messages the broker would not take.
-
-        :param quote_error: also quote ``error``'s text (a task masks its exceptions before
-            they are stored; the collector's go to the worker log as they are).
-        """
-        cause = f"{type(error).__name__}: {error}" if quote_error else type(error).__name__
-        tail = " as deferred" if quote_error else ""
-        return cls(
-            f"{count} deferred message(s) could not be parked on the deferred queue "
-            f"({cause}); they were handed to blockfilter_suppressed{tail}"
-        )
 
 
 def deferred_queue(app: Celery) -> Queue:

@@ -37,7 +37,7 @@ import pluggy
 from .. import __version__
 from ..config import CHANNELS, Settings, load_settings
 from ..engine.filter import FallbackPolicy, Filter, message_independent
-from ..errors import ConfigError
+from ..errors import PluginError
 from ..model import Parsed, Verdict
 from ..redact import mask_numbers_in
 from ..sources import NEVER_ALONE, BaseSource, BlocklistSource, FunctionSource, as_source
@@ -52,18 +52,6 @@ HOOK_PREFIX = "blockfilter_"
 
 DISPATCHED_VERDICTS = Verdict.DISPATCHED
 SUPPRESSED_VERDICTS = Verdict.SUPPRESSED
-
-
-class PluginError(ConfigError):
-    """A plugin cannot be used: it failed to load (strict mode), implements an unknown hook,
-    refused to start, or returned something unusable. The message names the plugin.
-
-    :ivar plugin_name: the plugin's name (its entry-point name), when one is to blame.
-    """
-
-    def __init__(self, message: str, *, plugin_name: str | None = None) -> None:
-        super().__init__(message)
-        self.plugin_name = plugin_name
 
 
 @dataclass(frozen=True)
