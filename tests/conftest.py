@@ -49,15 +49,6 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The command-line tests that share one Redis database (``tests.test_scale.cli_redis``,
-    which deletes whatever appeared in it during its test) take turns: under pytest-xdist
-    (``--dist loadgroup``) they all run on one worker, one after another."""
-    for item in items:
-        if "cli_redis" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("cli_redis"))
-
-
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No KALEYRA_* or BLOCKFILTER_* variable of the machine leaks into a test."""

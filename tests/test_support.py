@@ -1,18 +1,13 @@
-"""The tests' shared support: the environment of child processes, the worker launcher, and
-the tests that must take turns under pytest-xdist."""
+"""The tests' shared support: the environment of child processes and the worker launcher."""
 
 from __future__ import annotations
 
-import inspect
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-import tests.test_ratelimit
-import tests.test_scale
 from tests.support.env import FAST_RETRIES, ROOT, TEST_KEY, TEST_SID, subprocess_env
 from tests.support.workers import Worker
 
@@ -66,25 +61,3 @@ def test_a_worker_runs_the_app_it_is_given_on_its_own_queue(tmp_path: Path) -> N
     assert command[command.index("-n") + 1] == "w1@localhost"
     assert command[command.index("-c") + 1] == "3"
     assert worker.cwd == ROOT
-
-
-def test_the_tests_sharing_the_cli_database_run_on_one_xdist_worker() -> None:
-    sharing = {
-        f"{Path(module.__file__ or '').name}::{name}"
-        for module in (tests.test_scale, tests.test_ratelimit)
-        for name, function in vars(module).items()
-        if name.startswith("test_") and "cli_redis" in inspect.signature(function).parameters
-    }
-    assert len(sharing) >= 6
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
-        + ["-m", "xdist_group", "tests/test_scale.py", "tests/test_ratelimit.py"],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    grouped = {line.split("/")[-1] for line in done.stdout.splitlines() if "::" in line}
-    assert grouped == sharing
