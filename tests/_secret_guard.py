@@ -12,7 +12,8 @@ Register it from ``tests/conftest.py`` with one line::
 * each test's captured stdout, stderr and log sections and its failure text.
 
 A sighting does not stop the test that made it: at the end of the session every sighting is
-listed (test, where, which key, masked) and the run fails. Output a test captures itself
+listed (test, where, which key, masked) and the run fails. Under pytest-xdist each worker hands
+its sightings to the controller, which lists them and fails the run. Output a test captures itself
 (a subprocess's ``stdout``) is the test's to check; ``tests/test_secrets.py`` does.
 """
 
@@ -22,6 +23,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -109,8 +111,25 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         _sightings.check(str(report.longrepr), f"failure text ({report.when})", report.nodeid)
 
 
+# Where a pytest-xdist worker hands its sightings to the controller, which reports them all.
+_WORKER_OUTPUT_KEY = "blockfilter_secret_sightings"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest-xdist, in the controller: a worker is done; take in what it saw (the log
+    records of its tests reached its own handler only)."""
+    if _sightings is not None:
+        found = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT_KEY, [])
+        _sightings.found.extend((test, where, secret) for test, where, secret in found)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     sightings = _sightings
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: its controller reports and fails
+        workeroutput[_WORKER_OUTPUT_KEY] = list(sightings.found) if sightings else []
+        return
     if sightings is None or not sightings.found:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

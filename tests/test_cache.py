@@ -30,6 +30,7 @@ from blockfilter.store.cache import (
     SyncInfo,
     open_cache,
 )
+from tests.fakes import FakeTime
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
@@ -84,28 +85,49 @@ def namespace() -> Iterator[str]:
         client.close()
 
 
-CacheFactory = Callable[..., StatusCache]
+class CacheFactory:
+    """Makes caches of one kind, and says how time passes for them.
+
+    ``memory://`` runs on a fake clock: :meth:`pass_time` moves it, without waiting. Redis
+    measures ages by its own clock (``TIME``) and expires keys itself (``PX``), which no
+    clock of ours can move: there, :meth:`pass_time` really waits (the TTLs are short).
+    Redis caches made by one test share a namespace, so two of them see each other as two
+    workers would.
+    """
+
+    def __init__(self, kind: str, namespace: str) -> None:
+        self.kind = kind
+        self.namespace = namespace
+        self.made: list[StatusCache] = []
+        self._fake = FakeTime(now=time.time())
+
+    def __call__(self, **overrides: Any) -> StatusCache:
+        settings = make_settings(**overrides)
+        cache: StatusCache
+        if self.kind == "memory":
+            cache = MemoryCache(settings, clock=self._fake.clock)
+        else:
+            cache = RedisCache(settings, namespace=self.namespace)
+        self.made.append(cache)
+        return cache
+
+    def now(self) -> float:
+        """The caches' time now (epoch seconds): what an answer fetched now is stamped with."""
+        return self._fake.clock() if self.kind == "memory" else time.time()
+
+    def pass_time(self, seconds: float) -> None:
+        if self.kind == "memory":
+            self._fake.sleep(seconds)
+        else:
+            time.sleep(seconds)
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=needs_redis)])
 def make_cache(request: pytest.FixtureRequest, namespace: str) -> Iterator[CacheFactory]:
-    """Makes caches of the parametrised kind. Redis caches made by one test share a namespace,
-    so two of them see each other as two workers would."""
-    made: list[StatusCache] = []
-
-    def factory(**overrides: Any) -> StatusCache:
-        settings = make_settings(**overrides)
-        cache: StatusCache
-        if request.param == "memory":
-            cache = MemoryCache(settings)
-        else:
-            cache = RedisCache(settings, namespace=namespace)
-        made.append(cache)
-        return cache
-
-    factory.kind = request.param  # type: ignore[attr-defined]
+    """Makes caches of the parametrised kind (see :class:`CacheFactory`)."""
+    factory = CacheFactory(request.param, namespace)
     yield factory
-    for cache in made:
+    for cache in factory.made:
         cache.close()
 
 
@@ -169,9 +191,9 @@ def test_ttl_is_counted_from_fetch_time_and_differs_by_kind(make_cache: CacheFac
 
 def test_entries_expire(make_cache: CacheFactory) -> None:
     cache = make_cache(cache_ttl=0.3, cache_ttl_blocked=1.0)
-    cache.set_many("sms", blocked=[A], clean=[B], fetched_at=time.time())
+    cache.set_many("sms", blocked=[A], clean=[B], fetched_at=make_cache.now())
     assert set(cache.get_many("sms", [A, B])) == {A, B}
-    time.sleep(0.4)
+    make_cache.pass_time(0.4)
     assert set(cache.get_many("sms", [A, B])) == {A}
 
 
@@ -221,10 +243,10 @@ def test_a_snapshot_answers_each_kind_for_its_ttl(make_cache: CacheFactory) -> N
     cache = make_cache(cache_ttl=0.3, cache_ttl_blocked=0.8)
     write_snapshot(cache, "sms", [A])
     assert set(cache.get_many("sms", [A, B])) == {A, B}
-    time.sleep(0.45)
+    make_cache.pass_time(0.45)
     # Clean answers are trusted for the clean TTL only: B is unknown again, A still blocked.
     assert {n: s.blocked for n, s in cache.get_many("sms", [A, B]).items()} == {A: True}
-    time.sleep(0.5)
+    make_cache.pass_time(0.5)
     assert cache.get_many("sms", [A, B]) == {}
 
 

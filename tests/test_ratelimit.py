@@ -100,7 +100,9 @@ def test_a_limit_holds_across_two_processes(
     tmp_path: Path,
 ) -> None:
     rate = 20
-    env = cli_env(simulator, BLOCKFILTER_RATE_LIMIT=str(rate), BLOCKFILTER_CONCURRENCY="8")
+    env = cli_env(
+        simulator, cli_redis, BLOCKFILTER_RATE_LIMIT=str(rate), BLOCKFILTER_CONCURRENCY="8"
+    )
     simulator.set_latency(0.02)
     # 40 requests each, one process on sms and one on whatsapp so the records tell them apart.
     numbers = make_numbers(8000, seed=21)
@@ -132,7 +134,9 @@ def test_a_429_pauses_the_other_process_too(
 ) -> None:
     pause = 2.0
     simulator.set_faults([FaultRule("rate_limit", first=1, channel="sms", seconds=pause)])
-    env = cli_env(simulator, BLOCKFILTER_RETRY_DEADLINE="10", BLOCKFILTER_RETRY_ATTEMPTS="3")
+    env = cli_env(
+        simulator, cli_redis, BLOCKFILTER_RETRY_DEADLINE="10", BLOCKFILTER_RETRY_ATTEMPTS="3"
+    )
     numbers = make_numbers(400, seed=22)
     first = start("filter", str(campaign_file(tmp_path / "a.jsonl", numbers[:100])), env=env)
     deadline = time.monotonic() + 20

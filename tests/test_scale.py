@@ -3,11 +3,9 @@
 Everything talks to a real simulator over HTTP and a real Redis (127.0.0.1:6379).
 
 Isolation on a shared Redis server: in-process tests give their cache a random key namespace.
-The command line has no namespace setting, so its tests use a database of their own
-(:data:`CLI_DB`), a random ``BLOCKFILTER_CACHE_SECRET`` (every status key is a keyed hash, so
-runs never see each other's entries) and a random SID (the rate limit is keyed by account);
-the one key that is neither (the per-channel sync mark) lives in that database only, and every
-key a test made there is deleted afterwards.
+The command line has no namespace setting, so each of its tests gets a ``redis-server`` of its
+own (:func:`cli_redis`): nothing another test, or another run of the suite, does to a shared
+database can delete its entries or its rate limit's pause while it runs.
 """
 
 from __future__ import annotations
@@ -36,10 +34,9 @@ from blockfilter.store.cache import MemoryCache, RedisCache
 from blockfilter.store.ratelimit import RateLimiter
 from blockfilter.testing.simulator import Simulator
 from tests.support.env import subprocess_env
+from tests.support.private_servers import PrivateRedis
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-#: The Redis database the command-line tests use (see the module docs).
-CLI_DB = 13
 
 
 def redis_up() -> bool:
@@ -98,25 +95,29 @@ def namespace() -> Iterator[str]:
 
 
 @pytest.fixture
-def cli_redis() -> Iterator[redis.Redis]:
-    """The command-line tests' database: keys this test makes there are deleted afterwards,
-    and no sync mark left by an interrupted run can answer for this one."""
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=CLI_DB)
-    for key in client.scan_iter(match="bf:y:*"):
-        client.delete(key)
-    before = set(client.scan_iter(count=10_000))
-    yield client
-    made = [key for key in client.scan_iter(count=10_000) if key not in before]
-    if made:
-        client.delete(*made)
-    client.close()
+def cli_redis(tmp_path: Path) -> Iterator[redis.Redis]:
+    """A client of the command-line test's own Redis server (empty, gone afterwards)."""
+    server = PrivateRedis(tmp_path / "cli-redis")
+    try:
+        server.start()
+    except RuntimeError as exc:
+        server.stop()
+        pytest.skip(f"no private Redis server: {exc}")
+    client = server.client()
+    try:
+        yield client
+    finally:
+        client.close()
+        server.stop()
 
 
-def cli_env(sim: Simulator, **extra: str) -> dict[str, str]:
-    """A user's environment: this simulator, an account of the test's own, a Redis cache."""
+def cli_env(sim: Simulator, cache: redis.Redis, **extra: str) -> dict[str, str]:
+    """A user's environment: this simulator, an account of the test's own, the ``cache``
+    server (:func:`cli_redis`)."""
+    port = cache.connection_pool.connection_kwargs["port"]
     own = {
         "KALEYRA_SID": f"T{uuid.uuid4().hex[:12]}",
-        "BLOCKFILTER_CACHE_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{CLI_DB}",
+        "BLOCKFILTER_CACHE_URL": f"redis://127.0.0.1:{port}/0",
         "BLOCKFILTER_CACHE_SECRET": uuid.uuid4().hex,
         "BLOCKFILTER_REQUEST_TIMEOUT": "2",
         "BLOCKFILTER_RETRY_DEADLINE": "3",
@@ -190,7 +191,7 @@ def test_the_second_process_asks_nothing_the_first_learnt(
     pool = make_numbers(400, seed=1)
     blocked = set(pool[::7])
     simulator.block("sms", *blocked)
-    env = cli_env(simulator)
+    env = cli_env(simulator, cli_redis)
     first = campaign_file(tmp_path / "first.jsonl", pool[:300])
     # The second campaign shares 200 numbers with the first and brings 100 new ones.
     second = campaign_file(tmp_path / "second.jsonl", pool[100:400])
@@ -221,7 +222,7 @@ def test_two_processes_at_once_ask_each_number_once(
     # Slow answers and few in flight: each process alone would take seconds, so the two
     # overlap even if one starts a few hundred milliseconds late.
     simulator.set_latency(0.3)
-    env = cli_env(simulator, BLOCKFILTER_CONCURRENCY="4")
+    env = cli_env(simulator, cli_redis, BLOCKFILTER_CONCURRENCY="4")
     summaries = [tmp_path / "a.json", tmp_path / "b.json"]
     # The same numbers, in different orders, so each process leases some before the other.
     campaigns = [
@@ -251,7 +252,7 @@ def test_two_processes_at_once_ask_each_number_once(
 def test_two_syncs_at_once_page_the_list_once(simulator: Simulator, cli_redis: redis.Redis) -> None:
     simulator.block("whatsapp", *make_numbers(450, seed=3))
     simulator.set_latency(0.3)
-    env = cli_env(simulator)
+    env = cli_env(simulator, cli_redis)
     processes = [start("sync", "--channel", "whatsapp", "--json", env=env) for _ in range(2)]
     results = []
     for process in processes:
@@ -271,7 +272,7 @@ def test_after_a_sync_a_campaign_makes_no_lookup(
     pool = make_numbers(1000, seed=4)
     blocked = set(pool[:250])
     simulator.block("sms", *blocked)
-    env = cli_env(simulator)
+    env = cli_env(simulator, cli_redis)
     done = blockfilter("sync", "--channel", "sms", "--json", env=env)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)["channels"]["sms"]
@@ -292,7 +293,7 @@ def test_sync_of_every_channel_prints_the_sizes(
 ) -> None:
     simulator.block("sms", *make_numbers(120, seed=5))
     simulator.block("voice", *make_numbers(100, seed=6))
-    done = blockfilter("sync", env=cli_env(simulator))
+    done = blockfilter("sync", env=cli_env(simulator, cli_redis))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.decode().splitlines()
     assert [line.split(":")[0] for line in lines] == ["sms", "whatsapp", "voice"]
@@ -308,7 +309,7 @@ def test_no_plain_number_in_redis_after_runs(
     pool = make_numbers(300, seed=7)
     simulator.block("sms", *pool[:40])
     simulator.block("voice", *pool[40:60])
-    env = cli_env(simulator, BLOCKFILTER_RATE_LIMIT="50")
+    env = cli_env(simulator, cli_redis, BLOCKFILTER_RATE_LIMIT="50")
     assert blockfilter("sync", "--channel", "voice", env=env).returncode == 0
     done = blockfilter("filter", str(campaign_file(tmp_path / "c.jsonl", pool)), env=env)
     assert done.returncode == 0, done.stderr
