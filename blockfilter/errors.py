@@ -195,3 +195,29 @@ class TransportFailed(TransportError):
 
 class BodyTooLarge(TransportError):
     """The body is longer than the request's ``max_body_bytes``."""
+
+
+# -- the opt-out ledger --------------------------------------------------------------------
+
+
+class LedgerUnavailable(BlockfilterError):
+    """The ledger could not be read or written (a lock, a lost connection, a bad file).
+
+    Reading fails closed: the numbers it would have answered are left unchecked (deferred).
+    """
+
+
+# -- the collector's celery-batches ---------------------------------------------------------
+
+
+class UnsupportedBatches(RuntimeError):
+    """The installed celery-batches lacks a part the collector relies on."""
+
+
+# -- the status cache ----------------------------------------------------------------------
+
+
+class CacheUnavailable(BlockfilterError):
+    """The cache could not be reached or did not answer. The message names the server (without
+    credentials) and the operation, never a secret or a phone number. The caller may go on
+    without the cache."""

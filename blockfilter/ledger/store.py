@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from ..errors import BlockfilterError, ConfigError
+from ..errors import ConfigError, LedgerUnavailable
 from .events import Event
 
 log = logging.getLogger("blockfilter.ledger")
@@ -51,13 +51,6 @@ _SQLITE_SETUP_LOCK = threading.Lock()
 _COLUMNS = (
     "seq, number_hash, channel, opted_out, occurred_at, recorded_at, source, provider, code, actor"
 )
-
-
-class LedgerUnavailable(BlockfilterError):
-    """The ledger could not be read or written (a lock, a lost connection, a bad file).
-
-    Reading fails closed: the numbers it would have answered are left unchecked (deferred).
-    """
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,9 +25,7 @@ from typing import Any
 
 from celery_batches import Batches
 
-
-class UnsupportedBatches(RuntimeError):
-    """The installed celery-batches lacks a part the collector relies on."""
+from ..errors import UnsupportedBatches
 
 
 def check_supported(task: Batches) -> None:

@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkabl
 from urllib.parse import parse_qs, urlsplit
 
 from ..config import Settings
-from ..errors import BlockfilterError, ConfigError
+from ..errors import CacheUnavailable, ConfigError
 from ..redact import redact
 
 if TYPE_CHECKING:
@@ -95,12 +95,6 @@ _SECRET_DERIVATION_LABEL = b"blockfilter-cache-v1"
 T = TypeVar("T")
 
 Clock = Callable[[], float]
-
-
-class CacheUnavailable(BlockfilterError):
-    """The cache could not be reached or did not answer. The message names the server (without
-    credentials) and the operation, never a secret or a phone number. The caller may go on
-    without the cache."""
 
 
 @dataclass(frozen=True, slots=True)
