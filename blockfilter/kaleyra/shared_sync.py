@@ -12,9 +12,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from ..config import Settings
-from ..store.cache import StatusCache
-from ..store.guard import CacheGuard
-from .coalesce import InFlight, lease_seconds
+from .cache_access import CacheAccess
+from .coalesce import lease_seconds
 from .sync import SyncResult
 
 __all__ = ["SharedSync"]
@@ -30,30 +29,23 @@ _SYNC_POLL = 0.1
 class SharedSync:
     """Runs a channel's sync unless another one answers for it.
 
-    :param shared: whether other processes share the cache (only then are leases taken).
     :param sizes: the list sizes learnt per channel; a mark that answers for us updates it.
     """
 
     def __init__(
         self,
         settings: Settings,
-        cache: StatusCache,
-        guard: CacheGuard,
-        inflight: InFlight,
+        access: CacheAccess,
         *,
-        shared: bool,
         sizes: dict[str, int],
     ) -> None:
-        self._cache = cache
-        self._guard = guard
-        self._inflight = inflight
-        self._shared = shared
+        self._access = access
         self._sizes = sizes
         self._lease_s = max(_SYNC_LEASE_MIN, 2 * lease_seconds(settings))
 
     def run(self, channel: str, sync_now: Callable[[], SyncResult]) -> SyncResult:
         """``sync_now()``, or the result of the sync of ``channel`` that answers for it."""
-        registry = self._inflight
+        registry = self._access.inflight
         with registry.lock:
             running = registry.syncs.get(channel)
             if running is not None and not running.done():
@@ -77,20 +69,17 @@ class SharedSync:
                     del registry.syncs[channel]
 
     def _across_processes(self, channel: str, sync_now: Callable[[], SyncResult]) -> SyncResult:
-        cache, guard = self._cache, self._guard
-        before = guard.call("snapshot", lambda: cache.snapshot_info(channel), None)
-        lease_s = self._lease_s
-        deadline = time.monotonic() + lease_s
-        while self._shared:
-            held = guard.call(
-                "lease", lambda: cache.acquire_leases(channel, [_SYNC_LEASE], lease_s), None
-            )
+        access = self._access
+        before = access.snapshot(channel)
+        deadline = time.monotonic() + self._lease_s
+        while access.shared:
+            held = access.lease(channel, [_SYNC_LEASE], self._lease_s)
             # Another process may be paging this list right now, or have just finished (and
             # let go of the lease): its mark then answers for us.
-            mark = guard.call("snapshot", lambda: cache.snapshot_info(channel), None)
+            mark = access.snapshot(channel)
             if mark is not None and (before is None or mark.synced_at > before.synced_at):
                 if held:
-                    self._release(channel)
+                    access.release(channel, [_SYNC_LEASE])
                 self._sizes[channel] = mark.size
                 return SyncResult(mark.synced_at, mark.size, channel=channel, marked=True)
             if held is None or _SYNC_LEASE in held:
@@ -101,10 +90,5 @@ class SharedSync:
         try:
             return sync_now()
         finally:
-            if self._shared:
-                self._release(channel)
-
-    def _release(self, channel: str) -> None:
-        self._guard.call(
-            "release", lambda: self._cache.release_leases(channel, [_SYNC_LEASE]), None
-        )
+            if access.shared:
+                access.release(channel, [_SYNC_LEASE])

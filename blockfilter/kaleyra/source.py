@@ -3,8 +3,8 @@
 For each channel a campaign needs, numbers go through these steps:
 
 1. **The cache** answers what it can prove: fresh entries, and the channel's snapshot (a
-   synced whole list) while it is whole and young enough (see :mod:`blockfilter.store.cache`). A
-   failed read answers nothing: its numbers go on to the next steps.
+   synced whole list) while it is whole and young enough (see :mod:`blockfilter.store.cache`).
+   A failed read answers nothing: its numbers go on to the next steps.
 2. **The strategy**: looking the misses up costs ``ceil(misses / 100)`` requests; paging the
    whole blocklist into the cache costs ``size // 100 + 1`` pages, ``size`` being what the last
    sync found. The cheaper one is used (ties go to lookups, which give fresher answers). With
@@ -14,17 +14,18 @@ For each channel a campaign needs, numbers go through these steps:
    (``StatusCache.acquire_leases``). Only then are the numbers packed 100 to a request, so
    the numbers dropped do not leave requests half empty.
 4. **Requests** run on a bounded thread pool (``BLOCKFILTER_CONCURRENCY``), paced by the
-   fleet-wide rate limit (:mod:`blockfilter.store.ratelimit`), and outcomes are yielded as they
-   complete.
+   fleet-wide rate limit (:mod:`blockfilter.store.ratelimit`), and outcomes are yielded as
+   they complete.
 
 A waited-for number whose owner gave up (its lease vanished without an answer, or the wait
 outlived the lease) is looked up after all: coalescing saves requests, it never costs an
 answer.
 
-The pieces live in modules of their own: the cost model in :mod:`.strategy`, coalescing in
-:mod:`.coalesce` and :mod:`.shared_sync`, the stream in :mod:`.stream`, the cache writes in
-:mod:`.write_behind`, the cache's circuit breaker in :mod:`blockfilter.store.guard`. This one
-wires them together.
+This module wires together pieces that live in modules of their own: the cost model
+(:mod:`.strategy`), the stream (:mod:`.stream`), coalescing (:mod:`.coalesce`, and
+:mod:`.shared_sync` for whole-list syncs), the cache as they use it (:mod:`.cache_access`,
+behind the breaker of :mod:`blockfilter.store.guard`), the cache writes
+(:mod:`.write_behind`) and the thread pools (:mod:`.pools`).
 """
 
 from __future__ import annotations
@@ -32,28 +33,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Final
 
 from ..config import Settings
 from ..errors import ConfigError, CredentialsRefused
 from ..model import channel_named
 from ..sources import BaseSource, CheckOutcome, SourceStats
-from ..store.cache import (
-    CachedStatus,
-    CacheUnavailable,
-    Clock,
-    MemoryCache,
-    StatusCache,
-    open_cache,
-)
-from ..store.guard import CACHE_RETRY_AFTER_S, CacheGuard
+from ..store.cache import CacheUnavailable, Clock, StatusCache, open_cache
+from ..store.guard import CACHE_RETRY_AFTER_S
 from ..store.ratelimit import RequestBudget, build_limiter
 from . import strategy as cost_model
+from .cache_access import CacheAccess
 from .client import KaleyraClient, RequestLimiter
-from .coalesce import lease_seconds, registry_for
+from .coalesce import lease_seconds
 from .pools import Pools
 from .shared_sync import SharedSync
 from .strategy import STRATEGIES, Plan
@@ -64,10 +57,6 @@ from .write_behind import WriteBehind
 __all__ = ["CACHE_RETRY_AFTER_S", "STRATEGIES", "KaleyraSource", "RequestBudget"]
 
 log = logging.getLogger("blockfilter.kaleyra")
-
-# How many cache entries one round trip asks for: big enough to amortise a Redis round trip,
-# small enough that a million-number campaign does not hold them all at once.
-_CACHE_CHUNK: Final = 10_000
 
 # Caches whose eviction policy was reported, so a long-lived process says it once.
 _POLICY_REPORTED: set[str] = set()
@@ -122,29 +111,10 @@ class KaleyraSource(BaseSource):
         self.client = client or KaleyraClient(settings, limiter=limiter)
         self.clock: Clock = clock or time.time
         self.cache = cache if cache is not None else open_cache(settings, clock=clock)
-        # Leases only mean something when other processes share the cache.
-        # Leases only mean something when other processes share the cache.
-        self._shared_cache = not isinstance(self.cache, MemoryCache)
-        self._inflight = registry_for(self.cache)
-        self._guard = CacheGuard()
-        self._writes = WriteBehind(
-            settings,
-            self.cache,
-            self._guard,
-            self._inflight,
-            shared=self._shared_cache,
-            remember=remember,
-            clock=self.clock,
-        )
+        self._access = CacheAccess(self.cache, clock=self.clock)
+        self._writes = WriteBehind(settings, self._access, remember=remember, clock=self.clock)
         self._sizes: dict[str, int] = {}  # list sizes learnt from syncs, per channel
-        self._syncs = SharedSync(
-            settings,
-            self.cache,
-            self._guard,
-            self._inflight,
-            shared=self._shared_cache,
-            sizes=self._sizes,
-        )
+        self._syncs = SharedSync(settings, self._access, sizes=self._sizes)
         self._pools = Pools(settings.concurrency)
         self._requests_before = self.client.stats.requests
         self._cache_hits = 0
@@ -199,42 +169,11 @@ class KaleyraSource(BaseSource):
 
     def known_size(self, channel: str) -> int | None:
         """The channel's blocklist size as the last sync found it, if any sync is known."""
-        snapshot = self._guard.call("snapshot", lambda: self.cache.snapshot_info(channel), None)
+        snapshot = self._access.snapshot(channel)
         if snapshot is not None:
             self._sizes[channel] = snapshot.size
             return snapshot.size
         return self._sizes.get(channel)
-
-    def _from_cache(
-        self, channel: str, numbers: Sequence[str]
-    ) -> tuple[list[CheckOutcome], list[str]]:
-        """(what the cache proves, the misses). Every number of a chunk whose read fails is a
-        miss: nothing read earlier (a snapshot seen a moment ago) stands in for it."""
-        hits: dict[tuple[float, str], list[str]] = defaultdict(list)
-        hits_blocked: dict[tuple[float, str], set[str]] = defaultdict(set)
-        misses: list[str] = []
-        for start in range(0, len(numbers), _CACHE_CHUNK):
-            chunk = numbers[start : start + _CACHE_CHUNK]
-            found = self._cached_statuses(channel, chunk)
-            for number in chunk:
-                status = found.get(number)
-                if status is None:
-                    misses.append(number)
-                    continue
-                # Entries fetched together share a timestamp: one outcome per fetch keeps
-                # checked_at exact without an object per number.
-                key = (status.fetched_at, status.origin)
-                hits[key].append(number)
-                if status.blocked:
-                    hits_blocked[key].add(number)
-        outcomes = [
-            self.stored(channel, group, frozenset(hits_blocked.get(at, ())), *at)
-            for at, group in hits.items()
-        ]
-        return outcomes, misses
-
-    def _cached_statuses(self, channel: str, numbers: Sequence[str]) -> dict[str, CachedStatus]:
-        return self._guard.call("get", lambda: self.cache.get_many(channel, numbers), {})
 
     # -- the strategy ------------------------------------------------------------------------
 
@@ -242,7 +181,7 @@ class KaleyraSource(BaseSource):
         """Whether a sync can answer anything: the cache works, keeps both kinds, and keeps a
         snapshot once written (its eviction policy)."""
         return (
-            self._guard.ok
+            self._access.guard.ok
             and self.settings.cache_ttl > 0
             and self.settings.cache_ttl_blocked > 0
             and self._keeps_snapshots()
@@ -278,7 +217,7 @@ class KaleyraSource(BaseSource):
         stay as they are and no other process is asking about the same numbers."""
         total = 0
         for channel, numbers in wanted.items():
-            _, misses = self._from_cache(channel, numbers)
+            _, misses = self._access.answers(channel, numbers)
             pages = self.sync_cost(channel) if misses else None
             total += cost_model.cost(self.strategy, len(misses), pages)
         return total
@@ -317,7 +256,7 @@ class KaleyraSource(BaseSource):
 
     def _fetch(self, channel: str, batch: list[str]) -> CheckOutcome:
         outcome = self._ask(channel, batch)
-        self._inflight.answer(channel, batch, outcome)
+        self._access.inflight.answer(channel, batch, outcome)
         self._writes.put(channel, batch, outcome)
         return outcome
 
@@ -336,9 +275,7 @@ class KaleyraSource(BaseSource):
 
     def _wait_remote(self, channel: str, numbers: list[str]) -> RemoteAnswers:
         """Wait for numbers other processes hold the leases of: (what appeared, the rest)."""
-        found: dict[str, CachedStatus] = self._guard.call(
-            "wait", lambda: self.cache.wait_for(channel, numbers, self._lease_seconds()), {}
-        )
+        found = self._access.wait_for(channel, numbers, self._lease_seconds())
         return found, [n for n in numbers if n not in found]
 
     def _lease_seconds(self) -> float:
@@ -349,7 +286,7 @@ class KaleyraSource(BaseSource):
     def answer_from_cache(
         self, channel: str, numbers: Sequence[str]
     ) -> tuple[list[CheckOutcome], list[str]]:
-        hits, misses = self._from_cache(channel, numbers)
+        hits, misses = self._access.answers(channel, numbers)
         if hits:
             self.count_hits(sum(len(outcome.numbers) for outcome in hits))
         return hits, misses
@@ -365,12 +302,7 @@ class KaleyraSource(BaseSource):
         return self._pools.syncers.submit(self.sync, channel)
 
     def lease(self, channel: str, numbers: list[str]) -> set[str] | None:
-        if not self._shared_cache:
-            return None
-        lease_s = self._lease_seconds()
-        return self._guard.call(
-            "lease", lambda: self.cache.acquire_leases(channel, numbers, lease_s), None
-        )
+        return self._access.lease(channel, numbers, self._lease_seconds())
 
     def wait_for_others(self, channel: str, numbers: list[str]) -> Future[RemoteAnswers]:
         return self._pools.waiters.submit(self._wait_remote, channel, numbers)
@@ -379,19 +311,9 @@ class KaleyraSource(BaseSource):
         return self._pools.requests.submit(self._fetch, channel, batch)
 
     def stored(
-        self,
-        channel: str,
-        numbers: list[str],
-        blocked: frozenset[str],
-        fetched_at: float,
-        origin: str = "cache",
+        self, channel: str, numbers: list[str], blocked: frozenset[str], fetched_at: float
     ) -> CheckOutcome:
-        """The outcome of statuses read from the cache (``origin`` ``cache`` or ``snapshot``),
-        with their age now: how old the answer is that a verdict relies on."""
-        age = round(max(0.0, self.clock() - fetched_at), 3)
-        return CheckOutcome(
-            channel, numbers, blocked, fetched_at, origin=origin, provenance={"age_s": age}
-        )
+        return self._access.stored(channel, numbers, blocked, fetched_at)
 
     def flush_writes(self) -> None:
         """Wait until every answer received so far is in the cache (or given up on)."""
@@ -403,7 +325,7 @@ class KaleyraSource(BaseSource):
         """A stream: cache hits answered at once, misses sent 100 at a time as they come."""
         return KaleyraStream(
             self,
-            self._inflight,
+            self._access.inflight,
             window=self.settings.concurrency * 4,
             lease_s=self._lease_seconds(),
         )

@@ -13,9 +13,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from ..config import Settings
 from ..sources import CheckOutcome
-from ..store.cache import Clock, StatusCache
-from ..store.guard import CacheGuard
-from .coalesce import InFlight
+from ..store.cache import Clock
+from .cache_access import CacheAccess
 
 __all__ = ["WriteBehind"]
 
@@ -23,11 +22,11 @@ log = logging.getLogger("blockfilter.kaleyra")
 
 
 class WriteBehind:
-    """Writes answers to ``cache`` through ``guard``, and then drops their in-process claims.
+    """Writes answers to the cache, and then drops their in-process claims.
 
-    :param shared: whether other processes share the cache: then answers are always written
-        (they read them), written by a writer thread, and leases are given back when the
-        answers could not be written.
+    Where other processes share the cache, answers are always written (they read them), by a
+    writer thread, and leases are given back when the answers could not be written.
+
     :param remember: whether answers are written to a cache of this process alone.
     :param clock: epoch seconds now, for an answer that carries no time.
     """
@@ -35,20 +34,15 @@ class WriteBehind:
     def __init__(
         self,
         settings: Settings,
-        cache: StatusCache,
-        guard: CacheGuard,
-        inflight: InFlight,
+        access: CacheAccess,
         *,
-        shared: bool,
         remember: bool,
         clock: Clock,
     ) -> None:
         self.remember = remember
         self._settings = settings
-        self._cache = cache
-        self._guard = guard
-        self._inflight = inflight
-        self._shared = shared
+        self._access = access
+        self._shared = access.shared
         self._clock = clock
         self._writer: ThreadPoolExecutor | None = None
         self._writes: set[Future[None]] = set()
@@ -103,7 +97,7 @@ class WriteBehind:
                 blocked_set = outcome.blocked
                 clean = [n for n in batch if n not in blocked_set]
                 at = outcome.checked_at or self._clock()
-                stored = self._guard.call(
+                stored = self._access.guard.call(
                     "set", lambda: self._store(channel, blocked_set, clean, at), False
                 )
             if self._shared and not stored:
@@ -111,17 +105,15 @@ class WriteBehind:
                 # answers first, and the leases run out long before the answers do): giving
                 # them back would only cost a round trip per request. Without answers, others
                 # must know at once that they have to ask themselves.
-                self._guard.call(
-                    "release", lambda: self._cache.release_leases(channel, batch), None
-                )
+                self._access.release(channel, batch)
         except Exception:  # a bug here must not lose the answer, which is already given
             log.exception("writing %d answers on %s to the cache failed", len(batch), channel)
         finally:
-            self._inflight.forget(channel, batch)
+            self._access.inflight.forget(channel, batch)
 
     def _store(self, channel: str, blocked: frozenset[str], clean: list[str], at: float) -> bool:
         """Write a request's answers; whether every one of them is now in the cache."""
-        self._cache.set_many(channel, blocked, clean, at)
+        self._access.cache.set_many(channel, blocked, clean, at)
         settings = self._settings
         return (not clean or settings.cache_ttl > 0) and (
             not blocked or settings.cache_ttl_blocked > 0
