@@ -114,8 +114,9 @@ def _limits_redis_uri(cache_url: str) -> str:
 
 
 class RateLimiter:
-    """A :class:`~blockfilter.client.RequestLimiter`: at most ``rate`` requests per second
-    (``None``: no limit, 429 pauses only), shared through Redis when ``redis_url`` is given.
+    """A :class:`~blockfilter.kaleyra.client.RequestLimiter`: at most ``rate`` requests per
+    second (``None``: no limit, 429 pauses only), shared through Redis when ``redis_url`` is
+    given.
 
     :param rate: requests per second across everything that shares the window.
     :param account: what the window is keyed by (the Kaleyra SID): one window per account.
