@@ -200,3 +200,18 @@ def test_no_module_imports_itself_back_through_others() -> None:
         if node not in index:
             visit(node)
     assert cycles == []
+
+
+def test_the_kaleyra_stream_asks_of_its_source_only_what_stream_source_declares() -> None:
+    # The stream once reached into about ten private members of the source; what it may ask
+    # is now the StreamSource interface, which KaleyraSource implements (mypy checks that).
+    from blockfilter.kaleyra.stream import StreamSource
+
+    tree = ast.parse((PACKAGE / "kaleyra" / "stream.py").read_text())
+    declared = {name for name in vars(StreamSource) if not name.startswith("_")}
+    asked = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) in ("self._source", "source")
+    }
+    assert asked and asked <= declared, asked - declared
