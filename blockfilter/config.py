@@ -539,7 +539,7 @@ def validate_cache_url(raw: Any) -> str:
     """Check that ``BLOCKFILTER_CACHE_URL`` can be read as a URL, whichever scheme it names:
     every part of the library may split it (the cache, the rate limiter), so a malformed one is
     a configuration error here, before anything uses it. Which schemes work is the cache's
-    business (:func:`blockfilter.cache.open_cache`)."""
+    business (:func:`blockfilter.store.cache.open_cache`)."""
     if not isinstance(raw, str):
         raise ConfigError(f"BLOCKFILTER_CACHE_URL must be a URL, not {type(raw).__name__}")
     parts = _split_url("BLOCKFILTER_CACHE_URL", raw)

@@ -1,4 +1,6 @@
-"""Kaleyra, the built-in blocklist source: its HTTP client, sync and the source.
+"""Kaleyra, the built-in blocklist source: its HTTP client, its whole-list sync, and the source
+that checks numbers through the status cache (the cost model, coalescing and the stream each
+in a module of their own).
 
 The names of :mod:`blockfilter.kaleyra.source` are importable from here too
 (``from blockfilter.kaleyra import ...``, as before the package was split); they are looked

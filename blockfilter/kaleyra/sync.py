@@ -88,8 +88,8 @@ def check_eviction_policy(cache: StatusCache) -> None:
 
 @dataclass(frozen=True, slots=True)
 class SyncResult(SyncInfo):
-    """A finished sync: :class:`~blockfilter.cache.SyncInfo` (``synced_at``, ``size``) and what
-    it cost.
+    """A finished sync: :class:`~blockfilter.store.cache.SyncInfo` (``synced_at``, ``size``)
+    and what it cost.
 
     :ivar channel: the channel synced.
     :ivar pages: API requests made (pages asked, retries not counted).

@@ -1,11 +1,11 @@
 """How the Kaleyra client's requests reach the network, and the seam that replaces the network.
 
 A *transport* is any callable that takes a :class:`Request` and returns a :class:`Response`,
-as httpx's ``MockTransport`` takes a function. :class:`~blockfilter.client.KaleyraClient`
-sends every attempt through one (``KaleyraClient(settings, transport=answer)``), so unit tests
-answer from a function, with no socket; a transport reports a failed exchange by raising
-:class:`TransportTimeout` or :class:`TransportFailed`, which the client retries like any
-transient failure.
+as httpx's ``MockTransport`` takes a function.
+:class:`~blockfilter.kaleyra.client.KaleyraClient` sends every attempt through one
+(``KaleyraClient(settings, transport=answer)``), so unit tests answer from a function, with no
+socket; a transport reports a failed exchange by raising :class:`TransportTimeout` or
+:class:`TransportFailed`, which the client retries like any transient failure.
 
 The default, :class:`Urllib3Transport`, keeps keep-alive connections of urllib3 per origin and
 sends the request target as the client built it: urllib3's pool would percent-encode a

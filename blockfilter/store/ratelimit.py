@@ -47,12 +47,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ..config import Settings
+from ..errors import RequestBudgetExhausted
 
 if TYPE_CHECKING:
     from limits import RateLimitItem
     from limits.strategies import MovingWindowRateLimiter
 
-__all__ = ["RateLimiter", "build_limiter", "rate_window"]
+    from ..kaleyra.client import RequestLimiter
+
+__all__ = ["RateLimiter", "RequestBudget", "build_limiter", "rate_window"]
 
 log = logging.getLogger("blockfilter.ratelimit")
 
@@ -111,8 +114,9 @@ def _limits_redis_uri(cache_url: str) -> str:
 
 
 class RateLimiter:
-    """A :class:`~blockfilter.client.RequestLimiter`: at most ``rate`` requests per second
-    (``None``: no limit, 429 pauses only), shared through Redis when ``redis_url`` is given.
+    """A :class:`~blockfilter.kaleyra.client.RequestLimiter`: at most ``rate`` requests per
+    second (``None``: no limit, 429 pauses only), shared through Redis when ``redis_url`` is
+    given.
 
     :param rate: requests per second across everything that shares the window.
     :param account: what the window is keyed by (the Kaleyra SID): one window per account.
@@ -344,3 +348,29 @@ def build_limiter(settings: Settings, *, namespace: str = "") -> RateLimiter | N
         redis_url=redis_url,
         namespace=namespace,
     )
+
+
+class RequestBudget:
+    """A limiter that lets at most ``limit`` API requests (attempts) through, then refuses.
+
+    Backs ``blockfilter filter --max-requests N``: requests past N are not made, and the
+    numbers they would have checked are deferred.
+    """
+
+    def __init__(self, limit: int, then: RequestLimiter | None = None) -> None:
+        self.limit = limit
+        self._then = then
+        self._used = 0
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._used >= self.limit:
+                raise RequestBudgetExhausted(f"the request budget of {self.limit} is spent")
+            self._used += 1
+        if self._then is not None:
+            self._then.acquire()
+
+    def penalize(self, seconds: float) -> None:
+        if self._then is not None:
+            self._then.penalize(seconds)
