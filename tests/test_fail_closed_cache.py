@@ -44,7 +44,7 @@ from blockfilter.kaleyra.source import KaleyraSource
 from blockfilter.store.cache import open_cache
 from blockfilter.testing.simulator import Simulator
 from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
-from tests.support.private_servers import PrivateRedis, Tenant
+from tests.support.private_servers import PrivateRedis, Tenant, running_redis
 
 VERDICTS = frozenset({"allowed", "rerouted", "blocked", "invalid", "deferred"})
 LET_THROUGH = frozenset({"allowed", "rerouted"})
@@ -171,20 +171,15 @@ def simulator() -> Iterator[Simulator]:
 def redis_server(tmp_path: Path) -> Iterator[Callable[..., PrivateRedis]]:
     """Starts private ``redis-server``s (options as :class:`PrivateRedis` takes them);
     every one is stopped after the test."""
-    started: list[PrivateRedis] = []
+    with contextlib.ExitStack() as servers:
+        made = 0
 
-    def start(**options: Any) -> PrivateRedis:
-        server = PrivateRedis(tmp_path / f"redis-{len(started)}", **options)
-        try:
-            server.start()
-        except RuntimeError as exc:
-            pytest.skip(str(exc))
-        started.append(server)
-        return server
+        def start(**options: Any) -> PrivateRedis:
+            nonlocal made
+            made += 1
+            return servers.enter_context(running_redis(tmp_path / f"redis-{made}", **options))
 
-    yield start
-    for server in started:
-        server.stop()
+        yield start
 
 
 # -- blockfilter as a user runs it -------------------------------------------------------------

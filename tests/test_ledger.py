@@ -3,12 +3,10 @@ derived from them, sealing, rotation, idempotency, the fence."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +16,8 @@ from blockfilter.ledger.events import event_time
 from blockfilter.ledger.ledger import Change, make_ledger
 from blockfilter.ledger.store import LedgerUnavailable
 from tests.ledger_support import KEY_A, KEY_B, LedgerPlace
+from tests.support.env import ROOT, subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
 N1, N2, N3 = "+919812300001", "+919812300002", "+919812300003"
 T0 = 1_800_000_000.0  # 2027-01-15
 
@@ -224,7 +222,7 @@ def test_a_report_returns_only_once_the_dispatches_in_flight_elsewhere_are_done(
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=subprocess_env(),
     )
     try:
         assert holder.stdout is not None

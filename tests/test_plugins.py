@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -36,6 +35,7 @@ from blockfilter.plugins.manager import (
 )
 from blockfilter.testing.simulator import Simulator
 from tests.conftest import TEST_KEY, TEST_SID, fast_settings
+from tests.support.env import subprocess_env
 
 A = "+919812345678"
 B = "+919812345679"
@@ -372,7 +372,7 @@ def test_importing_blockfilter_loads_no_plugin(
     subprocess.run(
         [sys.executable, "-c", code],
         check=True,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])},
+        env=subprocess_env(path=[site]),
         timeout=60,
     )
     assert marker.exists()  # loaded on first use, not before

@@ -40,6 +40,7 @@ from tests.support.harness import (
 from tests.support.private_servers import (
     PrivateRabbit,
     PrivateRedis,
+    running_redis,
 )
 from tests.support.tuned import TunedStack
 
@@ -144,15 +145,8 @@ def simulator() -> Iterator[Simulator]:
 
 @pytest.fixture
 def cache_server(tmp_path: Path) -> Iterator[PrivateRedis]:
-    server = PrivateRedis(tmp_path / "cache")
-    try:
-        server.start()
-    except RuntimeError as exc:
-        pytest.skip(str(exc))
-    try:
+    with running_redis(tmp_path / "cache") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def cache_settings(base_url: str, cache_url: str, **overrides: Any) -> Settings:

@@ -10,6 +10,7 @@ database can delete its entries or its rate limit's pause while it runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -34,7 +35,7 @@ from blockfilter.store.cache import MemoryCache, RedisCache
 from blockfilter.store.ratelimit import RateLimiter
 from blockfilter.testing.simulator import Simulator
 from tests.support.env import subprocess_env
-from tests.support.private_servers import PrivateRedis
+from tests.support.private_servers import running_redis
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
@@ -97,18 +98,11 @@ def namespace() -> Iterator[str]:
 @pytest.fixture
 def cli_redis(tmp_path: Path) -> Iterator[redis.Redis]:
     """A client of the command-line test's own Redis server (empty, gone afterwards)."""
-    server = PrivateRedis(tmp_path / "cli-redis")
-    try:
-        server.start()
-    except RuntimeError as exc:
-        server.stop()
-        pytest.skip(f"no private Redis server: {exc}")
-    client = server.client()
-    try:
+    with (
+        running_redis(tmp_path / "cli-redis") as server,
+        contextlib.closing(server.client()) as client,
+    ):
         yield client
-    finally:
-        client.close()
-        server.stop()
 
 
 def cli_env(sim: Simulator, cache: redis.Redis, **extra: str) -> dict[str, str]:

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 if TYPE_CHECKING:
     import redis
 
@@ -338,6 +340,22 @@ class PrivateRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_redis(base: Path, **options: Any) -> Iterator[PrivateRedis]:
+    """A started :class:`PrivateRedis` (``options`` as it takes them), stopped afterwards; the
+    test is skipped where no ``redis-server`` can be started."""
+    server = PrivateRedis(base, **options)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        server.stop()
+        pytest.skip(f"no private redis-server: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 class Tenant:
