@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 
 from blockfilter.config import Settings, load_settings
+from blockfilter.plugins.manager import reset_plugin_manager
+from blockfilter.testing.simulator import Simulator
 from tests.hostile_upstream import AnswerFunction, HostileUpstream
 from tests.support.env import TEST_KEY, TEST_SID
 from tests.support.env import clean_environ as clean_environ  # its place before tests.support
@@ -47,6 +49,21 @@ def port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+@pytest.fixture
+def simulator() -> Iterator[Simulator]:
+    """A running simulator with the tests' credentials: an empty blocklist, no faults."""
+    with Simulator(sid=TEST_SID, api_key=TEST_KEY) as sim:
+        yield sim
+
+
+@pytest.fixture
+def fresh_plugin_manager() -> Iterator[None]:
+    """No plugin manager (nor shared Kaleyra source) left by another test, nor to the next."""
+    reset_plugin_manager()
+    yield
+    reset_plugin_manager()
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ from tests.support.campaigns import (
     make_campaign,
     primary_requests,
 )
+from tests.support.fault_kinds import FINAL, REFUSED, TRANSIENT
 from tests.support.harness import install_plugin_dist, require_broker
 from tests.support.tuned import TunedStack
 
@@ -70,22 +71,6 @@ MATRIX_SETTINGS = {
     "BLOCKFILTER_CONCURRENCY": "1",
 }
 
-# Faults a later attempt may get past, the ones that refuse the account for good, and a
-# malformed-request answer (final for the client, which does not repeat it).
-TRANSIENT = (
-    "wa500",
-    "cnt195",
-    "http500",
-    "rate_limit",
-    "accepted",
-    "non_json",
-    "bad_shape",
-    "timeout",
-    "reset",
-    "trickle",
-)
-REFUSED = ("rbc001", "wa401", "wa-401", "e110")
-FINAL = ("wa400",)
 MODES: dict[str, dict[str, int]] = {
     "alone": {"first": 1},
     "intermittent": {"every": 3},

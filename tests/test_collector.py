@@ -380,17 +380,11 @@ def recorded(records: list[dict[str, Any]]) -> Counter[tuple[str, str, str, str]
     return Counter((r["hook"], r["id"], r["verdict"], r["channel"]) for r in records)
 
 
-def load_blocklist(stack: Stack, blocked: dict[str, set[str]]) -> None:
-    for channel, numbers in blocked.items():
-        if numbers:
-            stack.simulator.block(channel, *numbers)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_thousand_messages_one_at_a_time_each_reach_one_hook_once(stack: CollectorStack) -> None:
     messages, blocked = make_campaign(1000)
-    load_blocklist(stack, blocked)
+    stack.simulator.block_all(blocked)
     stack.start_collector(BLOCKFILTER_COLLECT_FLUSH_INTERVAL="0.5")
 
     stack.send_one_at_a_time(messages)

@@ -123,12 +123,6 @@ def clean_part(campaign: Campaign) -> Campaign:
     return Campaign(messages, campaign.blocked)
 
 
-def load_blocklist(simulator: Simulator, campaign: Campaign) -> None:
-    for channel, numbers in campaign.blocked.items():
-        if numbers:
-            simulator.block(channel, *numbers)
-
-
 def leaked(campaign: Campaign, results: Sequence[dict[str, Any]]) -> list[str]:
     """Ids of the messages let through onto a channel where their number is blocklisted
     (ids, not numbers: a failing test's report shows no phone number)."""
@@ -314,7 +308,7 @@ def test_sync_refuses_a_server_that_may_evict(
     policy: str, simulator: Simulator, redis_server: Callable[..., PrivateRedis], tmp_path: Path
 ) -> None:
     campaign = make_campaign(seed=10, size=300, blocked=40)
-    load_blocklist(simulator, campaign)
+    simulator.block_all(campaign.blocked)
     cache = redis_server(maxmemory=MAXMEMORY, maxmemory_policy=policy)
     env = cli_env(simulator, cache)
 
@@ -354,7 +348,7 @@ def test_entries_evicted_after_a_sync_never_read_as_clean(
     policy: str, simulator: Simulator, redis_server: Callable[..., PrivateRedis], tmp_path: Path
 ) -> None:
     campaign = make_campaign(seed=1)
-    load_blocklist(simulator, campaign)
+    simulator.block_all(campaign.blocked)
     cache = redis_server(maxmemory=MAXMEMORY, maxmemory_policy="noeviction")
     env = cli_env(simulator, cache)
     done = blockfilter(*sync_args(*SYNCED), env=env)
@@ -391,7 +385,7 @@ def test_a_restart_in_the_middle_of_a_sync_leaves_no_number_clean(
     simulator: Simulator, redis_server: Callable[..., PrivateRedis], tmp_path: Path
 ) -> None:
     campaign = make_campaign(seed=2, size=2000, blocked=600)
-    load_blocklist(simulator, campaign)
+    simulator.block_all(campaign.blocked)
     cache = redis_server()
     # Slow pages, two at a time: the sync of 600 + 450 entries takes seconds, so the restart
     # lands with pages already written and pages still to come.
@@ -444,7 +438,7 @@ def test_a_cache_frozen_at_any_moment_of_a_campaign_never_reads_as_clean(
     redis_server: Callable[..., PrivateRedis],
 ) -> None:
     campaign = make_campaign(seed=3, size=3000, blocked=200)
-    load_blocklist(simulator, campaign)
+    simulator.block_all(campaign.blocked)
     cache = redis_server()
     settings = settings_for(simulator, cache)
 
@@ -512,7 +506,7 @@ def test_a_worker_with_short_ttls_never_makes_another_read_a_synced_number_as_cl
     """``past_short``: seconds past the short worker's TTLs, so it trusts nothing of the
     sync and writes what it learns anew."""
     campaign = make_campaign(seed=4, size=1500, blocked=200)
-    load_blocklist(simulator, campaign)
+    simulator.block_all(campaign.blocked)
     cache = redis_server()
     patient = settings_for(simulator, cache)  # the defaults: 600 s clean, 6 h blocklisted
     brief = settings_for(simulator, cache, **short)
@@ -539,7 +533,7 @@ def test_two_cli_workers_with_different_ttls_at_once(
     """The same, as processes that run at the same time: one syncs and filters, the other
     (TTLs of 0) filters over and over meanwhile."""
     campaign = make_campaign(seed=5, size=1500, blocked=200)
-    load_blocklist(simulator, campaign)
+    simulator.block_all(campaign.blocked)
     cache = redis_server()
     patient = cli_env(simulator, cache)
     brief = cli_env(simulator, cache, BLOCKFILTER_CACHE_TTL="0", BLOCKFILTER_CACHE_TTL_BLOCKED="0")
@@ -607,7 +601,7 @@ def test_a_skewed_clock_never_stretches_a_synced_list(
     redis_server: Callable[..., PrivateRedis],
 ) -> None:
     campaign = make_campaign(seed=6, size=1000, blocked=100)
-    load_blocklist(simulator, campaign)
+    simulator.block_all(campaign.blocked)
     cache = redis_server()
     settings = settings_for(simulator, cache, cache_ttl=SKEW_TTL, cache_ttl_blocked=60.0)
     with skewed_source(settings, syncer, strategy="sync") as source:
@@ -631,7 +625,7 @@ def test_a_skewed_clock_never_stretches_cached_entries(
     redis_server: Callable[..., PrivateRedis],
 ) -> None:
     campaign = make_campaign(seed=7, size=1000, blocked=100)
-    load_blocklist(simulator, campaign)
+    simulator.block_all(campaign.blocked)
     cache = redis_server()
     settings = settings_for(simulator, cache, cache_ttl=SKEW_TTL, cache_ttl_blocked=60.0)
     with skewed_source(settings, writer, strategy="lookup") as source:

@@ -30,6 +30,7 @@ from blockfilter.cli import format_summary
 from blockfilter.config import CHANNELS
 from blockfilter.testing.simulator import FAULT_KINDS, FaultRule, Simulator
 from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
+from tests.support.fault_kinds import FINAL, REFUSED, TRANSIENT
 from tests.test_cli import numbers, write_campaign
 
 ATTEMPTS = 3
@@ -39,20 +40,6 @@ RETRY_AFTER_MAX = 0.2
 # How long a slow fault holds the connection: longer than an attempt may take.
 SLOW_FAULT_SECONDS = 2.0
 
-TRANSIENT = (
-    "wa500",
-    "cnt195",
-    "http500",
-    "rate_limit",
-    "accepted",
-    "non_json",
-    "bad_shape",
-    "timeout",
-    "reset",
-    "trickle",
-)
-REFUSED = ("e110", "rbc001", "wa401", "wa-401")
-FINAL = ("wa400",)
 MODES = ("alone", "intermittent", "total")
 
 

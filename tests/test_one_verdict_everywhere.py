@@ -28,12 +28,12 @@ from blockfilter.engine.filter import Filter
 from blockfilter.errors import CheckFailed
 from blockfilter.pipeline.collector import COLLECT_TASK_NAME
 from blockfilter.plugins.hookspecs import hookimpl
-from blockfilter.plugins.manager import make_plugin_manager, reset_plugin_manager
+from blockfilter.plugins.manager import make_plugin_manager
 from blockfilter.sources import FunctionSource
 from blockfilter.tasks import TASK_NAME
 from blockfilter.testing.simulator import Simulator
 from tests.conftest import fast_settings
-from tests.support.env import ROOT, TEST_KEY, TEST_SID, subprocess_env
+from tests.support.env import ROOT, subprocess_env
 from tests.support.harness import (
     Stack,
     install_plugin_dist,
@@ -72,17 +72,8 @@ def install_optout_dist(site: Path) -> Path:
     return site
 
 
-@pytest.fixture(autouse=True)
-def fresh_manager() -> Iterator[None]:
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
-
-
-@pytest.fixture
-def simulator() -> Iterator[Simulator]:
-    with Simulator(sid=TEST_SID, api_key=TEST_KEY) as sim:
-        yield sim
+# A plugin manager of its own for every test (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
 
 # -- the README's example and what should become of its messages ------------------------------

@@ -34,7 +34,7 @@ from blockfilter.plugins.manager import (
     reset_plugin_manager,
 )
 from blockfilter.testing.simulator import Simulator
-from tests.conftest import TEST_KEY, TEST_SID, fast_settings
+from tests.conftest import fast_settings
 from tests.support.env import subprocess_env
 
 A = "+919812345678"
@@ -42,17 +42,8 @@ B = "+919812345679"
 C = "+919812345680"
 
 
-@pytest.fixture(autouse=True)
-def fresh_manager() -> Iterator[None]:
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
-
-
-@pytest.fixture
-def simulator() -> Iterator[Simulator]:
-    with Simulator(sid=TEST_SID, api_key=TEST_KEY) as sim:
-        yield sim
+# A plugin manager of its own for every test (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
 
 def no_entry_points(**overrides: Any) -> Settings:

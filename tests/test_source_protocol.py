@@ -29,11 +29,10 @@ from blockfilter.plugins.manager import (
     PluginError,
     PluginHooks,
     make_plugin_manager,
-    reset_plugin_manager,
 )
 from blockfilter.sources import BaseSource, CheckOutcome, CheckStream, SourceStats, as_source
 from blockfilter.testing.simulator import Simulator
-from tests.conftest import TEST_KEY, TEST_SID, fast_settings
+from tests.conftest import fast_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 A = "+919812345678"
@@ -41,17 +40,8 @@ B = "+919812345679"
 C = "+919812345680"
 
 
-@pytest.fixture(autouse=True)
-def fresh_manager() -> Iterator[None]:
-    reset_plugin_manager()
-    yield
-    reset_plugin_manager()
-
-
-@pytest.fixture
-def simulator() -> Iterator[Simulator]:
-    with Simulator(sid=TEST_SID, api_key=TEST_KEY) as sim:
-        yield sim
+# A plugin manager of its own for every test (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("fresh_plugin_manager")
 
 
 def msg(id_: str, to: str, channel: str = "sms", **extra: Any) -> dict[str, Any]:

@@ -297,17 +297,11 @@ def by_id(records: list[dict[str, Any]]) -> dict[str, list[tuple[str, str, str]]
     return found
 
 
-def load_blocklist(stack: Stack, blocked: dict[str, set[str]]) -> None:
-    for channel, numbers in blocked.items():
-        if numbers:
-            stack.simulator.block(channel, *numbers)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_campaign_every_message_reaches_exactly_one_hook(stack: Stack) -> None:
     messages, blocked = make_campaign(1000)
-    load_blocklist(stack, blocked)
+    stack.simulator.block_all(blocked)
     expected = expected_outcome(messages, blocked)
     stack.start_worker()
 
@@ -343,7 +337,7 @@ def test_campaign_every_message_reaches_exactly_one_hook(stack: Stack) -> None:
 @pytest.mark.timeout(120)
 def test_worker_killed_mid_run_loses_nothing(stack: Stack) -> None:
     messages, blocked = make_campaign(1000)
-    load_blocklist(stack, blocked)
+    stack.simulator.block_all(blocked)
     expected: dict[str, set[tuple[str, str, str]]] = defaultdict(set)
     for message_id, verdict, channel in expected_outcome(messages, blocked):
         expected[message_id].add((hook_of(verdict), verdict, channel))

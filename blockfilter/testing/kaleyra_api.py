@@ -512,9 +512,7 @@ class SimulatedKaleyra:
         self.changes: list[tuple[str, int]] = []
         # Set to stop: wakes every wait (latency, silence, trickle) at once.
         self._stopping = threading.Event()
-        if blocked:
-            for channel, numbers in blocked.items():
-                self.block(channel, *numbers)
+        self.block_all(blocked or {})
         self.set_faults(faults)
         self.set_latency(latency)
 
@@ -538,6 +536,11 @@ class SimulatedKaleyra:
     def block(self, channel: str, *numbers: str) -> None:
         """Blocklist ``numbers`` on ``channel`` (takes effect for the next request)."""
         self._set_blocked(channel, numbers, blocked=True)
+
+    def block_all(self, blocked: Mapping[str, Iterable[str]]) -> None:
+        """Blocklist every number of ``blocked`` (channel -> numbers) on its channel."""
+        for channel, numbers in blocked.items():
+            self.block(channel, *numbers)
 
     def unblock(self, channel: str, *numbers: str) -> None:
         """Remove ``numbers`` from ``channel``'s blocklist; absent ones are ignored."""
