@@ -66,6 +66,26 @@ def fresh_plugin_manager() -> Iterator[None]:
     reset_plugin_manager()
 
 
+@pytest.fixture(scope="module")
+def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test plugins installed as a distribution, for a worker's ``PYTHONPATH``."""
+    from tests.support.harness import install_plugin_dist
+
+    return install_plugin_dist(tmp_path_factory.mktemp("plugins"))
+
+
+@pytest.fixture
+def amqp_stack(plugin_dir: Path, tmp_path: Path) -> Iterator[Any]:
+    """A :class:`~tests.support.harness.Stack` on RabbitMQ (skipped when it is not up)."""
+    from tests.support.harness import Stack, require_broker
+
+    world = Stack("amqp", require_broker("amqp"), tmp_path, plugin_dir)
+    try:
+        yield world
+    finally:
+        world.close()
+
+
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No KALEYRA_* or BLOCKFILTER_* variable of the machine leaks into a test."""

@@ -15,8 +15,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import phonenumbers
@@ -37,8 +35,6 @@ from tests.support.harness import (
     RETRY_ATTEMPTS,
     TASK_MAX_RETRIES,
     Stack,
-    install_plugin_dist,
-    require_broker,
 )
 
 COLLECT = "blockfilter.collect"
@@ -95,18 +91,9 @@ def campaign(tag: str, base: int, size: int) -> list[dict[str, Any]]:
     return messages
 
 
-@pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_plugin_dist(tmp_path_factory.mktemp("plugins"))
-
-
 @pytest.fixture
-def stack(plugin_dir: Path, tmp_path: Path) -> Iterator[Stack]:
-    world = Stack("amqp", require_broker("amqp"), tmp_path, plugin_dir)
-    try:
-        yield world
-    finally:
-        world.close()
+def stack(amqp_stack: Stack) -> Stack:
+    return amqp_stack
 
 
 class BackendTap:

@@ -48,7 +48,7 @@ from tests.support.campaigns import (
     primary_requests,
 )
 from tests.support.fault_kinds import FINAL, REFUSED, TRANSIENT
-from tests.support.harness import install_plugin_dist, require_broker
+from tests.support.harness import require_broker
 from tests.support.tuned import TunedStack
 
 pytestmark = pytest.mark.slow
@@ -91,11 +91,6 @@ def fault(kind: str, mode: str) -> FaultRule:
 
 
 # -- the world -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_plugin_dist(tmp_path_factory.mktemp("plugins"))
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,6 @@ from tests.support.factory import make_app
 from tests.support.harness import (
     RETRY_ATTEMPTS,
     Stack,
-    install_plugin_dist,
     require_broker,
 )
 from tests.support.private_servers import (
@@ -308,11 +307,6 @@ class CollectorStack(Stack):
 
     def log_text(self) -> str:
         return "\n".join(w.log_text() for w in self.workers)
-
-
-@pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_plugin_dist(tmp_path_factory.mktemp("plugins"))
 
 
 @pytest.fixture

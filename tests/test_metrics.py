@@ -10,7 +10,6 @@ import sys
 import time
 import urllib.request
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,6 @@ from tests.support.harness import (
     RETRY_ATTEMPTS,
     TASK_MAX_RETRIES,
     Stack,
-    install_plugin_dist,
-    require_broker,
 )
 from tests.support.private_servers import free_port
 
@@ -118,18 +115,9 @@ def test_parked_and_replayed_messages_are_counted() -> None:
 # -- slow: a prefork worker -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_plugin_dist(tmp_path_factory.mktemp("plugins"))
-
-
 @pytest.fixture
-def stack(plugin_dir: Path, tmp_path: Path) -> Iterator[Stack]:
-    world = Stack("amqp", require_broker("amqp"), tmp_path, plugin_dir)
-    try:
-        yield world
-    finally:
-        world.close()
+def stack(amqp_stack: Stack) -> Stack:
+    return amqp_stack
 
 
 def scrape(port: int) -> dict[Any, float]:

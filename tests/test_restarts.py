@@ -34,7 +34,6 @@ from blockfilter.testing.simulator import Simulator
 from tests.support.campaigns import DISPATCHED, Campaign, make_campaign
 from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
 from tests.support.harness import (
-    install_plugin_dist,
     require_broker,
 )
 from tests.support.private_servers import (
@@ -84,11 +83,6 @@ def seen_by_id(records: list[dict[str, Any]]) -> dict[str, set[tuple[str, str, s
 def assert_outcome_is_the_truth(outcome: list[tuple[str, str, str]], campaign: Campaign) -> None:
     got = Counter((i, v, c.lower()) for i, v, c in outcome)
     assert got == Counter(campaign.truth())
-
-
-@pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_plugin_dist(tmp_path_factory.mktemp("plugins"))
 
 
 # -- RabbitMQ restarts mid-campaign ----------------------------------------------------------

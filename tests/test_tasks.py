@@ -36,7 +36,6 @@ from tests.support.harness import (
     RETRY_ATTEMPTS,
     TASK_MAX_RETRIES,
     Stack,
-    install_plugin_dist,
     require_broker,
 )
 
@@ -263,11 +262,6 @@ def test_deferred_queue_is_durable_on_the_default_exchange() -> None:
 
 
 # -- slow: real workers ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def plugin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_plugin_dist(tmp_path_factory.mktemp("plugins"))
 
 
 @pytest.fixture(params=["amqp", "redis"])
