@@ -58,6 +58,21 @@ def simulator() -> Iterator[Simulator]:
         yield sim
 
 
+@pytest.fixture(scope="module")
+def module_simulator() -> Iterator[Simulator]:
+    """One running simulator for a whole test module (the tests' credentials)."""
+    with Simulator(sid=TEST_SID, api_key=TEST_KEY) as shared:
+        yield shared
+
+
+@pytest.fixture
+def sim(module_simulator: Simulator) -> Simulator:
+    """The module's simulator, back to a new one's state for each test (no blocklist, no
+    faults, no counts): as good as a fresh one, without a server started per test."""
+    module_simulator.reset()
+    return module_simulator
+
+
 @pytest.fixture
 def fresh_plugin_manager() -> Iterator[None]:
     """No plugin manager (nor shared Kaleyra source) left by another test, nor to the next."""

@@ -45,19 +45,6 @@ from tests.test_replay import sent_batches
 PASSWORD = "hunter2-Pw-7f3a"  # distinctive, so finding it anywhere is a leak
 
 
-@pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    with Simulator(sid=TEST_SID, api_key=TEST_KEY) as simulator:
-        yield simulator
-
-
-@pytest.fixture(autouse=True)
-def _fresh(request: pytest.FixtureRequest) -> Iterator[None]:
-    if "sim" in request.fixturenames:
-        request.getfixturevalue("sim").reset()
-    yield
-
-
 def assert_one_clear_line(done: subprocess.CompletedProcess[bytes], variable: str) -> str:
     stderr = done.stderr.decode()
     assert done.returncode == 2, stderr

@@ -13,7 +13,7 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from blockfilter.model import VERDICT_FIELDS, Invalid, Parsed, has_usable_id, pa
 from blockfilter.numbers import InvalidNumber, normalize
 from blockfilter.sources import FunctionSource
 from blockfilter.testing.simulator import Simulator
-from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
+from tests.support.env import subprocess_env
 from tests.test_cli import blockfilter, numbers
 
 REASONS = {
@@ -333,19 +333,6 @@ def test_run_lines_gives_every_line_one_valid_json_record(
 
 
 # -- the command line: a corpus of odd files ------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sim() -> Iterator[Simulator]:
-    with Simulator(sid=TEST_SID, api_key=TEST_KEY) as simulator:
-        yield simulator
-
-
-@pytest.fixture(autouse=True)
-def _fresh(request: pytest.FixtureRequest) -> Iterator[None]:
-    if "sim" in request.fixturenames:
-        request.getfixturevalue("sim").reset()
-    yield
 
 
 def parse_records(output: bytes) -> list[dict[str, Any]]:

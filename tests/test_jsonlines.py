@@ -26,7 +26,7 @@ from blockfilter.engine.lines import LinePlan
 from blockfilter.errors import InputChanged
 from blockfilter.model import Parsed
 from blockfilter.testing.simulator import Simulator
-from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
+from tests.support.env import subprocess_env
 from tests.test_hostile_input import VALID, any_messages, good_messages, make_filter
 
 # -- run_lines against run ---------------------------------------------------------------------
@@ -169,12 +169,6 @@ def test_repeated_routes_are_decided_once_and_asked_once() -> None:
 
 
 # -- an input that changes under the filter ---------------------------------------------------
-
-
-@pytest.fixture
-def sim() -> Iterator[Simulator]:
-    with Simulator(sid=TEST_SID, api_key=TEST_KEY) as simulator:
-        yield simulator
 
 
 def test_an_input_with_other_lines_on_a_later_pass_is_an_error() -> None:
