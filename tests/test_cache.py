@@ -31,22 +31,14 @@ from blockfilter.store.cache import (
     open_cache,
 )
 from tests.fakes import FakeTime
+from tests.support.env import REDIS_HOST, REDIS_PORT, redis_up
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 REDIS_URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/0"
 API_KEY = "test-key-0123456789"
 
 A = "+919812345678"
 B = "+919812345679"
 C = "+919812345680"
-
-
-def redis_up() -> bool:
-    try:
-        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 needs_redis = pytest.mark.skipif(

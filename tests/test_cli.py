@@ -14,6 +14,7 @@ import pytest
 
 from blockfilter.testing.simulator import FaultRule, Simulator
 from tests.support.env import TEST_KEY, TEST_SID, subprocess_env
+from tests.support.simulator_command import simulator_command
 
 
 def numbers(count: int, seed: int = 1) -> list[str]:
@@ -291,32 +292,14 @@ def test_the_simulator_command_prints_its_url_when_ready(tmp_path: Path) -> None
     (number,) = numbers(1)
     blocked.write_text(f"sms,{number}\n")
     env = subprocess_env()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "blockfilter",
-            "simulator",
-            "--port",
-            "0",
-            "--blocked",
-            str(blocked),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    try:
-        assert process.stdout is not None
-        base_url = process.stdout.readline().decode().strip()
-        assert base_url.startswith("http://127.0.0.1:")
-        env.update(KALEYRA_SID="ANY", KALEYRA_API_KEY="any-key", KALEYRA_BASE_URL=base_url)
+    with simulator_command(env, "--blocked", str(blocked)) as simulator:
+        assert simulator.base_url.startswith("http://127.0.0.1:")
+        env.update(
+            KALEYRA_SID="ANY", KALEYRA_API_KEY="any-key", KALEYRA_BASE_URL=simulator.base_url
+        )
         done = blockfilter("check", "--channel", "sms", number, env=env)
         assert done.stdout.decode() == number + "\n"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-    assert b"Traceback" not in process.stderr.read()  # type: ignore[union-attr]
+    assert b"Traceback" not in simulator.stderr
 
 
 def test_plugins_lists_the_built_ins_with_versions_and_hooks() -> None:

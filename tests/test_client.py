@@ -35,6 +35,7 @@ from blockfilter.kaleyra.client import KaleyraClient, parse_retry_after
 from blockfilter.kaleyra.transport import Urllib3Transport
 from blockfilter.testing.simulator import FaultRule, Simulator
 from tests.fakes import FakeTime
+from tests.support.limiters import RecordingLimiter
 
 SID = "CLIENTSID"
 KEY = "sekrit-client-key-7f3a9c"  # distinctive, so a leak is easy to grep for
@@ -141,20 +142,6 @@ def scripted() -> Iterator[Callable[..., Scripted]]:
     for server in servers:
         server.shutdown()
         server.server_close()
-
-
-class RecordingLimiter:
-    """A real (if permissive) limiter that remembers how it was used."""
-
-    def __init__(self) -> None:
-        self.acquired = 0
-        self.penalties: list[float] = []
-
-    def acquire(self) -> None:
-        self.acquired += 1
-
-    def penalize(self, seconds: float) -> None:
-        self.penalties.append(seconds)
 
 
 # -- answers and errors ------------------------------------------------------------------------

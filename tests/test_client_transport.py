@@ -33,6 +33,7 @@ from blockfilter.kaleyra.transport import (
 )
 from tests.fakes import FakeTime
 from tests.hostile_upstream import kaleyra_body
+from tests.support.limiters import RecordingLimiter
 
 SID = "TRANSPORTSID"
 KEY = "sekrit-transport-key-51c9e"  # distinctive, so a leak is easy to grep for
@@ -181,17 +182,7 @@ def test_a_failed_exchange_names_the_shape_never_the_numbers(make_client) -> Non
 
 
 def test_retry_after_of_a_429_is_slept_and_the_limiter_hears_it(make_client) -> None:
-    class Limiter:
-        acquired = 0
-        penalties: list[float] = []
-
-        def acquire(self) -> None:
-            self.acquired += 1
-
-        def penalize(self, seconds: float) -> None:
-            self.penalties.append(seconds)
-
-    limiter = Limiter()
+    limiter = RecordingLimiter()
     upstream = Upstream(
         Response(429, {"retry-after": "4"}, b"slow down"), Response(200, {}, ok_body())
     )

@@ -17,13 +17,11 @@ from blockfilter.config import load_settings
 from blockfilter.kaleyra.source import KaleyraSource
 from blockfilter.store.ratelimit import RateLimiter, build_limiter, rate_window
 from blockfilter.testing.simulator import FaultRule, Simulator
+from tests.support.env import REDIS_HOST, REDIS_PORT, redis_up
 from tests.test_scale import (
-    REDIS_HOST,
-    REDIS_PORT,
     campaign_file,
     cli_env,
     make_numbers,
-    redis_up,
     start,
 )
 from tests.test_scale import cli_redis as cli_redis  # noqa: F401 - a fixture, used by name

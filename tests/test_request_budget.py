@@ -7,22 +7,11 @@ import pytest
 from blockfilter.errors import RequestBudgetExhausted
 from blockfilter.kaleyra.source import RequestBudget as FromTheSource
 from blockfilter.store.ratelimit import RequestBudget
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.acquired = 0
-        self.penalties: list[float] = []
-
-    def acquire(self) -> None:
-        self.acquired += 1
-
-    def penalize(self, seconds: float) -> None:
-        self.penalties.append(seconds)
+from tests.support.limiters import RecordingLimiter
 
 
 def test_the_budget_refuses_past_its_limit_and_paces_what_it_lets_through() -> None:
-    then = Recorder()
+    then = RecordingLimiter()
     budget = RequestBudget(2, then=then)
     budget.acquire()
     budget.acquire()

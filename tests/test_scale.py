@@ -14,7 +14,6 @@ import contextlib
 import json
 import random
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -34,19 +33,8 @@ from blockfilter.kaleyra.sync import sync_pages
 from blockfilter.store.cache import MemoryCache, RedisCache
 from blockfilter.store.ratelimit import RateLimiter
 from blockfilter.testing.simulator import Simulator
-from tests.support.env import subprocess_env
+from tests.support.env import REDIS_HOST, REDIS_PORT, redis_up, subprocess_env
 from tests.support.private_servers import running_redis
-
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
-
-
-def redis_up() -> bool:
-    try:
-        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1):
-            return True
-    except OSError:
-        return False
-
 
 pytestmark = pytest.mark.skipif(not redis_up(), reason=f"no Redis at {REDIS_HOST}:{REDIS_PORT}")
 

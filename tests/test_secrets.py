@@ -33,6 +33,7 @@ from blockfilter.redact import SECRET_FILTER, guard_library_logs, mask_number
 from blockfilter.testing.simulator import FaultRule, Simulator
 from tests.conftest import fast_settings
 from tests.support.env import subprocess_env
+from tests.support.simulator_command import simulator_command
 from tests.test_cli import numbers, records, write_campaign
 
 SID = "SECRETSSID"
@@ -146,22 +147,12 @@ def test_the_key_never_shows_in_any_command_output(sim: Simulator, tmp_path: Pat
 
 def test_the_simulator_command_never_prints_the_key(tmp_path: Path) -> None:
     env = subprocess_env(KALEYRA_SID=SID, KALEYRA_API_KEY=KEY)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "blockfilter", "-vv", "simulator", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    try:
-        assert process.stdout is not None
-        base_url = process.stdout.readline().decode().strip()
-        env["KALEYRA_BASE_URL"] = base_url
+    with simulator_command(env, verbose=True) as simulator:
+        env["KALEYRA_BASE_URL"] = simulator.base_url
         done = run_cli("-vv", "check", "--channel", "sms", numbers(1)[0], env=env)
         assert done.returncode == 0, done.stderr
-    finally:
-        process.terminate()
-        out, err = process.communicate(timeout=10)
-    assert_no_key(out + err + done.stdout + done.stderr, "the simulator's output")
+    output = simulator.stdout + simulator.stderr + done.stdout + done.stderr
+    assert_no_key(output, "the simulator's output")
 
 
 def test_the_key_never_shows_in_the_python_api(

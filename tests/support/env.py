@@ -9,6 +9,7 @@ small enough that failure cases end in about a second.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -78,3 +79,16 @@ def subprocess_env(
         env.update(FAST_RETRIES)
     env.update(overrides)
     return env
+
+
+#: The machine's Redis, which the cache tests share (each in a database or key space of its own).
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+
+
+def redis_up() -> bool:
+    """Whether the machine's Redis answers a connection (CI makes sure it does)."""
+    try:
+        with socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=1):
+            return True
+    except OSError:
+        return False
