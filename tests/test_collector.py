@@ -13,7 +13,7 @@ import functools
 import logging
 import math
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from queue import Queue
@@ -48,6 +48,7 @@ from blockfilter.pipeline.collector import (
     route_of,
 )
 from blockfilter.testing.simulator import FaultRule
+from tests.support.campaigns import mixed_campaign
 from tests.support.factory import make_app
 from tests.support.harness import (
     RETRY_ATTEMPTS,
@@ -323,30 +324,9 @@ def number(i: int) -> str:
 
 
 def make_campaign(size: int) -> tuple[list[dict[str, Any]], dict[str, set[str]]]:
-    """Messages on every channel, some sharing a number, some with fallbacks, a few invalid;
-    and the blocklist to load into the simulator."""
-    channels = ("sms", "whatsapp", "sms", "voice")
-    blocked: dict[str, set[str]] = defaultdict(set)
-    messages: list[dict[str, Any]] = []
-    for i in range(size):
-        channel = channels[i % len(channels)]
-        to = number(i - 4 if i % 40 == 4 else i)  # every 40th shares its number
-        message: dict[str, Any] = {
-            "id": f"c{i}",
-            "channel": channel.upper() if i % 11 == 0 else channel,
-            "to": to,
-            "payload": {"big": 2**70 + i, "text": "नमस्ते"},
-        }
-        if i % 5 == 0:
-            message["fallback"] = [c for c in ("whatsapp", "voice", "sms") if c != channel]
-        if i % 7 == 0:
-            blocked[channel].add(to)
-            if i % 14 == 0 and "fallback" in message:
-                blocked[message["fallback"][0]].add(to)
-        if i % 97 == 0:
-            message["to"] = "12"  # not a number
-        messages.append(message)
-    return messages, blocked
+    """Messages on every channel, some sharing a number (every 40th), some with fallbacks, a
+    few invalid; and the blocklist to load into the simulator."""
+    return mixed_campaign(size, "c", share_every=40, share_back=4, numbered=number)
 
 
 def expected_outcome(

@@ -30,6 +30,7 @@ from blockfilter.tasks import (
     split_campaign,
 )
 from blockfilter.testing.simulator import FaultRule
+from tests.support.campaigns import mixed_campaign
 from tests.support.factory import make_app
 from tests.support.harness import (
     BROKEN_ENTRY_POINT,
@@ -47,31 +48,11 @@ def number(i: int) -> str:
 
 
 def make_campaign(size: int) -> tuple[list[dict[str, Any]], dict[str, set[str]]]:
-    """Messages on every channel, some sharing a number, some with fallbacks, a few invalid,
-    one repeated id; and the blocklist to load into the simulator."""
-    channels = ("sms", "whatsapp", "sms", "voice")
-    blocked: dict[str, set[str]] = defaultdict(set)
-    messages: list[dict[str, Any]] = []
-    for i in range(size):
-        channel = channels[i % len(channels)]
-        to = number(i - 1 if i % 50 == 1 else i)  # every 50th shares its number
-        message: dict[str, Any] = {
-            "id": f"m{i}",
-            "channel": channel.upper() if i % 11 == 0 else channel,
-            "to": to,
-            "payload": {"big": 2**70 + i, "text": "नमस्ते", "n": i},
-        }
-        if i % 5 == 0:
-            message["fallback"] = [c for c in ("whatsapp", "voice", "sms") if c != channel]
-        if i % 7 == 0:
-            blocked[channel].add(to)
-            if i % 14 == 0 and "fallback" in message:
-                blocked[message["fallback"][0]].add(to)
-            if i % 70 == 0 and "fallback" in message:
-                blocked[message["fallback"][1]].add(to)
-        if i % 97 == 0:
-            message["to"] = "12"  # not a number
-        messages.append(message)
+    """Messages on every channel, some sharing a number (every 50th), some with fallbacks, a
+    few invalid, an unknown channel, one repeated id; and the blocklist to load."""
+    messages, blocked = mixed_campaign(
+        size, "m", share_every=50, share_back=1, second_fallback_every=70, numbered=number
+    )
     messages.append({"id": "fax-1", "channel": "fax", "to": number(1)})
     messages.append({"id": "m3", "channel": "voice", "to": number(3)})  # a repeated id
     return messages, blocked

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,3 +152,46 @@ def logical_requests(messages: Sequence[Mapping[str, Any]], blocked: Mapping[str
             return total
         total += sum(_requests(wanted).values())
         known |= {(channel, n) for channel, numbers in wanted.items() for n in numbers}
+
+
+def mixed_campaign(
+    size: int,
+    id_prefix: str,
+    *,
+    share_every: int,
+    share_back: int,
+    second_fallback_every: int = 0,
+    numbered: Callable[[int], str] = number,
+) -> tuple[list[dict[str, Any]], dict[str, set[str]]]:
+    """Messages on every channel, as a pipeline sends them, and the blocklist to load.
+
+    Channel names in odd case now and then; every ``share_every``-th message shares the number
+    of the one ``share_back`` before it; every 5th has fallbacks, every 7th is blocklisted on
+    its channel (every 14th on its first fallback too, every ``second_fallback_every``-th on
+    its second); every 97th is not a number. Payloads a JSON round trip must keep as they are.
+    ``numbered`` gives the i-th number (a test module keeps to numbers of its own).
+    """
+    channels = ("sms", "whatsapp", "sms", "voice")
+    blocked: dict[str, set[str]] = defaultdict(set)
+    messages: list[dict[str, Any]] = []
+    for i in range(size):
+        channel = channels[i % len(channels)]
+        to = numbered(i - share_back if i % share_every == share_back else i)
+        message: dict[str, Any] = {
+            "id": f"{id_prefix}{i}",
+            "channel": channel.upper() if i % 11 == 0 else channel,
+            "to": to,
+            "payload": {"big": 2**70 + i, "text": "नमस्ते", "n": i},
+        }
+        if i % 5 == 0:
+            message["fallback"] = [c for c in ("whatsapp", "voice", "sms") if c != channel]
+        if i % 7 == 0:
+            blocked[channel].add(to)
+            if i % 14 == 0 and "fallback" in message:
+                blocked[message["fallback"][0]].add(to)
+            if second_fallback_every and i % second_fallback_every == 0 and "fallback" in message:
+                blocked[message["fallback"][1]].add(to)
+        if i % 97 == 0:
+            message["to"] = NOT_A_NUMBER
+        messages.append(message)
+    return messages, blocked
