@@ -25,6 +25,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -505,20 +506,29 @@ class RemoteSimulator:
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm(stop: threading.Event) -> Iterator[None]:
-    """Turn SIGTERM into ``stop`` while serving (main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """Turn SIGTERM and SIGINT into a flag while serving; yields the function that reads it.
+
+    The handler only sets a flag: a handler runs between two bytecodes of the main thread,
+    which may be holding a lock at that moment (an ``Event``'s, say), and taking a lock there
+    could wait for ever. For the same reason Ctrl-C is not left to raise KeyboardInterrupt
+    wherever the main thread happens to be. Off the main thread no handler can be installed:
+    the flag then never rises, and KeyboardInterrupt does the stopping.
+    """
+    raised = [False]
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        raised[0] = True
 
-    previous = signal.signal(signal.SIGTERM, on_signal)
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: raised[0]
+        return
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield lambda: raised[0]
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_simulator(
@@ -551,11 +561,10 @@ def run_simulator(
     )
     if blocked_file is not None:
         simulator.load_blocklist_file(blocked_file)
-    stop = threading.Event()
-    with _stop_on_sigterm(stop), simulator:
+    with _stop_on_signals() as stopped, simulator:
         ready(simulator.base_url)
         try:
-            while not stop.wait(0.5):
-                pass
+            while not stopped():
+                time.sleep(0.1)
         except KeyboardInterrupt:
             pass
