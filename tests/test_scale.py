@@ -28,6 +28,7 @@ import redis
 
 from blockfilter.config import Settings, load_settings
 from blockfilter.engine.filter import Filter
+from blockfilter.kaleyra.coalesce import lease_seconds
 from blockfilter.kaleyra.source import KaleyraSource
 from blockfilter.kaleyra.sync import sync_pages
 from blockfilter.store.cache import MemoryCache, RedisCache
@@ -378,6 +379,25 @@ def test_expired_entries_are_looked_up_again(simulator: Simulator, namespace: st
     run(source, pool)
     assert (simulator.stats.requests, simulator.stats.numbers_asked) == (6, 500)
     source.close()
+
+
+def test_answers_that_expire_before_their_leases_give_the_leases_back(
+    simulator: Simulator, namespace: str
+) -> None:
+    # With a TTL shorter than a lease, a number's answer is gone while its lease still runs:
+    # a later lookup of it, here or in another worker, would wait the lease out for nothing.
+    pool = make_numbers(150, seed=14)
+    settings = settings_for(simulator, cache_ttl=1.0, cache_ttl_blocked=1.0)
+    assert lease_seconds(settings) > settings.cache_ttl
+    source = redis_source(settings, namespace)
+    run(source, pool)
+    source.flush_writes()
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=0)
+    try:
+        assert list(client.scan_iter(match=f"{namespace}bf:l:*", count=10_000)) == []
+    finally:
+        client.close()
+        source.close()
 
 
 def test_a_sync_mark_answers_only_for_the_clean_ttl(simulator: Simulator, namespace: str) -> None:

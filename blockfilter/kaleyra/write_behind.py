@@ -15,6 +15,7 @@ from ..config import Settings
 from ..sources import CheckOutcome
 from ..store.cache import Clock
 from .cache_access import CacheAccess
+from .coalesce import lease_seconds
 
 __all__ = ["WriteBehind"]
 
@@ -101,10 +102,11 @@ class WriteBehind:
                     "set", lambda: self._store(channel, blocked_set, clean, at), False
                 )
             if self._shared and not stored:
-                # With the answers in the cache, the leases are moot (those waiting see the
-                # answers first, and the leases run out long before the answers do): giving
-                # them back would only cost a round trip per request. Without answers, others
-                # must know at once that they have to ask themselves.
+                # With the answers in the cache for longer than the leases, the leases are moot
+                # (those waiting see the answers first, and the leases run out before the
+                # answers do): giving them back would only cost a round trip per request.
+                # Without answers, or with answers that expire first, others must know at
+                # once that they have to ask themselves.
                 self._access.release(channel, batch)
         except Exception:  # a bug here must not lose the answer, which is already given
             log.exception("writing %d answers on %s to the cache failed", len(batch), channel)
@@ -112,9 +114,12 @@ class WriteBehind:
             self._access.inflight.forget(channel, batch)
 
     def _store(self, channel: str, blocked: frozenset[str], clean: list[str], at: float) -> bool:
-        """Write a request's answers; whether every one of them is now in the cache."""
+        """Write a request's answers; whether every one of them is now in the cache, for at
+        least as long as the leases on them last (or the leases would outlive the answers, and
+        a later lookup of an expired number would wait out a lease nobody holds)."""
         self._access.cache.set_many(channel, blocked, clean, at)
         settings = self._settings
-        return (not clean or settings.cache_ttl > 0) and (
-            not blocked or settings.cache_ttl_blocked > 0
+        lease = lease_seconds(settings)
+        return (not clean or settings.cache_ttl >= lease) and (
+            not blocked or settings.cache_ttl_blocked >= lease
         )
