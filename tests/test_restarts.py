@@ -103,10 +103,14 @@ def test_rabbitmq_restart_mid_campaign_loses_nothing(
 
         pending = [filter_campaign(first.messages, chunk_size=100, app=stack.app)]
         stack.wait_records(lambda rs: len(rs) > 0, timeout=30, what="the first batch")
+        # Slower answers from now on, so that stopping the broker (which takes seconds) cannot
+        # come after the whole campaign is done, however fast the workers are.
+        stack.simulator.set_latency(2.0)
         private_rabbit.stop()  # with batches running, prefetched and waiting on the queue
         done_during_outage = {r["id"] for r in stack.records()}
         private_rabbit.start()  # the same node and Mnesia directory: durable queues survive
         assert len(done_during_outage) < len(first.ids), "the restart came too late"
+        stack.simulator.set_latency(0.3)
 
         # The producer reconnects too: more of the campaign after the restart.
         pending.append(filter_campaign(after.messages, chunk_size=100, app=stack.app))
