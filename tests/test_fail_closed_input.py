@@ -412,6 +412,9 @@ def reference_repeats(text: bytes) -> bool:
     return found
 
 
+# 1,500 random documents against the reference parser: twenty seconds of CPU, so the slow
+# tier runs it (the fast tier, in parallel, would wait for it at its end).
+@pytest.mark.slow
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=json_texts())
 @example(text='{"a":1,"a":2}')

@@ -105,6 +105,9 @@ def vip_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
     return parsed.fallback if message.get("payload") is None else parsed.fallback[:1]
 
 
+# Hundreds of whole runs: ten seconds of CPU, so the slow tier runs it (the fast tier, in
+# parallel, would wait for it at its end).
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     lines=campaign_files(),
