@@ -30,7 +30,8 @@ import pytest
 # Every key the suite hands to the code under test. More can be added for a run with
 # BLOCKFILTER_GUARDED_SECRETS=a,b.
 KNOWN_TEST_KEYS = (
-    "test-key-0123456789",  # tests.conftest.TEST_KEY, blockfilter.pytest_plugin.TEST_API_KEY
+    # tests.support.env.TEST_KEY, blockfilter.testing.pytest_plugin.TEST_API_KEY
+    "test-key-0123456789",
     "sekrit-client-key-7f3a9c",  # tests/test_client.py
     "sim-key-0123456789abcdef",  # tests/test_simulator.py
     "sekrit-Key-9d41e07bb2",  # tests/test_secrets.py

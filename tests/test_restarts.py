@@ -8,7 +8,7 @@ stopped. What a user relies on:
   repeats (redelivered batches) only with the same ``id`` and the same verdict;
 * the status cache going away (killed, or hung) mid-run does not stop the filter and changes
   no verdict: the filter goes on without it, asking the API instead, and says so once
-  (the designed behaviour, documented in :mod:`blockfilter.cache` and
+  (the designed behaviour, documented in :mod:`blockfilter.store.cache` and
   :mod:`blockfilter.kaleyra`); a run that starts with the cache already down completes too.
 """
 

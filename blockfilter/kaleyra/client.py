@@ -1,7 +1,7 @@
 """The HTTP client of Kaleyra's "Get Blocklist" API.
 
 One :class:`KaleyraClient` per process is the intended use. It sends every attempt through a
-*transport* (:mod:`blockfilter.transport`): by default a pool of urllib3 keep-alive
+*transport* (:mod:`blockfilter.kaleyra.transport`): by default a pool of urllib3 keep-alive
 connections, made on first use (never at import, since Celery imports this module in every
 worker) and made again when the process id changes, so prefork children never share their
 parent's sockets. Proxy and CA variables (``HTTPS_PROXY``, ``NO_PROXY``,
@@ -218,7 +218,7 @@ class KaleyraClient:
     :param clock: the monotonic clock of the retry budget (tests inject a fake).
     :param rng: the source of backoff jitter (tests inject a seeded one).
     :param transport: what sends each attempt, ``(Request) -> Response``
-        (:mod:`blockfilter.transport`); default: urllib3 connections, one pool per process.
+        (:mod:`blockfilter.kaleyra.transport`); default: urllib3 connections, one pool per process.
 
     Thread-safe: :meth:`blocked` itself runs requests on a thread pool, and many threads may
     share one client.

@@ -154,8 +154,8 @@ class CollectorTask(Batches, BlockfilterTask):  # type: ignore[misc]
     messages when they fill a request, flushes everything once the oldest message is due or
     ``MAX_BUFFER`` are waiting, and acknowledges a batch only once it was handled. What it
     needs of Batches beyond its public API is in :mod:`.batches_private`.
-    :class:`~blockfilter.monitoring.BlockfilterTask` gives it the summaries monitoring shows
-    in place of the messages.
+    :class:`~blockfilter.pipeline.monitoring.BlockfilterTask` gives it the summaries monitoring
+    shows in place of the messages.
     """
 
     abstract = True

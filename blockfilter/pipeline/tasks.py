@@ -44,7 +44,7 @@ messages with reason ``credentials_refused``. In eager mode the retries run in t
 itself, without waiting their countdown (as Celery's own eager retries).
 
 What monitoring and the result backend see of a batch is a summary, never the messages:
-see :mod:`blockfilter.monitoring`.
+see :mod:`blockfilter.pipeline.monitoring`.
 
 The retries are the task's own rather than Celery's ``autoretry_for``: an automatic retry
 would run the whole batch again and dispatch a second time what already went out.

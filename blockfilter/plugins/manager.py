@@ -3,7 +3,7 @@
 One manager per process, built lazily by :func:`get_plugin_manager` (never at import: Celery
 imports this package in every worker). It is built in tox's order:
 
-1. the hook specifications (:mod:`blockfilter.hookspecs`);
+1. the hook specifications (:mod:`blockfilter.plugins.hookspecs`);
 2. the names blocked by ``BLOCKFILTER_DISABLE_PLUGINS``;
 3. the installed plugins, entry points of the group ``blockfilter``, loaded one by one so that
    a broken one is logged and skipped (``BLOCKFILTER_STRICT_PLUGINS=1``: an error instead);

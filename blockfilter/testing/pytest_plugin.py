@@ -2,7 +2,7 @@
 
 Installed with blockfilter, so any project's tests can use them without a conftest:
 
-* ``kaleyra_simulator``: a started :class:`blockfilter.simulator.Simulator` with an empty
+* ``kaleyra_simulator``: a started :class:`blockfilter.testing.simulator.Simulator` with an empty
   blocklist, SID ``TESTSID`` and key ``test-key-0123456789``; stopped after the test.
 * ``kaleyra_env``: the same simulator, with ``KALEYRA_SID``, ``KALEYRA_API_KEY`` and
   ``KALEYRA_BASE_URL`` pointing at it for the duration of the test.
