@@ -31,7 +31,10 @@ HERE = Path(__file__).resolve().parent.parent
 CHILD = r"""
 import json, sys, time
 import blockfilter
-from blockfilter.kaleyra.client import KaleyraClient
+try:
+    from blockfilter.kaleyra.client import KaleyraClient
+except ImportError:  # a checkout from before the package was split
+    from blockfilter.client import KaleyraClient
 from blockfilter.config import load_settings
 
 base_url, count = sys.argv[1], int(sys.argv[2])
