@@ -14,6 +14,7 @@ from typing import Any, Final, cast
 
 from .config import CHANNELS
 from .numbers import MAX_INPUT_LENGTH, InvalidNumber, normalize
+from .redact import mask_numbers_in
 
 # What a source may say of its answer, beside ``source``: the age of a cached status or a
 # synced snapshot, the ledger's event. Any other key a source gives is not carried: a source
@@ -63,7 +64,9 @@ def channel_named(value: Any) -> str:
         name = value.strip().lower()
         if name in _KNOWN_CHANNELS:
             return name
-    raise ValueError(f"unknown channel {str(value)[:40]!r}; expected one of {', '.join(CHANNELS)}")
+    # Masked: a number passed where the channel goes must not reach a log in clear.
+    shown = mask_numbers_in(str(value)[:40])
+    raise ValueError(f"unknown channel {shown!r}; expected one of {', '.join(CHANNELS)}")
 
 
 # The fields a verdict adds. A message that already carries one of them (a file of earlier

@@ -126,3 +126,9 @@ def test_the_exceptions_a_caller_may_catch_are_defined_in_errors() -> None:
         and (module, node.name) not in stays
     )
     assert defined == []
+
+
+def test_a_number_given_as_the_channel_is_masked_in_the_error() -> None:
+    with pytest.raises(ValueError) as refused:
+        channel_named("+919812345678")
+    assert "9812345678" not in str(refused.value)
