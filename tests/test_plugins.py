@@ -53,6 +53,16 @@ def no_entry_points(**overrides: Any) -> Settings:
     return load_settings(environ={}, **values)
 
 
+def ledger_settings(tmp_path: Path) -> Settings:
+    """Settings with an SQLite opt-out ledger in tmp_path and no installed plugin."""
+    return load_settings(
+        environ={},
+        load_plugins=[],
+        optout_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
+        optout_key="k" * 40,
+    )
+
+
 def msg(id_: str, to: str, channel: str = "sms", **extra: Any) -> dict[str, Any]:
     return {"id": id_, "channel": channel, "to": to, **extra}
 
@@ -793,12 +803,7 @@ def test_hook_optout_codes(tmp_path: Path) -> None:
         def blockfilter_optout_codes(self, provider: str) -> dict[str, bool] | None:
             return {"GONE": True, "OPT-OUT": False} if provider == "kaleyra" else None
 
-    settings = load_settings(
-        environ={},
-        load_plugins=[],
-        optout_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
-        optout_key="k" * 40,
-    )
+    settings = ledger_settings(tmp_path)
     pm = make_plugin_manager(settings)
     pm.register(Codes(), name="codes")
     try:
@@ -829,12 +834,7 @@ def test_hook_inbound_intent(tmp_path: Path) -> None:
             seen.append((channel, locale))
             return "opt_in" if text == "resume please" else "opt_out"
 
-    settings = load_settings(
-        environ={},
-        load_plugins=[],
-        optout_url=f"sqlite:///{tmp_path / 'ledger.sqlite3'}",
-        optout_key="k" * 40,
-    )
+    settings = ledger_settings(tmp_path)
     pm = make_plugin_manager(settings)
     pm.register(Intent(), name="intent")
     try:
