@@ -374,18 +374,25 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 
 def _filter(args: argparse.Namespace) -> int:
+    from . import metrics
     from .config import load_settings
-    from .engine.filter import Filter
     from .errors import ConfigError
 
     settings = load_settings()
     if args.max_requests is not None and args.max_requests < 0:
         raise ConfigError("--max-requests must be >= 0")
     settings.require_credentials()
-    if args.metrics_file:
-        from . import metrics
+    if not args.metrics_file:
+        with metrics.recording_nothing():
+            return _run_filter(args, settings)
+    metrics.require()
+    return _run_filter(args, settings)
 
-        metrics.require()
+
+def _run_filter(args: argparse.Namespace, settings: Settings) -> int:
+    from . import metrics
+    from .engine.filter import Filter
+
     progress = _Progress(sys.stderr.isatty() and not args.quiet)
     # The filter of the Python API, plugins and all; it shows its results to the observers.
     # Scrubbing a file sends nothing: dispatch and suppressed are never called.
@@ -404,7 +411,6 @@ def _filter(args: argparse.Namespace) -> int:
             return EXIT_OK
         lines = engine.run_lines(open_lines)
         if args.metrics_file:
-            from . import metrics
             from .engine.filter import observed_lines
 
             lines = observed_lines(lines, metrics.count_verdicts)

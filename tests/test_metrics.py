@@ -112,6 +112,46 @@ def test_parked_and_replayed_messages_are_counted() -> None:
     app.close()
 
 
+def test_a_filter_run_without_a_metrics_file_records_none_and_imports_no_prometheus(
+    tmp_path: Path, simulator: Simulator
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"id": "1", "channel": "sms", "to": number(7)}) + "\n")
+    # A process of its own: this one imported prometheus-client long ago.
+    probe = (
+        "import sys\n"
+        "from blockfilter.cli import main\n"
+        "code = main(['filter', sys.argv[1], '--quiet', '--out', sys.argv[2]])\n"
+        "print(code, 'prometheus_client' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, str(source), str(tmp_path / "out.jsonl")],
+        env=subprocess_env(simulator, BLOCKFILTER_LOAD_PLUGINS=""),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.split() == ["0", "False"], done.stderr
+    assert simulator.stats.requests == 1
+
+
+def test_metrics_made_before_a_run_that_records_none_are_recorded_into_after_it() -> None:
+    from prometheus_client import generate_latest
+
+    def requests_ok() -> float:
+        found = samples(generate_latest(metrics.registry()).decode())
+        return total(found, "blockfilter_api_requests_total", outcome="ok")
+
+    metrics.observe_api_request("ok", 0.1)
+    before = requests_ok()
+    with metrics.recording_nothing():
+        metrics.observe_api_request("ok", 0.1)
+        assert metrics.registry() is None
+    metrics.observe_api_request("ok", 0.1)
+    assert requests_ok() == before + 1
+
+
 # -- slow: a prefork worker -------------------------------------------------------------------
 
 
