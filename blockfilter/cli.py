@@ -366,10 +366,12 @@ class _Progress:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     from .atomicfile import stop_on_signals
-    from .gcpacing import paced_collections
+    from .gcpacing import paced_collections, paced_switches
 
-    # Stopped by a signal, the run unwinds: its temporary files go, the old ones stay.
-    with stop_on_signals(), paced_collections():
+    # Stopped by a signal, the run unwinds: its temporary files go, the old ones stay. The
+    # short switch interval lets the request threads take answers in while the main thread
+    # reads the input, so the pool does not sit idle waiting for it.
+    with stop_on_signals(), paced_collections(), paced_switches():
         return _filter(args)
 
 

@@ -79,6 +79,29 @@ def test_a_filter_run_leaves_the_garbage_collector_as_it_found_it(
     assert gc.get_threshold() == before and gc.get_freeze_count() == 0  # ...and put back
 
 
+def test_a_filter_run_switches_threads_quickly_and_puts_the_interval_back(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The request threads must not wait 5 ms for the interpreter each time an answer comes in
+    # while the main thread reads the input: the pool would sit idle (bench_flight).
+    import sys
+
+    from blockfilter import cli
+    from blockfilter.gcpacing import RUN_SWITCH_INTERVAL
+
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+
+    def filter_run(args: object) -> int:
+        seen.append(sys.getswitchinterval())
+        raise ConfigError("stopped half way")
+
+    monkeypatch.setattr(cli, "_filter", filter_run)
+    assert cli.main(["filter", str(tmp_path / "campaign.jsonl")]) == cli.EXIT_USAGE
+    assert seen == [pytest.approx(RUN_SWITCH_INTERVAL)] and before > RUN_SWITCH_INTERVAL
+    assert sys.getswitchinterval() == before
+
+
 def test_runs_that_overlap_share_the_pacing_and_the_last_one_out_puts_it_back() -> None:
     # A worker with a thread pool runs batches at once: the first one's end must not put the
     # collector back under the second one, nor the second one's restore the first one's values.

@@ -71,6 +71,10 @@ log = logging.getLogger("blockfilter.engine")
 # Distinct numbers handed to the sources at a time during the first pass: enough for a few
 # full requests and one cache round trip, few enough that the first request leaves early.
 _STREAM_CHUNK = 500
+# The first hand-over is one full request's worth, so the first request leaves as soon as it
+# is full; each later one doubles, up to _STREAM_CHUNK (a source sends full requests only, so
+# the smaller hand-overs add no request).
+_FIRST_CHUNK = 100
 
 # Results shown to the blockfilter_verdicts observers at a time (as `blockfilter filter` did).
 _OBSERVED_BATCH = 500
@@ -571,15 +575,17 @@ class Filter:
         has_fallbacks = False
         policy = self.fallback_policy
         want = table.want
+        chunk = _FIRST_CHUNK
         for message, parsed in first_pass:
             if not isinstance(parsed, Parsed):
                 continue
             if want(parsed.channel, parsed.key):
                 batch = fresh[parsed.channel]
                 batch.append(parsed.e164)
-                if len(batch) >= _STREAM_CHUNK:
+                if len(batch) >= chunk:
                     self._feed(streams, table, parsed.channel, batch)
                     fresh[parsed.channel] = []
+                    chunk = min(chunk * 2, _STREAM_CHUNK)
             if not has_fallbacks and policy(message, parsed):
                 has_fallbacks = True
         for channel, batch in fresh.items():

@@ -46,6 +46,9 @@ class CacheAccess:
         for start in range(0, len(numbers), _CACHE_CHUNK):
             chunk = numbers[start : start + _CACHE_CHUNK]
             found = self.statuses(channel, chunk)
+            if not found:  # a cold cache: no number of the chunk to look at one by one
+                misses.extend(chunk)
+                continue
             for number in chunk:
                 status = found.get(number)
                 if status is None:

@@ -46,7 +46,9 @@ class InFlight:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self._claims: dict[tuple[str, str], Flight] = {}
+        # channel -> number -> the flight that claimed it (a dict per channel: no key tuple to
+        # build per number on the main thread's path).
+        self._claims: dict[str, dict[str, Flight]] = {}
         self.syncs: dict[str, Future[SyncResult]] = {}
 
     def claim(
@@ -57,13 +59,12 @@ class InFlight:
         flight = Flight()
         mine: list[str] = []
         theirs: dict[Flight, list[str]] = {}
-        claims = self._claims
         with self.lock:
+            claims = self._claims.setdefault(channel, {})
             for number in numbers:
-                key = (channel, number)
-                other = claims.get(key)
+                other = claims.get(number)
                 if other is None:
-                    claims[key] = flight
+                    claims[number] = flight
                     mine.append(number)
                 else:
                     theirs.setdefault(other, []).append(number)
@@ -76,10 +77,10 @@ class InFlight:
         """The answer for claimed numbers is known: wake those waiting for it. The claims stay
         until :meth:`forget`, so that a newcomer waits for the answer instead of asking again
         while it is on its way into the cache."""
-        claims = self._claims
         with self.lock:
+            claims = self._claims.get(channel, {})
             for number in numbers:
-                flight = claims.get((channel, number))
+                flight = claims.get(number)
                 if flight is None or number in flight.results:
                     continue
                 flight.results[number] = outcome
@@ -89,10 +90,10 @@ class InFlight:
 
     def forget(self, channel: str, numbers: Iterable[str]) -> None:
         """The answer is in the cache (or could not be put there): drop the claims."""
-        claims = self._claims
         with self.lock:
+            claims = self._claims.get(channel, {})
             for number in numbers:
-                claims.pop((channel, number), None)
+                claims.pop(number, None)
 
     def resolve(self, channel: str, numbers: Sequence[str], outcome: CheckOutcome) -> None:
         """:meth:`answer` and :meth:`forget` at once, for answers already in the cache."""

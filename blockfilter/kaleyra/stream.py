@@ -11,7 +11,8 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
+from queue import Empty, SimpleQueue
 from typing import Any, Protocol
 
 from ..errors import RequestBudgetExhausted
@@ -93,7 +94,12 @@ class KaleyraStream:
         self._window = window
         self._lease_s = lease_s
         self._plans: dict[str, Plan] = {}
-        self._pending: set[Future[CheckOutcome]] = set()
+        # Requests submitted whose outcome is not taken in yet. Each request's future puts
+        # itself in _landed when it completes (a sync's or a remote wait's puts None, to wake
+        # finish()), so taking outcomes in costs one queue read each, not a look at every
+        # request of the window each time.
+        self._pending = 0
+        self._landed: SimpleQueue[Future[CheckOutcome] | None] = SimpleQueue()
         self._remote: dict[Future[RemoteAnswers], str] = {}
         self._awaiting: list[tuple[Flight, str, list[str], float]] = []
         self._ready: list[CheckOutcome] = []
@@ -114,10 +120,8 @@ class KaleyraStream:
 
     def completed(self) -> Iterator[CheckOutcome]:
         self._poll()
-        done = {future for future in self._pending if future.done()}
-        self._pending -= done
+        self._take_landed(block=False)
         ready, self._ready = self._ready, []
-        ready.extend(future.result() for future in done)
         return iter(ready)
 
     def finish(self) -> Iterator[CheckOutcome]:
@@ -135,13 +139,9 @@ class KaleyraStream:
                     self._source.flush_writes()
                     return
                 continue
-            waitables: list[Future[Any]] = [*self._pending, *self._remote]
-            waitables.extend(plan.sync for plan in self._plans.values() if plan.sync is not None)
-            timeout = _POLL if self._awaiting or not waitables else None
-            if waitables:
-                wait(waitables, timeout=timeout, return_when=FIRST_COMPLETED)
-            else:
-                time.sleep(_POLL)
+            # Requests, remote waits and syncs all land in _landed; flights of other streams
+            # of the process are looked at every _POLL.
+            self._take_landed(block=True, timeout=_POLL if self._awaiting else None)
 
     # -- planning ------------------------------------------------------------------------
 
@@ -154,6 +154,7 @@ class KaleyraStream:
     def _start_sync(self, channel: str, plan: Plan) -> None:
         plan.begin_sync()
         plan.sync = self._source.start_sync(channel)
+        plan.sync.add_done_callback(self._wake)
 
     def _syncing(self) -> bool:
         return any(plan.sync is not None for plan in self._plans.values())
@@ -202,7 +203,9 @@ class KaleyraStream:
             if not ours and held is not None and len(held) < len(mine):
                 others = [n for n in mine if n not in held]
                 mine = [n for n in mine if n in held]
-                self._remote[source.wait_for_others(channel, others)] = channel
+                remote = source.wait_for_others(channel, others)
+                self._remote[remote] = channel
+                remote.add_done_callback(self._wake)
         carry = self._plans[channel].carry
         carry.extend(mine)
         while len(carry) >= MAX_NUMBERS_PER_REQUEST:
@@ -216,10 +219,29 @@ class KaleyraStream:
                 del plan.carry[:MAX_NUMBERS_PER_REQUEST]
 
     def _submit(self, channel: str, batch: list[str]) -> None:
-        while len(self._pending) >= self._window:
-            done, self._pending = wait(self._pending, return_when=FIRST_COMPLETED)
-            self._ready.extend(future.result() for future in done)
-        self._pending.add(self._source.submit(channel, batch))
+        while self._pending >= self._window:
+            self._take_landed(block=True)
+        future = self._source.submit(channel, batch)
+        self._pending += 1
+        future.add_done_callback(self._landed.put)
+
+    def _take_landed(self, *, block: bool, timeout: float | None = None) -> None:
+        """Take in the outcomes of the requests that landed; with ``block``, first wait (at
+        most ``timeout``) for a request, a sync or a remote wait to land."""
+        landed = self._landed
+        try:
+            future = landed.get(timeout=timeout) if block else landed.get_nowait()
+            while True:
+                if future is not None:
+                    self._pending -= 1
+                    self._ready.append(future.result())
+                future = landed.get_nowait()
+        except Empty:
+            pass
+
+    def _wake(self, future: Future[Any]) -> None:
+        """A sync or a remote wait ended: wake finish(), which polls them."""
+        self._landed.put(None)
 
     # -- what others answer --------------------------------------------------------------
 
