@@ -7,6 +7,8 @@ only keys under it are removed afterwards (never FLUSHDB).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import multiprocessing
 import re
 import socket
@@ -28,8 +30,10 @@ from blockfilter.store.cache import (
     RedisCache,
     StatusCache,
     SyncInfo,
+    cache_secret,
     open_cache,
 )
+from blockfilter.store.redis import NumberHasher
 from tests.fakes import FakeTime
 from tests.support.env import REDIS_HOST, REDIS_PORT, redis_up
 
@@ -733,3 +737,18 @@ def test_redis_going_away_mid_run_raises_cache_unavailable(namespace: str) -> No
             call()
     assert time.monotonic() - started < 5
     cache.close()
+
+
+# -- the keys ------------------------------------------------------------------------------
+
+
+def test_the_number_hasher_is_hmac_sha256_digit_for_digit() -> None:
+    # The keys every worker of a fleet agrees on: a worker of this version must find what
+    # one of the last version wrote, and the other way round.
+    for secret in (b"k", b"x" * 64, b"y" * 65, bytes(range(200)), cache_secret(make_settings())):
+        assert secret is not None
+        hasher = NumberHasher(secret)
+        for channel, number in (("sms", A), ("whatsapp", B), ("voice", ""), ("sms", "#snapshot")):
+            message = f"{channel}:{number}".encode()
+            expected = hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
+            assert hasher.hash(channel, number) == expected
