@@ -18,14 +18,16 @@ needs a Celery app and the steps can be read, and tested, on their own.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import pluggy
 
 from .. import metrics
-from ..config import Settings, load_settings
+from ..config import CHANNELS, Settings, load_settings
 from ..errors import CredentialsRefused
 from ..gcpacing import paced_collections
 from ..ledger.source import dispatch_gate
@@ -98,6 +100,31 @@ class CheckedBatch:
         metrics.count_verdicts(handled)
 
 
+_LOOKS_E164 = re.compile(r"\+[1-9][0-9]{7,14}").fullmatch
+
+
+def numbers_to_read_ahead(messages: Sequence[Any]) -> dict[str, list[str]]:
+    """The numbers a batch will ask about, per channel, guessed cheaply: every message's
+    ``to`` that is already written in E.164, on its channel; every other channel with none
+    (its snapshot is read ahead, for the fallback rounds). A guess only costs: a number the
+    filter normalises otherwise is not asked about as guessed, and is read when it is.
+
+    A warm task then reads its statuses in one round trip instead of one per 500 numbers
+    and one per channel's sync mark."""
+    wanted: dict[str, list[str]] = {channel: [] for channel in CHANNELS}
+    for message in messages:
+        if type(message) is not dict:
+            continue
+        channel, to = message.get("channel"), message.get("to")
+        if type(channel) is str and type(to) is str and _LOOKS_E164(to):
+            numbers = wanted.get(channel)
+            if numbers is None:
+                numbers = wanted.get(channel.lower())
+            if numbers is not None:
+                numbers.append(to)
+    return wanted
+
+
 def check_batch(
     messages: Sequence[Any],
     conf: Mapping[str, Any] | None,
@@ -114,7 +141,10 @@ def check_batch(
     messages = list(messages)
     settings = load_settings(celery_conf=conf)
     plugins = get_plugin_manager(settings)
-    with paced_collections(), build_filter(settings, plugins) as engine:
+    with paced_collections(), build_filter(settings, plugins) as engine, ExitStack() as stack:
+        wanted = numbers_to_read_ahead(messages)
+        for source in engine.sources:
+            stack.enter_context(source.reading_ahead(wanted))
         results = list(engine.run(messages))
         summary = engine.summary.as_dict()
         refusal = engine.refusal

@@ -15,7 +15,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
@@ -454,6 +454,39 @@ class RedisCache:
                 keys = [snapshot_key, *self._status_keys(channel, chunk)]
                 self._take(read, chunk, self._get(keys=keys))
         return read.found
+
+    def read_ahead(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, ChannelRead]:
+        """:meth:`get_many` of every channel of ``wanted`` in one round trip, each status
+        with the seconds it may still be trusted as of the read, and each channel's snapshot
+        as the same read saw it (a channel with no numbers: only its snapshot)."""
+        from redis.exceptions import NoScriptError
+
+        reads = {channel: ChannelRead() for channel in wanted}
+        asked: list[tuple[ChannelRead, Sequence[str], list[str]]] = []
+        for channel, numbers in wanted.items():
+            snapshot_key = self._snapshot_key(channel)
+            for chunk in chunks(unique(numbers), self.chunk_size) if numbers else [()]:
+                keys = [snapshot_key, *self._status_keys(channel, chunk)]
+                asked.append((reads[channel], chunk, keys))
+        with self._guard("get"):
+            client = self._redis()
+            for attempt in (1, 2):
+                pipe = client.pipeline(transaction=False)
+                for _, _, keys in asked:
+                    # EVALSHA queued by hand: a Script queued on a pipeline first asks
+                    # SCRIPT EXISTS, a round trip of its own.
+                    pipe.evalsha(self._get.sha, len(keys), *keys)
+                try:
+                    replies = pipe.execute()
+                    break
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    # Flushed, or the server restarted: load it, and ask once more.
+                    client.script_load(_GET_SCRIPT)
+        for (read, chunk, _), reply in zip(asked, replies, strict=True):
+            self._take(read, chunk, reply)
+        return reads
 
     def _status_keys(self, channel: str, numbers: Sequence[str]) -> list[str]:
         prefix = f"{self.namespace}bf:s:{channel}:"
