@@ -101,27 +101,40 @@ class CheckedBatch:
 
 
 _LOOKS_E164 = re.compile(r"\+[1-9][0-9]{7,14}").fullmatch
+_CHANNEL_NAMES = {name: name for name in CHANNELS} | {name.upper(): name for name in CHANNELS}
+
+
+def route_as_written(message: Any) -> tuple[str, str] | None:
+    """(channel, number) of a message whose ``to`` is already written in E.164 on a known
+    channel, read without parsing it; ``None`` for any other (it is then parsed). What the
+    filter makes of such a number is what is written, or the message is ``invalid``: a
+    guess good enough to plan by (what to read ahead, how to split), never a verdict."""
+    if type(message) is not dict or "region" in message:
+        return None
+    channel, to = message.get("channel"), message.get("to")
+    if type(channel) is not str or type(to) is not str or not _LOOKS_E164(to):
+        return None
+    name = _CHANNEL_NAMES.get(channel)
+    if name is None:
+        name = _CHANNEL_NAMES.get(channel.lower())
+        if name is None:
+            return None
+    return name, to
 
 
 def numbers_to_read_ahead(messages: Sequence[Any]) -> dict[str, list[str]]:
-    """The numbers a batch will ask about, per channel, guessed cheaply: every message's
-    ``to`` that is already written in E.164, on its channel; every other channel with none
-    (its snapshot is read ahead, for the fallback rounds). A guess only costs: a number the
-    filter normalises otherwise is not asked about as guessed, and is read when it is.
+    """The numbers a batch will ask about, per channel, guessed cheaply
+    (:func:`route_as_written`); every other channel with none (its snapshot is read ahead,
+    for the fallback rounds). A guess only costs: a number the filter normalises otherwise is
+    not asked about as guessed, and is read when it is.
 
     A warm task then reads its statuses in one round trip instead of one per 500 numbers
     and one per channel's sync mark."""
     wanted: dict[str, list[str]] = {channel: [] for channel in CHANNELS}
     for message in messages:
-        if type(message) is not dict:
-            continue
-        channel, to = message.get("channel"), message.get("to")
-        if type(channel) is str and type(to) is str and _LOOKS_E164(to):
-            numbers = wanted.get(channel)
-            if numbers is None:
-                numbers = wanted.get(channel.lower())
-            if numbers is not None:
-                numbers.append(to)
+        route = route_as_written(message)
+        if route is not None:
+            wanted[route[0]].append(route[1])
     return wanted
 
 
