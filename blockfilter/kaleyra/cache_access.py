@@ -130,7 +130,10 @@ class CacheAccess:
         if ahead is None:
             return {}, numbers
         now = self._monotonic()
-        asked, found, until = ahead.asked, ahead.found, ahead.until
+        asked, found = ahead.asked, ahead.found
+        # By identity: the read shares one status object among the numbers it holds for, and
+        # hashing a status a number would cost more than the rest of the loop.
+        trusted = {id(status) for status, until in ahead.until.items() if until > now}
         proven: dict[str, CachedStatus] = {}
         unread: list[str] = []
         for number in numbers:
@@ -140,7 +143,7 @@ class CacheAccess:
             status = found.get(number)
             if status is None:
                 continue  # read a moment ago and not there: a miss
-            if until[status] > now:
+            if id(status) in trusted:
                 proven[number] = status
             else:
                 unread.append(number)  # trusted no longer: read again
