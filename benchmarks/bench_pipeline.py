@@ -14,6 +14,10 @@ latency per API request:
   task that hands its messages straight to the same ``blockfilter_dispatch`` hook. Messages
   per second from the first send to the last message reaching a hook (counted in Redis),
   best of the rounds;
+* warm Redis: the same comparison on a worker whose cache is Redis, every status already in
+  it: each campaign is sent through the filter twice and the second round is measured (its
+  statuses all come from the cache), against the passthrough on the same messages;
+  alternated, ``--warm-repeat`` times (3), min / median / max of each and of the ratios;
 * collector fill: messages sent one at a time (``blockfilter.collect``, one task each) at a
   paced rate; mean numbers per API request (100 = every request full), from the simulator.
 
@@ -28,6 +32,7 @@ import contextlib
 import os
 import platform
 import random
+import statistics
 import tempfile
 import time
 import uuid
@@ -53,6 +58,10 @@ SID, KEY = "BENCH", "bench-key-000"
 LATENCY_S = 0.1
 CHUNKS = (1000, 4000)  # filter_campaign's default task size, and a larger one
 RATES = (50, 500, 5000)
+# The warm worker's cache: its own secret each run, so nothing an earlier run left is read,
+# and short TTLs, so what it leaves in Redis is gone minutes later.
+WARM_CACHE_URL = "redis://127.0.0.1:6379/0"
+WARM_CACHE_TTL_S = 300
 
 # -- the workers' app ------------------------------------------------------------------------
 
@@ -230,6 +239,54 @@ def throughput(bench: Bench, queue: str, size: int, rounds: int, chunk: int) -> 
     return {**best, "requests": requests, "chunk": chunk}
 
 
+def warm_throughput(bench: Bench, queue: str, size: int, repeat: int, chunk: int) -> dict[str, Any]:
+    """Messages per second through a worker with a warm Redis cache, with and without the
+    filter, in tasks of ``chunk`` messages: ``repeat`` alternated rounds."""
+    from blockfilter.tasks import filter_campaign
+
+    with_rates: list[float] = []
+    without_rates: list[float] = []
+    requests = 0
+
+    def filtered(messages: list[dict[str, Any]]) -> None:
+        filter_campaign(messages, chunk, app=app, queue=queue)
+
+    def passed(messages: list[dict[str, Any]]) -> None:
+        with app.producer_or_acquire() as producer:
+            for start in range(0, size, chunk):
+                passthrough.apply_async(
+                    (messages[start : start + chunk],), queue=queue, producer=producer
+                )
+
+    def timed(send: Any, messages: list[dict[str, Any]]) -> float:
+        bench.reset_count()
+        started = time.monotonic()
+        send(messages)
+        return size / (bench.wait_count(size) - started)
+
+    for _ in range(repeat):
+        messages = campaign(bench, size)
+        timed(filtered, messages)  # cold: fills the cache
+        bench.simulator.reset_stats()
+        with_rates.append(timed(filtered, messages))
+        requests += bench.simulator.stats.requests
+        without_rates.append(timed(passed, messages))
+    ratios = [w / wo for w, wo in zip(with_rates, without_rates, strict=True)]
+    return {
+        "chunk": chunk,
+        "with": with_rates,
+        "without": without_rates,
+        "ratio": ratios,
+        "requests": requests,
+    }
+
+
+def spread(values: list[float], digits: int) -> str:
+    return " / ".join(
+        f"{v:,.{digits}f}" for v in (min(values), statistics.median(values), max(values))
+    )
+
+
 def collector_fill(bench: Bench, queue: str, rate: int, seconds: float) -> dict[str, float]:
     """Send SMS messages one at a time at ``rate`` for ``seconds``; the batch fill."""
     count = max(1, int(rate * seconds))
@@ -262,7 +319,37 @@ def collector_fill(bench: Bench, queue: str, rate: int, seconds: float) -> dict[
     }
 
 
-def table(throughputs: list[dict[str, float]], fills: list[dict[str, float]], args: Any) -> str:
+def warm_table(warm: list[dict[str, Any]], args: Any) -> list[str]:
+    lines = [
+        "## Throughput with a warm Redis cache",
+        "",
+        "| messages per task | without the filter, msg/s | with the filter, msg/s "
+        "| with / without | API requests |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in warm:
+        lines.append(
+            f"| {row['chunk']:,} | {spread(row['without'], 0)} | {spread(row['with'], 0)} "
+            f"| {spread(row['ratio'], 2)} | {row['requests']} |"
+        )
+    lines += [
+        "",
+        f"{args.messages:,} distinct numbers per round (as above), on a worker whose "
+        f"`BLOCKFILTER_CACHE_URL` is Redis: each round sends the campaign through the filter "
+        "once to fill the cache, then again, measured (every status from the cache: no API "
+        "request), then through the passthrough. Min / median / max of "
+        f"{args.warm_repeat} alternated rounds; the ratios are each round's own.",
+        "",
+    ]
+    return lines
+
+
+def table(
+    throughputs: list[dict[str, float]],
+    fills: list[dict[str, float]],
+    args: Any,
+    warm: list[dict[str, Any]] | None = None,
+) -> str:
     lines = [
         "# Pipeline benchmark",
         "",
@@ -295,6 +382,7 @@ def table(throughputs: list[dict[str, float]], fills: list[dict[str, float]], ar
         "processes and with messages per task (up to `BLOCKFILTER_CONCURRENCY` requests, 16, "
         "in flight per task).",
         "",
+        *warm_table(warm or [], args),
         "## Collector: batch fill at several arrival rates",
         "",
         "| target msg/s | achieved msg/s | messages | API requests | mean numbers/request "
@@ -336,11 +424,31 @@ def main() -> None:
     parser.add_argument("--collector-concurrency", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=4.0, help="per collector rate")
+    parser.add_argument("--warm-repeat", type=int, default=3, help="alternated warm rounds")
+    parser.add_argument(
+        "--warm-only", action="store_true", help="only the warm Redis comparison (printed)"
+    )
     args = parser.parse_args()
 
     with bench_run(args.concurrency) as bench:
         queue = f"bench.{bench.unique}"
+        warm_queue = f"bench.{bench.unique}.warm"
         collect_queue = f"bench.{bench.unique}.collect"
+        bench.start_worker(
+            warm_queue,
+            args.concurrency,
+            BLOCKFILTER_CACHE_URL=WARM_CACHE_URL,
+            BLOCKFILTER_CACHE_SECRET=uuid.uuid4().hex,
+            BLOCKFILTER_CACHE_TTL=str(WARM_CACHE_TTL_S),
+            BLOCKFILTER_CACHE_TTL_BLOCKED=str(WARM_CACHE_TTL_S),
+        )
+        warm = [
+            warm_throughput(bench, warm_queue, args.messages, args.warm_repeat, chunk)
+            for chunk in CHUNKS
+        ]
+        if args.warm_only:
+            print("\n".join(warm_table(warm, args)))
+            return
         bench.start_worker(queue, args.concurrency)
         bench.start_worker(collect_queue, args.collector_concurrency, BENCH_PREFETCH_MULTIPLIER="0")
         throughputs = [
@@ -350,7 +458,7 @@ def main() -> None:
             collector_fill(bench, collect_queue, rate, max(args.seconds, 200 / rate))
             for rate in RATES
         ]
-    text = table(throughputs, fills, args)
+    text = table(throughputs, fills, args, warm)
     print(text)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(text, encoding="utf-8")

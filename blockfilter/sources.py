@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
@@ -126,6 +127,8 @@ class BaseSource:
       it costs nothing);
     * :meth:`with_budget`: a request budget (``--max-requests``; default: the source makes no
       requests to count, and is used as it is);
+    * :meth:`reading_ahead`: the numbers a batch will ask about, told before it asks
+      (default: nothing to do);
     * :meth:`one_shot`: the process runs one campaign and ends (default: nothing to do);
     * :meth:`close`: release what the source holds (default: nothing);
     * :attr:`stands_alone`: whether the source may be the only one.
@@ -162,6 +165,12 @@ class BaseSource:
         them unchecked (:class:`~blockfilter.errors.RequestBudgetExhausted`). A new one is the
         caller's, to :meth:`close`; ``self`` when the source makes no requests to count."""
         return self
+
+    def reading_ahead(self, wanted: Mapping[str, Sequence[str]]) -> AbstractContextManager[None]:
+        """Told, around a batch, which numbers it will ask about (a guess: the batch may ask
+        fewer, or others), so a source with a remote cache can read them in one round trip;
+        channels with no numbers may still be asked about (fallbacks). Default: nothing."""
+        return nullcontext()
 
     def one_shot(self) -> None:
         """Told by a process that runs one campaign and ends (``blockfilter filter``): what

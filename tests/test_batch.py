@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from blockfilter import hookimpl
 from blockfilter.config import load_settings
@@ -22,6 +24,7 @@ from blockfilter.pipeline.batch import check_batch
 from blockfilter.plugins.manager import get_plugin_manager
 from blockfilter.testing.simulator import FaultRule, Simulator
 from tests.conftest import TEST_KEY, TEST_SID
+from tests.support.env import REDIS_HOST, REDIS_PORT, redis_up
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED, BLOCKED, INVALID = "+919820000001", "+919820000002", "not a number"
@@ -146,3 +149,47 @@ def test_the_core_needs_no_celery() -> None:
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout)
     assert not [m for m in loaded if m.split(".")[0] in ("celery", "kombu", "celery_batches")]
+
+
+@pytest.mark.skipif(not redis_up(), reason="no Redis server")
+def test_a_warm_batch_reads_the_shared_cache_in_one_round_trip(
+    clean_env: None, kaleyra_simulator: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1,200 numbers: the filter hands them to the source 500 at a time, and each hand-over
+    # was a read of its own, after a read of the channel's sync mark.
+    numbers = [f"+91982{index:07d}" for index in range(1200)]
+    kaleyra_simulator.block("sms", *numbers[:60])
+    conf = {
+        **conf_for(kaleyra_simulator),
+        "blockfilter_cache_url": f"redis://{REDIS_HOST}:{REDIS_PORT}/0",
+        "blockfilter_cache_secret": uuid.uuid4().hex,
+        "blockfilter_cache_ttl": 60,
+        "blockfilter_cache_ttl_blocked": 60,
+    }
+    sms_only = [{"id": f"s{i}", "channel": "sms", "to": n} for i, n in enumerate(numbers)]
+    with_fallbacks = [{**m, "fallback": ["whatsapp"]} for m in sms_only]
+    check_batch(with_fallbacks, conf, retries_left=lambda _: False)  # cold: fills the cache
+    requests = kaleyra_simulator.stats.requests
+
+    sent: list[bytes] = []
+    send = redis.connection.Connection.send_packed_command
+
+    def counting(connection: Any, command: Any, check_health: bool = True) -> None:
+        sent.append(b"".join(command) if isinstance(command, list) else bytes(command))
+        send(connection, command, check_health)
+
+    monkeypatch.setattr(redis.connection.Connection, "send_packed_command", counting)
+    batch = check_batch(sms_only, conf, retries_left=lambda _: False)
+    assert batch.summary["verdicts"] == {"allowed": 1140, "blocked": 60}
+    assert batch.summary["cache_hits"] == 1200
+    assert len(sent) == 1  # every status, and every channel's sync mark, at once
+
+    sent.clear()
+    batch = check_batch(with_fallbacks, conf, retries_left=lambda _: False)
+    assert batch.summary["verdicts"] == {"allowed": 1140, "rerouted": 60}
+    assert len(sent) == 2  # the batch's own numbers, then the fallbacks of the blocked
+    assert kaleyra_simulator.stats.requests == requests  # all from the cache
+    # What went to Redis names no number.
+    for command in sent:
+        for number in numbers:
+            assert number.encode() not in command and number[1:].encode() not in command

@@ -7,6 +7,8 @@ only keys under it are removed afterwards (never FLUSHDB).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import multiprocessing
 import re
 import socket
@@ -21,6 +23,7 @@ import redis
 
 from blockfilter.config import Settings
 from blockfilter.errors import BlockfilterError, ConfigError
+from blockfilter.kaleyra.cache_access import CacheAccess
 from blockfilter.store.cache import (
     CachedStatus,
     CacheUnavailable,
@@ -28,8 +31,10 @@ from blockfilter.store.cache import (
     RedisCache,
     StatusCache,
     SyncInfo,
+    cache_secret,
     open_cache,
 )
+from blockfilter.store.redis import NumberHasher
 from tests.fakes import FakeTime
 from tests.support.env import REDIS_HOST, REDIS_PORT, redis_up
 
@@ -733,3 +738,128 @@ def test_redis_going_away_mid_run_raises_cache_unavailable(namespace: str) -> No
             call()
     assert time.monotonic() - started < 5
     cache.close()
+
+
+# -- reading ahead (one round trip for a whole batch) ----------------------------------------
+
+
+def test_the_number_hasher_is_hmac_sha256_digit_for_digit() -> None:
+    # The keys every worker of a fleet agrees on: a worker of this version must find what
+    # one of the last version wrote, and the other way round.
+    for secret in (b"k", b"x" * 64, b"y" * 65, bytes(range(200)), cache_secret(make_settings())):
+        assert secret is not None
+        hasher = NumberHasher(secret)
+        for channel, number in (("sms", A), ("whatsapp", B), ("voice", ""), ("sms", "#snapshot")):
+            message = f"{channel}:{number}".encode()
+            expected = hmac.new(secret, message, hashlib.sha256).hexdigest()[:32]
+            assert hasher.hash(channel, number) == expected
+
+
+class RoundTrips:
+    """Counts what redis-py sends: one call a round trip (a pipeline is sent at once)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        send = redis.connection.Connection.send_packed_command
+
+        def counting(connection: Any, command: Any, check_health: bool = True) -> None:
+            self.count += 1
+            send(connection, command, check_health)
+
+        monkeypatch.setattr(redis.connection.Connection, "send_packed_command", counting)
+
+
+def test_a_read_ahead_reads_every_channel_at_once_and_says_how_long_each_status_holds(
+    make_redis: Callable[..., RedisCache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = make_redis(cache_ttl=600.0, cache_ttl_blocked=3600.0)
+    cache.chunk_size = 2
+    fetched = time.time() - 100
+    cache.set_many("sms", blocked=[B], clean=[A], fetched_at=fetched)
+    writer = cache.begin_snapshot("whatsapp")
+    writer.add([B])
+    assert writer.commit(listed=1)
+    cache.get_many("sms", [A])  # the script loaded, as after any earlier read
+    trips = RoundTrips(monkeypatch)
+    reads = cache.read_ahead({"sms": [A, B, C], "whatsapp": [A, B], "voice": []})
+    assert trips.count == 1  # three channels, two chunks of sms: one round trip
+    sms, whatsapp, voice = reads["sms"], reads["whatsapp"], reads["voice"]
+    assert sms.found == {A: CachedStatus(False, fetched), B: CachedStatus(True, fetched)}
+    assert 490 < sms.trust[sms.found[A]] <= 500
+    assert 3490 < sms.trust[sms.found[B]] <= 3500
+    assert sms.snapshot is None and voice.found == {} and voice.snapshot is None
+    assert whatsapp.snapshot is not None and whatsapp.snapshot.size == 1
+    assert whatsapp.found[A].origin == "snapshot" and not whatsapp.found[A].blocked
+    assert whatsapp.found[B].blocked
+    assert 590 < whatsapp.trust[whatsapp.found[A]] <= 600
+    # What get_many says of the same numbers is what the read-ahead found.
+    assert cache.get_many("sms", [A, B, C]) == sms.found
+
+
+def test_a_read_ahead_loads_its_script_again_when_redis_lost_it(
+    make_redis: Callable[..., RedisCache], raw_redis: redis.Redis
+) -> None:
+    cache = make_redis()
+    cache.set_many("sms", blocked=[], clean=[A], fetched_at=time.time())
+    cache.get_many("sms", [A])
+    raw_redis.script_flush()
+    assert set(cache.read_ahead({"sms": [A, B]})["sms"].found) == {A}
+
+
+def test_a_read_ahead_of_an_unreachable_redis_raises_cache_unavailable() -> None:
+    cache = open_cache(make_settings(cache_url="redis://127.0.0.1:1/0"))
+    assert isinstance(cache, RedisCache)
+    with pytest.raises(CacheUnavailable):
+        cache.read_ahead({"sms": [A]})
+
+
+def _access(cache: StatusCache, monotonic: FakeTime) -> CacheAccess:
+    return CacheAccess(cache, clock=time.time, monotonic=monotonic.clock)
+
+
+def test_answers_read_ahead_are_trusted_only_as_long_as_the_read_proved_them(
+    make_redis: Callable[..., RedisCache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = make_redis(cache_ttl=600.0)
+    cache.set_many("sms", blocked=[], clean=[A, B], fetched_at=time.time() - 100)
+    monotonic = FakeTime(now=50.0)
+    access = _access(cache, monotonic)
+    with access.reading_ahead({"sms": [A, B, C]}):
+        trips = RoundTrips(monkeypatch)
+        hits, misses = access.answers("sms", [A, B, C])
+        assert trips.count == 0  # read ahead: no round trip
+        assert {n for outcome in hits for n in outcome.numbers} == {A, B} and misses == [C]
+        # Redis loses B: a status read a moment ago is still an answer of its time...
+        cache.set_many("sms", blocked=[], clean=[B], fetched_at=time.time() - 10_000)
+        assert access.answers("sms", [B])[1] == []
+        # ...but not past the TTL it had left then: it is read again, and is gone.
+        monotonic.sleep(500.5)
+        before = trips.count
+        hits, misses = access.answers("sms", [A, B])
+        assert trips.count == before + 1
+        assert {n for outcome in hits for n in outcome.numbers} == {A} and misses == [B]
+    # Out of the block nothing is read ahead.
+    assert access.answers("sms", [B])[1] == [B]
+
+
+def test_a_failed_read_ahead_answers_nothing() -> None:
+    cache = open_cache(make_settings(cache_url="redis://127.0.0.1:1/0"))
+    access = _access(cache, FakeTime())
+    with access.reading_ahead({"sms": [A]}):
+        # Nothing read ahead, nothing invented: A is a miss, which the caller looks up.
+        assert access.answers("sms", [A]) == ([], [A])
+
+
+def test_what_a_read_ahead_missed_is_read_again_once_its_channel_is_synced(
+    make_redis: Callable[..., RedisCache],
+) -> None:
+    cache = make_redis()
+    access = _access(cache, FakeTime())
+    with access.reading_ahead({"sms": [A]}):
+        cache.set_many("sms", blocked=[], clean=[A], fetched_at=time.time())
+        assert access.answers("sms", [A]) == ([], [A])  # read a moment ago, not there
+        # A sync that ends here (it put the channel's whole list in the cache) is what the
+        # filter then reads instead of asking the API.
+        access.synced("sms")
+        hits, misses = access.answers("sms", [A])
+        assert [n for outcome in hits for n in outcome.numbers] == [A] and misses == []

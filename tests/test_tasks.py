@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from blockfilter.model import VERDICT_FIELDS
+from blockfilter.pipeline.batch import route_as_written
 from blockfilter.tasks import (
     DEFERRED_QUEUE,
     TASK_NAME,
@@ -129,6 +130,48 @@ def test_split_campaign_keeps_a_repeated_id_behind_its_first_occurrence() -> Non
     copies = [m for m in holding[0] if m["id"] == "m3"]
     assert [c["channel"] for c in copies] == ["voice", "voice"]
     assert copies[1]["to"] == number(3) and copies[0] is messages[3]
+
+
+def test_split_campaign_parses_only_the_numbers_not_written_in_e164(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Parsing was most of a split's time, in the process that sends the campaign.
+    import blockfilter.pipeline.tasks as tasks_module
+
+    parsed: list[Any] = []
+    parse = tasks_module.parse_message
+
+    def counting(message: Any) -> Any:
+        parsed.append(message)
+        return parse(message)
+
+    monkeypatch.setattr(tasks_module, "parse_message", counting)
+    as_written = [{"id": f"e{i}", "channel": "SMS", "to": f"+91982{i:07d}"} for i in range(300)]
+    national = {"id": "n", "channel": "sms", "to": "098200 00007", "region": "IN"}
+    spaced = {"id": "s", "channel": "sms", "to": "+91 98200 00008"}
+    batches = split_campaign([*as_written, national, spaced], chunk_size=100)
+    assert parsed == [national, spaced]
+    # The same number written three ways is one number: its messages ride together.
+    together = [b for b in batches if national in b]
+    assert len(together) == 1 and spaced in together[0] and as_written[7] in together[0]
+    assert as_written[8] in together[0]
+
+
+def test_route_as_written_reads_only_what_needs_no_parsing() -> None:
+    assert route_as_written({"channel": "WhatsApp", "to": "+919820000001"}) == (
+        "whatsapp",
+        "+919820000001",
+    )
+    for message in (
+        {"channel": "sms", "to": "+91 9820000001"},
+        {"channel": "sms", "to": "9820000001"},
+        {"channel": "sms", "to": "+919820000001", "region": "IN"},
+        {"channel": "fax", "to": "+919820000001"},
+        {"channel": "sms", "to": 919820000001},
+        {"channel": None, "to": "+919820000001"},
+        ["sms", "+919820000001"],
+    ):
+        assert route_as_written(message) is None, message
 
 
 def test_split_campaign_small_and_degenerate_inputs() -> None:

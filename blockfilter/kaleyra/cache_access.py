@@ -7,39 +7,153 @@ other processes share the cache; the process's coalescing registry is the cache'
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import defaultdict
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final, Protocol, runtime_checkable
 
 from ..sources import CheckOutcome
 from ..store.cache import CachedStatus, Clock, MemoryCache, StatusCache, SyncInfo
 from ..store.guard import CacheGuard
 from .coalesce import registry_for
 
-__all__ = ["CacheAccess"]
+__all__ = ["CacheAccess", "ReadsAhead"]
 
 # How many cache entries one round trip asks for: big enough to amortise a Redis round trip,
 # small enough that a million-number campaign does not hold them all at once.
 _CACHE_CHUNK: Final = 10_000
 
 
+class _ChannelRead(Protocol):
+    found: dict[str, CachedStatus]
+    trust: dict[CachedStatus, float]
+    snapshot: SyncInfo | None
+
+
+@runtime_checkable
+class ReadsAhead(Protocol):
+    """A cache that reads several channels in one round trip and says how long each status
+    it gives may still be trusted (:meth:`blockfilter.store.redis.RedisCache.read_ahead`)."""
+
+    def read_ahead(self, wanted: Mapping[str, Sequence[str]]) -> Mapping[str, _ChannelRead]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Ahead:
+    """One channel's read-ahead: the numbers read, what was found, until when each status
+    may be trusted (by the monotonic clock), and the channel's snapshot as read."""
+
+    asked: frozenset[str]
+    found: dict[str, CachedStatus]
+    until: dict[CachedStatus, float]
+    snapshot: SyncInfo | None
+    syncs: int  # the channel's syncs by this process before the read
+
+
 class CacheAccess:
     """``cache`` behind a breaker of its own, with the registry of what the process asks.
 
     :param clock: epoch seconds now, to tell the age of a stored answer.
+    :param monotonic: the clock read-ahead statuses expire by.
     """
 
-    def __init__(self, cache: StatusCache, *, clock: Clock) -> None:
+    def __init__(
+        self, cache: StatusCache, *, clock: Clock, monotonic: Clock = time.monotonic
+    ) -> None:
         self.cache = cache
         self.guard = CacheGuard()
         self.inflight = registry_for(cache)
         # Leases only mean something when other processes share the cache.
         self.shared = not isinstance(cache, MemoryCache)
         self._clock = clock
+        self._monotonic = monotonic
+        # Per thread: a worker's threads each run a task of their own.
+        self._local = threading.local()
+        self._syncs: defaultdict[str, int] = defaultdict(int)
+
+    # -- reading ahead ---------------------------------------------------------------------
+
+    @contextmanager
+    def reading_ahead(self, wanted: Mapping[str, Sequence[str]]) -> Iterator[None]:
+        """Within the block, :meth:`answers` answers the numbers of ``wanted`` from one read
+        made now, in one round trip for every channel (a channel with no numbers: only its
+        snapshot, for :meth:`snapshot`). A status read is used only while the read proved it
+        fresh (its TTL left as of the read, counted on the monotonic clock from before the
+        read); a number the read did not find is a miss (it goes to the API) until a sync of
+        its channel ends here; a number not read ahead is read as usual. A failed read reads
+        nothing ahead. Without a shared cache that can do it, nothing is read ahead: a
+        process's own cache costs no round trip."""
+        cache = self.cache
+        if not (self.shared and isinstance(cache, ReadsAhead) and wanted):
+            yield
+            return
+        started = self._monotonic()
+        reads = self.guard.call("get", lambda: cache.read_ahead(wanted), None)
+        ahead: dict[str, _Ahead] = {}
+        for channel, read in (reads or {}).items():
+            until = {status: started + left for status, left in read.trust.items()}
+            asked = frozenset(wanted[channel])
+            syncs = self._syncs[channel]
+            ahead[channel] = _Ahead(asked, read.found, until, read.snapshot, syncs)
+        before = getattr(self._local, "ahead", None)
+        self._local.ahead = ahead
+        try:
+            yield
+        finally:
+            self._local.ahead = before
+
+    def synced(self, channel: str) -> None:
+        """This process synced ``channel`` (or waited for another's sync): what was read
+        ahead of it misses the snapshot just written, and is read again."""
+        self._syncs[channel] += 1
+
+    def _ahead(self, channel: str) -> _Ahead | None:
+        ahead: dict[str, _Ahead] | None = getattr(self._local, "ahead", None)
+        read = None if ahead is None else ahead.get(channel)
+        if read is None or read.syncs != self._syncs[channel]:
+            return None
+        return read
+
+    def snapshot_read_ahead(self, channel: str) -> tuple[bool, SyncInfo | None]:
+        """(whether the channel's snapshot was read ahead, what the read saw)."""
+        ahead = self._ahead(channel)
+        return (False, None) if ahead is None else (True, ahead.snapshot)
+
+    def _statuses_ahead(
+        self, channel: str, numbers: Sequence[str]
+    ) -> tuple[dict[str, CachedStatus], Sequence[str]]:
+        """(what the read-ahead still proves of ``numbers``, the numbers to read now)."""
+        ahead = self._ahead(channel)
+        if ahead is None:
+            return {}, numbers
+        now = self._monotonic()
+        asked, found = ahead.asked, ahead.found
+        # By identity: the read shares one status object among the numbers it holds for, and
+        # hashing a status a number would cost more than the rest of the loop.
+        trusted = {id(status) for status, until in ahead.until.items() if until > now}
+        proven: dict[str, CachedStatus] = {}
+        unread: list[str] = []
+        for number in numbers:
+            if number not in asked:
+                unread.append(number)
+                continue
+            status = found.get(number)
+            if status is None:
+                continue  # read a moment ago and not there: a miss
+            if id(status) in trusted:
+                proven[number] = status
+            else:
+                unread.append(number)  # trusted no longer: read again
+        return proven, unread
 
     def answers(self, channel: str, numbers: Sequence[str]) -> tuple[list[CheckOutcome], list[str]]:
         """(what the cache proves, the misses). Every number of a chunk whose read fails is a
-        miss: nothing read earlier (a snapshot seen a moment ago) stands in for it."""
+        miss: nothing read earlier (a snapshot seen a moment ago) stands in for it. A number
+        read ahead was read by a read that did not fail, and is answered from it while that
+        read proves it (:meth:`reading_ahead`)."""
         hits: dict[tuple[float, str], list[str]] = defaultdict(list)
         hits_blocked: dict[tuple[float, str], set[str]] = defaultdict(set)
         misses: list[str] = []
@@ -82,7 +196,13 @@ class CacheAccess:
         )
 
     def statuses(self, channel: str, numbers: Sequence[str]) -> dict[str, CachedStatus]:
-        return self.guard.call("get", lambda: self.cache.get_many(channel, numbers), {})
+        found, unread = self._statuses_ahead(channel, numbers)
+        if unread:
+            nothing: dict[str, CachedStatus] = {}
+            found.update(
+                self.guard.call("get", lambda: self.cache.get_many(channel, unread), nothing)
+            )
+        return found
 
     def snapshot(self, channel: str) -> SyncInfo | None:
         return self.guard.call("snapshot", lambda: self.cache.snapshot_info(channel), None)

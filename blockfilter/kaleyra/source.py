@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 
 from ..config import Settings
 from ..errors import CacheUnavailable, ConfigError, CredentialsRefused
@@ -150,6 +151,12 @@ class KaleyraSource(BaseSource):
             clock=self.clock,
         )
 
+    def reading_ahead(self, wanted: Mapping[str, Sequence[str]]) -> AbstractContextManager[None]:
+        """Within the block, the cache's answers for ``wanted`` (and the snapshots of its
+        channels) come from one round trip made now (see
+        :meth:`.cache_access.CacheAccess.reading_ahead`)."""
+        return self._access.reading_ahead(wanted)
+
     def one_shot(self) -> None:
         # A one-shot run never reads back a memory:// cache: the filter already holds every
         # answer once. (A shared Redis cache is written all the same.)
@@ -169,7 +176,10 @@ class KaleyraSource(BaseSource):
 
     def known_size(self, channel: str) -> int | None:
         """The channel's blocklist size as the last sync found it, if any sync is known."""
-        snapshot = self._access.snapshot(channel)
+        # Only a cost: a snapshot read ahead a moment ago plans as well as one read now.
+        read, snapshot = self._access.snapshot_read_ahead(channel)
+        if not read:
+            snapshot = self._access.snapshot(channel)
         if snapshot is not None:
             self._sizes[channel] = snapshot.size
             return snapshot.size
@@ -234,7 +244,10 @@ class KaleyraSource(BaseSource):
         :raises UpstreamError: a page failed; :raises RequestBudgetExhausted: as any request.
         """
         channel = channel_named(channel)
-        return self._syncs.run(channel, lambda: self._sync_now(channel, progress))
+        try:
+            return self._syncs.run(channel, lambda: self._sync_now(channel, progress))
+        finally:
+            self._access.synced(channel)
 
     def _sync_now(self, channel: str, progress: SyncProgress | None) -> SyncResult:
         try:
