@@ -282,17 +282,42 @@ class DuplicateIds:
     a unique id into a duplicate.
     """
 
+    # Up to this many hashes are sorted at once. ``sorted()`` makes a list of an int object a
+    # hash (some 40 bytes each, five times the array): past it, the hashes are first split by
+    # their low bits (equal hashes land together) and each share is sorted on its own.
+    SORT_AT_ONCE = 1 << 18
+    _SHARES = 64  # a power of two
+    _SLICE = 1 << 14
+
     def __init__(self) -> None:
         # hash(id) of every valid message, appended to by the first pass.
         self.first_pass_hashes = array("q")
         self._suspects: frozenset[int] = frozenset()
 
     def close_first_pass(self) -> None:
-        ordered = sorted(self.first_pass_hashes)
-        self._suspects = frozenset(
-            ordered[i] for i in range(1, len(ordered)) if ordered[i] == ordered[i - 1]
-        )
-        del self.first_pass_hashes[:]
+        hashes = self.first_pass_hashes
+        shares = [hashes] if len(hashes) <= self.SORT_AT_ONCE else self._split(hashes)
+        suspects: set[int] = set()
+        for share in shares:
+            ordered = sorted(share)
+            del share[:]
+            suspects.update(
+                ordered[i] for i in range(1, len(ordered)) if ordered[i] == ordered[i - 1]
+            )
+        self._suspects = frozenset(suspects)
+
+    def _split(self, hashes: array[int]) -> list[array[int]]:
+        """``hashes`` split by their low bits, emptying ``hashes`` from its end as the shares
+        fill, so that the hashes are held about once while they move."""
+        shares = [array("q") for _ in range(self._SHARES)]
+        appends = [share.append for share in shares]
+        mask = self._SHARES - 1
+        while hashes:
+            tail = hashes[-self._SLICE :]
+            del hashes[-self._SLICE :]
+            for value in tail:
+                appends[value & mask](value)
+        return shares
 
     def pass_checker(self) -> Callable[[str], bool] | None:
         """A fresh ``is_duplicate(id)`` for one pass over the messages, in input order;
