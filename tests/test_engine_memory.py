@@ -3,12 +3,19 @@ structures, and (by tracemalloc, at a modest size) no temporary copy of a whole 
 
 from __future__ import annotations
 
+import random
 import tracemalloc
 from array import array
+from typing import Any
 
 import pytest
 
+from blockfilter.config import CHANNELS
 from blockfilter.engine.lines import DuplicateIds
+from blockfilter.engine.table import ASKED, BLOCKED, CLEAN, FAILED, StatusTable
+from blockfilter.sources import CheckOutcome
+
+A = "+919812345678"
 
 MiB = 1 << 20
 
@@ -66,3 +73,97 @@ def test_the_duplicate_check_sorts_no_list_of_every_hash(monkeypatch: pytest.Mon
     # The hashes themselves (1.6 MB) move into their shares; a sorted list of them all would
     # add some 8 MB (an int object and a pointer a hash).
     assert peak < 3 * MiB
+
+
+# -- the status table ------------------------------------------------------------------------
+
+
+class DictTable:
+    """The status table as it was, a dict a channel: what the compact one must answer."""
+
+    def __init__(self) -> None:
+        self.status: dict[tuple[str, int], tuple[Any, ...]] = {}
+
+    def want(self, channel: str, key: int) -> bool:
+        if (channel, key) in self.status:
+            return False
+        self.status[channel, key] = ASKED
+        return True
+
+    def record(self, outcome: CheckOutcome, origin: str) -> None:
+        rank = {CLEAN: 0, FAILED: 1, BLOCKED: 2}
+        for number in outcome.numbers:
+            key = (outcome.channel, int(number[1:]))
+            old = self.status.get(key, ASKED)
+            if outcome.error is not None:
+                if old[0] != BLOCKED:
+                    self.status[key] = (FAILED, "check_failed")
+                continue
+            kind = BLOCKED if number in outcome.blocked else CLEAN
+            new = (kind, outcome.checked_at, origin, None)
+            learnt_earlier = kind == old[0] and new[1] < old[1]
+            if old is ASKED or rank[kind] > rank[old[0]] or learnt_earlier:
+                self.status[key] = new
+
+    def lookup(self, channel: str, key: int) -> tuple[Any, ...] | None:
+        return self.status.get((channel, key))
+
+
+def test_the_status_table_answers_as_a_dict_of_every_number_would() -> None:
+    rng = random.Random(7)
+    # Few distinct numbers, so that numbers are asked, answered and answered again; some of
+    # them one apart, or far apart with equal low digits.
+    numbers = [
+        f"+91{9800000000 + rng.choice([0, 1, 2, 10**6, 2**20, 2**30]) + i}" for i in range(60)
+    ]
+    compact, reference = StatusTable(), DictTable()
+    for step in range(3000):
+        channel = rng.choice(CHANNELS)
+        picked = rng.sample(numbers, rng.randint(1, 8))
+        if rng.random() < 0.4:
+            for number in picked:
+                key = int(number[1:])
+                assert compact.want(channel, key) == reference.want(channel, key)
+            continue
+        kind = rng.random()
+        if kind < 0.2:
+            outcome = CheckOutcome(channel, picked, error=ConnectionError("down"))
+        else:
+            blocked = frozenset(n for n in picked if rng.random() < 0.3)
+            outcome = CheckOutcome(channel, picked, blocked, float(rng.randint(1, 50)))
+        origin = f"source{step % 3}"
+        compact.record(outcome, origin)
+        reference.record(outcome, origin)
+    for channel in CHANNELS:
+        for number in [*numbers, "+919999999999"]:
+            key = int(number[1:])
+            assert compact.lookup(channel, key) == reference.lookup(channel, key), number
+
+
+def test_a_failed_check_is_not_cleared_by_a_later_clean_answer() -> None:
+    table = StatusTable()
+    key = int(A[1:])
+    assert table.want("sms", key)
+    table.record(CheckOutcome("sms", [A], error=ConnectionError("down")), "one")
+    table.record(CheckOutcome("sms", [A], frozenset(), 5.0), "two")
+    assert table.lookup("sms", key) == (FAILED, "check_failed")
+    assert not table.want("sms", key)
+
+
+def test_the_status_table_holds_a_number_in_bytes_not_objects() -> None:
+    count = 100_000
+    numbers = [f"+9198{i:08d}" for i in range(count)]
+    answer = CheckOutcome("sms", numbers, frozenset(numbers[::20]), 1.0)
+    tracemalloc.start()
+    try:
+        table = StatusTable()
+        for number in numbers:
+            table.want("sms", int(number[1:]))
+        table.record(answer, "api")
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert table.lookup("sms", int(numbers[20][1:]))[0] == BLOCKED  # type: ignore[index]
+    # A dict of int keys costs some 80 bytes a number (8 MB here, 10 MB at its peak); the
+    # arrays at most 24 bytes, and their old copy while they grow.
+    assert peak < 5 * MiB
