@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import tracemalloc
 from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from blockfilter.config import CHANNELS
 from blockfilter.engine.lines import DuplicateIds
 from blockfilter.engine.table import ASKED, BLOCKED, CLEAN, FAILED, StatusTable
-from blockfilter.sources import CheckOutcome
+from blockfilter.sources import BaseSource, BufferedStream, CheckOutcome
 
 A = "+919812345678"
 
@@ -167,3 +168,78 @@ def test_the_status_table_holds_a_number_in_bytes_not_objects() -> None:
     # A dict of int keys costs some 80 bytes a number (8 MB here, 10 MB at its peak); the
     # arrays at most 24 bytes, and their old copy while they grow.
     assert peak < 5 * MiB
+
+
+# -- the default stream ----------------------------------------------------------------------
+
+
+class Recording(BaseSource):
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, list[str]]] = []
+
+    def check_many(self, wanted: Mapping[str, Sequence[str]]) -> Iterator[CheckOutcome]:
+        self.calls.append({channel: list(numbers) for channel, numbers in wanted.items()})
+        for channel, numbers in wanted.items():
+            yield CheckOutcome(channel, list(numbers), frozenset(), 1.0)
+
+
+def test_the_default_stream_asks_once_for_a_small_campaign_and_in_chunks_past_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sms = [f"+9198{i:08d}" for i in range(5)]
+    voice = ["+14155550123", "+447400123456"]
+    source = Recording()
+    stream = BufferedStream(source)
+    stream.add("sms", sms[:2])
+    stream.add("voice", voice)
+    stream.add("sms", sms[2:])
+    assert [o.numbers for o in stream.finish()] == [sms, voice]
+    assert source.calls == [{"sms": sms, "voice": voice}]
+
+    monkeypatch.setattr(BufferedStream, "CHUNK", 3)
+    source = Recording()
+    stream = BufferedStream(source)
+    stream.add("sms", sms)
+    stream.add("voice", voice)
+    list(stream.finish())
+    assert source.calls == [
+        {"sms": sms[:3]},
+        {"sms": sms[3:], "voice": voice[:1]},
+        {"voice": voice[1:]},
+    ]
+    assert list(BufferedStream(source).finish()) == [] and source.calls[-1] == {}
+
+
+def test_the_default_stream_gives_back_strings_that_are_not_plain_e164_as_they_were() -> None:
+    odd = [
+        "+919812345678",
+        "+91 98123 45679",
+        "+0123",
+        "919812345680",
+        "+٩١٩٨١٢٣٤٥٦٧٨",
+        "+919812345681",
+    ]
+    source = Recording()
+    stream = BufferedStream(source)
+    stream.add("sms", odd[:2])
+    stream.add("sms", odd[2:])
+    stream.add("whatsapp", odd[-1:])
+    list(stream.finish())
+    assert source.calls == [{"sms": odd, "whatsapp": odd[-1:]}]
+
+
+def test_the_default_stream_holds_a_waiting_number_in_8_bytes() -> None:
+    count = 100_000
+    tracemalloc.start()
+    try:
+        stream = BufferedStream(Recording())
+        for start in range(0, count, 500):
+            stream.add("sms", [f"+9198{i:08d}" for i in range(start, start + 500)])
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # As strings, the numbers would be some 6 MB here (and 70 MB at a million).
+    assert held < 2 * MiB
+    assert sum(len(o.numbers) for o in stream.finish()) == count
