@@ -357,7 +357,8 @@ class LinePlan:
     def __init__(self, *, share_verdicts: bool) -> None:
         self.share_verdicts = share_verdicts
         self.routes: list[Parsed] = []
-        self._route_ids: dict[tuple[Any, ...], int] = {}
+        # (channel, region, fallback) as given -> {to: route}
+        self._route_ids: dict[tuple[Any, ...], dict[str, int]] = {}
         self._codes = array("i")
         # Open as long as the plan; close() closes it.
         self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115
@@ -411,13 +412,15 @@ class LinePlan:
                 and (fallback is None or type(fallback) is list)
             ):
                 try:
+                    # Routes grouped by all but their number: a route then costs a dict
+                    # entry keyed by its `to`, not a tuple of its own as well.
                     key: Any = (
                         get("channel"),
-                        to,
                         get("region"),
                         None if fallback is None else tuple(fallback),
                     )
-                    route = self._route_ids.get(key)
+                    group = self._route_ids.get(key)
+                    route = None if group is None else group.get(to)
                 except TypeError:  # an unhashable value somewhere: not a route
                     key, route = None, None
                 if route is not None:
@@ -428,7 +431,9 @@ class LinePlan:
                     return message, replace(self.routes[route], id=message_id)
                 parsed = parse_message(message)
                 if key is not None and type(parsed) is Parsed and len(self.routes) < ROUTE_LIMIT:
-                    self._route_ids[key] = len(self.routes)
+                    if parsed.e164 == to:  # one string for both, kept for the run
+                        parsed = Parsed(message_id, parsed.channel, to, parsed.fallback, parsed.key)
+                    self._route_ids.setdefault(key, {})[to] = len(self.routes)
                     codes.append(len(self.routes))
                     self.routes.append(parsed)
                     self._id_hashes.append(hash(message_id))
