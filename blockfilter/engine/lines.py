@@ -269,9 +269,10 @@ LOOK_AGAIN: Final = -1
 PAST_END: Final = -3  # a later pass read more lines than the first
 
 # Distinct routes a plan numbers; later new ones are looked at again like unusual lines. A
-# route costs a few hundred bytes, so the table stays under about 40 MB on a campaign of a
-# million distinct numbers, while campaigns of fewer (most) are all routed.
-ROUTE_LIMIT = 100_000
+# route costs some 280 bytes for the run, so the routes stay under about 18 MB on a campaign
+# of a million distinct numbers (each a route of one line, worth nothing kept), while
+# campaigns of fewer (most) are all routed.
+ROUTE_LIMIT = 1 << 16
 
 
 class DuplicateIds:
@@ -348,7 +349,7 @@ class LinePlan:
     With ``share_verdicts`` (the fallback policy looks only at the parsed message), all lines
     of a route share one verdict, and only a route's first line is worth showing the resolver.
 
-    The codes (one int32 a line) go to a temporary file once past a few MB: memory follows
+    The codes (one int32 a line) go to a temporary file once past a MB: memory follows
     the distinct routes, not the messages.
     """
 
@@ -362,7 +363,7 @@ class LinePlan:
         self._codes = array("i")
         # Open as long as the plan; close() closes it.
         self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115
-            max_size=1 << 22, prefix="blockfilter-"
+            max_size=1 << 20, prefix="blockfilter-"
         )
         self.ids = DuplicateIds()
         self._id_hashes = self.ids.first_pass_hashes
