@@ -54,6 +54,9 @@ def filter_rss(python: str, campaign: Path, out: Path, env: dict[str, str]) -> f
     command = [python, "-m", "blockfilter", "filter", str(campaign), "--quiet", "--out", str(out)]
     launched = subprocess.run(
         [sys.executable, "-c", _LAUNCHER, *command],
+        # Not this checkout's folder: `-m` would import the blockfilter found there first,
+        # whichever interpreter runs it.
+        cwd=campaign.parent,
         env=env,
         capture_output=True,
         check=True,
