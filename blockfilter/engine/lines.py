@@ -92,6 +92,15 @@ def repeats_a_key(line: bytes, message: dict[str, Any]) -> bool:
 
 def _repeats_past_the_top(line: bytes, message: dict[str, Any], colons: int) -> bool:
     """:func:`repeats_a_key` for a line of ``colons`` colons, more than ``message`` has keys."""
+    # The keys kept at the top and one level down: at most the keys written, which are at
+    # most the colons. Equal counts settle it without encoding the message again (objects
+    # deeper down, or colons inside strings, leave the counts apart: the look below).
+    kept = len(message)
+    for value in message.values():
+        if type(value) is dict:
+            kept += len(value)
+    if colons == kept:
+        return False
     if b"\\u003" not in line:  # so each string has the colons it is written with
         try:
             if colons == orjson.dumps(message).count(b":"):
