@@ -77,6 +77,7 @@ VERDICT_FIELDS = frozenset(
 )
 
 _KNOWN_CHANNELS = frozenset(CHANNELS)
+_CHANNEL_NAMES = {name: name for name in CHANNELS}
 
 
 @dataclass(slots=True)
@@ -196,9 +197,11 @@ def _route(
     """Channel, E.164 number and fallback channels of a message, or why they are unusable."""
     if not isinstance(channel, str):
         return Invalid("unknown_channel", "'channel' must be a string")
-    channel = channel.lower()
-    if channel not in _KNOWN_CHANNELS:
-        return Invalid("unknown_channel", f"unknown channel {channel[:40]!r}")
+    lowered = channel.lower()
+    # The one string of each channel: a route kept for a run holds no copy of its own.
+    channel = _CHANNEL_NAMES.get(lowered)
+    if channel is None:
+        return Invalid("unknown_channel", f"unknown channel {lowered[:40]!r}")
     fallback_channels: tuple[str, ...] = ()
     if fallback is not None:
         if not isinstance(fallback, list):
@@ -210,7 +213,7 @@ def _route(
                 return Invalid(
                     "unknown_channel", f"a fallback channel is a string, not {_json_kind(item)}"
                 )
-        fallback_channels = tuple(item.lower() for item in fallback)
+        fallback_channels = tuple(_CHANNEL_NAMES[item.lower()] for item in fallback)
     if region is not None and not isinstance(region, str):
         return Invalid("invalid_number", "'region' must be an ISO 3166 alpha-2 code")
     try:

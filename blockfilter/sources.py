@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -181,21 +182,69 @@ class BaseSource:
 
 
 class BufferedStream:
-    """The default stream: checks everything at :meth:`finish`."""
+    """The default stream: checks everything at :meth:`finish`, at most :attr:`CHUNK`
+    numbers a call to ``check_many`` (one call for a campaign of fewer).
+
+    A million numbers wait here for the whole first pass: as strings they would cost some
+    70 bytes each, so an E.164 number is kept as the 8-byte int of its digits until then
+    (a channel given any other string keeps strings).
+    """
+
+    CHUNK = 1 << 16
 
     def __init__(self, source: BlocklistSource) -> None:
         self._source = source
-        self._wanted: dict[str, list[str]] = {}
+        self._wanted: dict[str, array[int] | list[str]] = {}
 
     def add(self, channel: str, numbers: Sequence[str]) -> None:
-        self._wanted.setdefault(channel, []).extend(numbers)
+        held = self._wanted.setdefault(channel, array("q"))
+        if isinstance(held, list):
+            held.extend(numbers)
+            return
+        append = held.append
+        for index, number in enumerate(numbers):
+            key = _e164_key(number)
+            if key is None:  # the channel's numbers as strings from now on, in their order
+                strings = self._wanted[channel] = [f"+{key}" for key in held]
+                strings.extend(numbers[index:])
+                return
+            append(key)
 
     def completed(self) -> Iterator[CheckOutcome]:
         return iter(())
 
     def finish(self) -> Iterator[CheckOutcome]:
         wanted, self._wanted = self._wanted, {}
-        return self._source.check_many(wanted)
+        return self._check(wanted)
+
+    def _check(self, wanted: Mapping[str, array[int] | list[str]]) -> Iterator[CheckOutcome]:
+        group: dict[str, list[str]] = {}
+        size = 0
+        called = False
+        for channel, held in wanted.items():
+            start = 0
+            while start < len(held):
+                part = held[start : start + self.CHUNK - size]
+                start += len(part)
+                size += len(part)
+                group[channel] = part if isinstance(part, list) else [f"+{key}" for key in part]
+                if size == self.CHUNK:
+                    yield from self._source.check_many(group)
+                    group, size, called = {}, 0, True
+        if group or not called:
+            yield from self._source.check_many(group)
+
+
+_MAX_KEY = (1 << 63) - 1  # what an array("q") holds
+
+
+def _e164_key(number: str) -> int | None:
+    """The digits of an E.164 number as an int, if they give it back exactly; else None."""
+    try:
+        key = int(number[1:])
+    except ValueError:
+        return None
+    return key if 0 < key <= _MAX_KEY and f"+{key}" == number else None
 
 
 class _AdaptedSource(BaseSource):

@@ -420,6 +420,8 @@ def reference_repeats(text: bytes) -> bool:
 @example(text='{"a":1,"a":2}')
 @example(text='{"a":"\\u003a","b":1,"b":2}')  # the escaped colon pays for the repeat
 @example(text='{"a":{"b":1},"a":{"b":1}}')
+@example(text='{"b":1,"c":{"d":2}}')  # keys one level down and none repeated: counted, settled
+@example(text='{"b":1,"b":{"d":2,"e":3}}')  # a repeat that one level down alone cannot see
 def test_repeats_a_key_agrees_with_an_exact_reference(text: str) -> None:
     line = ("{" + f'"m":{text}' + "}").encode()
     message = orjson.loads(line)

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from blockfilter import cli
+from blockfilter.engine import filter as filter_module
 from blockfilter.engine import lines as jsonlines
 from blockfilter.engine.filter import Filter
 from blockfilter.engine.lines import LinePlan
@@ -169,6 +170,41 @@ def test_repeated_routes_are_decided_once_and_asked_once() -> None:
     assert [r["id"] for r in out] == [f"m{i}" for i in range(30_000)]
     assert [r["verdict"] for r in out[:3]] == ["allowed", "blocked", "allowed"]
     assert engine.summary.verdicts == {"allowed": 20_000, "blocked": 10_000}
+
+
+def test_a_route_keeps_its_verdict_only_once_it_has_a_second_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Routes of one line keep no verdict; routes of more keep one: the same records and
+    summary as Filter.run either way, reroutes included."""
+    alive = [0, 0]  # verdicts alive now, and at most
+
+    class Counted(filter_module._Shared):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            alive[0] += 1
+            alive[1] = max(alive)
+
+        def __del__(self) -> None:
+            alive[0] -= 1
+
+    monkeypatch.setattr(filter_module, "_Shared", Counted)
+    once = [
+        {"id": f"o{i}", "channel": "sms", "to": f"+9198{i:08d}", "fallback": ["voice"]}
+        for i in range(300)
+    ]
+    repeated = [{"id": f"r{i}", "channel": "sms", "to": VALID[i % 3]} for i in range(30)]
+    messages = [m for pair in zip(once, [*repeated, *[None] * 270], strict=True) for m in pair]
+    lines = [json.dumps(m).encode() + b"\n" for m in messages if m is not None]
+    engine = make_filter()
+    got = [json.loads(line) for line in engine.run_lines(lambda: iter(lines))]
+    assert alive[1] <= 3 + 1  # the repeated routes' three, and the line at hand's
+    assert [view(r) for r in got] == [view(r) for r in oracle(lines)]
+    reference = make_filter()
+    list(reference.run(json.loads(line) for line in lines))
+    summary, expected = engine.summary.as_dict(), reference.summary.as_dict()
+    del summary["elapsed_s"], expected["elapsed_s"]
+    assert summary == expected
 
 
 # -- an input that changes under the filter ---------------------------------------------------

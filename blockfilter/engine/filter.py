@@ -118,6 +118,12 @@ class _Shared:
             None if "original_channel" in fields else b"," + orjson.dumps(fields)[1:] + b"\n"
         )
 
+    def count(self, summary: Summary, lines: int) -> None:
+        """Count ``lines`` lines of this verdict in ``summary``."""
+        summary.counts[self.count_key] += lines
+        if self.requested is not None:
+            summary.reroutes[self.requested, self.count_key[1]] += lines
+
     def render(self, line: bytes) -> bytes:
         """``line``, a routed line (a valid message without verdict fields), with the verdict."""
         tail = self._tail
@@ -421,7 +427,10 @@ class Filter:
         """The last pass: each line with its verdict spliced on."""
         progress = self._progress
         routes = plan.routes
+        # A route's verdict is kept from its second line on: a route of one line (every route
+        # of a campaign to a number each) would keep a verdict nobody reads again.
         shared: list[_Shared | None] = [None] * len(routes)
+        seen = bytearray(len(routes))  # 1: the route had a line, which kept no verdict
         route_lines = [0] * len(routes)  # lines given each route's shared verdict
         share = plan.share_verdicts
         is_duplicate = plan.ids.pass_checker()
@@ -438,13 +447,19 @@ class Filter:
                 and (is_duplicate is None or not is_duplicate(loads(line)["id"]))
             ):
                 verdict = shared[code]
-                if verdict is None:
-                    verdict = shared[code] = _Shared(
-                        *self._verdicts.verdict(
-                            _NO_MESSAGE, routes[code], table, self.fallback_policy
-                        )
-                    )
-                route_lines[code] += 1
+                if verdict is not None:
+                    route_lines[code] += 1
+                    yield verdict.render(line)
+                    continue
+                verdict = _Shared(
+                    *self._verdicts.verdict(_NO_MESSAGE, routes[code], table, self.fallback_policy)
+                )
+                if seen[code]:
+                    shared[code] = verdict
+                    route_lines[code] += 1
+                else:
+                    seen[code] = 1
+                    verdict.count(self.summary, 1)
                 yield verdict.render(line)
             elif code == BLANK:
                 continue
@@ -462,9 +477,7 @@ class Filter:
         plan.check_line_count(lines_read)
         for verdict, lines in zip(shared, route_lines, strict=True):
             if verdict is not None:
-                self.summary.counts[verdict.count_key] += lines
-                if verdict.requested is not None:
-                    self.summary.reroutes[verdict.requested, verdict.count_key[1]] += lines
+                verdict.count(self.summary, lines)
 
     def estimate(self, open_lines: Callable[[], Iterable[bytes]]) -> tuple[int, int]:
         """How many API requests :meth:`run_lines` would make: ``(at least, at most)``.

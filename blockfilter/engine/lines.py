@@ -92,6 +92,15 @@ def repeats_a_key(line: bytes, message: dict[str, Any]) -> bool:
 
 def _repeats_past_the_top(line: bytes, message: dict[str, Any], colons: int) -> bool:
     """:func:`repeats_a_key` for a line of ``colons`` colons, more than ``message`` has keys."""
+    # The keys kept at the top and one level down: at most the keys written, which are at
+    # most the colons. Equal counts settle it without encoding the message again (objects
+    # deeper down, or colons inside strings, leave the counts apart: the look below).
+    kept = len(message)
+    for value in message.values():
+        if type(value) is dict:
+            kept += len(value)
+    if colons == kept:
+        return False
     if b"\\u003" not in line:  # so each string has the colons it is written with
         try:
             if colons == orjson.dumps(message).count(b":"):
@@ -269,9 +278,10 @@ LOOK_AGAIN: Final = -1
 PAST_END: Final = -3  # a later pass read more lines than the first
 
 # Distinct routes a plan numbers; later new ones are looked at again like unusual lines. A
-# route costs a few hundred bytes, so the table stays under about 40 MB on a campaign of a
-# million distinct numbers, while campaigns of fewer (most) are all routed.
-ROUTE_LIMIT = 100_000
+# route costs some 280 bytes for the run, so the routes stay under about 18 MB on a campaign
+# of a million distinct numbers (each a route of one line, worth nothing kept), while
+# campaigns of fewer (most) are all routed.
+ROUTE_LIMIT = 1 << 16
 
 
 class DuplicateIds:
@@ -282,17 +292,42 @@ class DuplicateIds:
     a unique id into a duplicate.
     """
 
+    # Up to this many hashes are sorted at once. ``sorted()`` makes a list of an int object a
+    # hash (some 40 bytes each, five times the array): past it, the hashes are first split by
+    # their low bits (equal hashes land together) and each share is sorted on its own.
+    SORT_AT_ONCE = 1 << 18
+    _SHARES = 64  # a power of two
+    _SLICE = 1 << 14
+
     def __init__(self) -> None:
         # hash(id) of every valid message, appended to by the first pass.
         self.first_pass_hashes = array("q")
         self._suspects: frozenset[int] = frozenset()
 
     def close_first_pass(self) -> None:
-        ordered = sorted(self.first_pass_hashes)
-        self._suspects = frozenset(
-            ordered[i] for i in range(1, len(ordered)) if ordered[i] == ordered[i - 1]
-        )
-        del self.first_pass_hashes[:]
+        hashes = self.first_pass_hashes
+        shares = [hashes] if len(hashes) <= self.SORT_AT_ONCE else self._split(hashes)
+        suspects: set[int] = set()
+        for share in shares:
+            ordered = sorted(share)
+            del share[:]
+            suspects.update(
+                ordered[i] for i in range(1, len(ordered)) if ordered[i] == ordered[i - 1]
+            )
+        self._suspects = frozenset(suspects)
+
+    def _split(self, hashes: array[int]) -> list[array[int]]:
+        """``hashes`` split by their low bits, emptying ``hashes`` from its end as the shares
+        fill, so that the hashes are held about once while they move."""
+        shares = [array("q") for _ in range(self._SHARES)]
+        appends = [share.append for share in shares]
+        mask = self._SHARES - 1
+        while hashes:
+            tail = hashes[-self._SLICE :]
+            del hashes[-self._SLICE :]
+            for value in tail:
+                appends[value & mask](value)
+        return shares
 
     def pass_checker(self) -> Callable[[str], bool] | None:
         """A fresh ``is_duplicate(id)`` for one pass over the messages, in input order;
@@ -323,7 +358,7 @@ class LinePlan:
     With ``share_verdicts`` (the fallback policy looks only at the parsed message), all lines
     of a route share one verdict, and only a route's first line is worth showing the resolver.
 
-    The codes (one int32 a line) go to a temporary file once past a few MB: memory follows
+    The codes (one int32 a line) go to a temporary file once past a MB: memory follows
     the distinct routes, not the messages.
     """
 
@@ -332,11 +367,12 @@ class LinePlan:
     def __init__(self, *, share_verdicts: bool) -> None:
         self.share_verdicts = share_verdicts
         self.routes: list[Parsed] = []
-        self._route_ids: dict[tuple[Any, ...], int] = {}
+        # (channel, region, fallback) as given -> {to: route}
+        self._route_ids: dict[tuple[Any, ...], dict[str, int]] = {}
         self._codes = array("i")
         # Open as long as the plan; close() closes it.
         self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115
-            max_size=1 << 22, prefix="blockfilter-"
+            max_size=1 << 20, prefix="blockfilter-"
         )
         self.ids = DuplicateIds()
         self._id_hashes = self.ids.first_pass_hashes
@@ -386,13 +422,15 @@ class LinePlan:
                 and (fallback is None or type(fallback) is list)
             ):
                 try:
+                    # Routes grouped by all but their number: a route then costs a dict
+                    # entry keyed by its `to`, not a tuple of its own as well.
                     key: Any = (
                         get("channel"),
-                        to,
                         get("region"),
                         None if fallback is None else tuple(fallback),
                     )
-                    route = self._route_ids.get(key)
+                    group = self._route_ids.get(key)
+                    route = None if group is None else group.get(to)
                 except TypeError:  # an unhashable value somewhere: not a route
                     key, route = None, None
                 if route is not None:
@@ -403,7 +441,9 @@ class LinePlan:
                     return message, replace(self.routes[route], id=message_id)
                 parsed = parse_message(message)
                 if key is not None and type(parsed) is Parsed and len(self.routes) < ROUTE_LIMIT:
-                    self._route_ids[key] = len(self.routes)
+                    if parsed.e164 == to:  # one string for both, kept for the run
+                        parsed = Parsed(message_id, parsed.channel, to, parsed.fallback, parsed.key)
+                    self._route_ids.setdefault(key, {})[to] = len(self.routes)
                     codes.append(len(self.routes))
                     self.routes.append(parsed)
                     self._id_hashes.append(hash(message_id))

@@ -1,13 +1,16 @@
 """What a run has learnt about each number, per channel: the status table the sources fill.
 
 A status is a small tuple: ``(kind, value)`` while a number is unchecked (``value``: why), or
-``(kind, checked_at, origin, provenance)`` once a source answered. :class:`StatusTable` joins
-the answers of several sources, failing closed (see its documentation).
+``(kind, checked_at, origin, provenance)`` once a source answered; numbers refer to their
+status by its index in flat arrays, so the table costs bytes, not objects, a number.
+:class:`StatusTable` joins the answers of several sources, failing closed (see its
+documentation).
 """
 
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Mapping
 from typing import Any, Final
 
@@ -35,14 +38,94 @@ def _key(e164: str) -> int:
     return int(e164[1:])
 
 
+# A key's first slot: Fibonacci hashing spreads keys that differ only in some digits
+# (numbers of one range) over the whole table; the top bits scaled to the table's size.
+_MIX: Final = 0x9E3779B97F4A7C15
+_MASK64: Final = (1 << 64) - 1
+_EMPTY: Final = 0  # no E.164 key is 0
+_MAX_KEY: Final = (1 << 63) - 1  # what an array("q") slot holds
+
+
+class _Slots:
+    """One channel's statuses: an open-addressing hash table of two flat arrays, a key's
+    slot holding its key (8 bytes) and the index of its status (4 bytes), where a dict would
+    cost an int object, a key slot and an entry (about 80 bytes a number). Keys outside
+    ``(0, 2**63)`` (none an E.164 number makes) go in a dict beside it."""
+
+    __slots__ = ("keys", "values", "count", "_capacity", "_odd")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._capacity = 8
+        self.keys = array("q", bytes(8 * self._capacity))
+        self.values = array("i", bytes(4 * self._capacity))
+        self._odd: dict[int, int] = {}
+
+    def find(self, key: int) -> int:
+        """The slot of ``key`` (in range): where it is, or the empty one where it would go."""
+        keys = self.keys
+        capacity = self._capacity
+        slot = (((key * _MIX) & _MASK64) * capacity) >> 64
+        while True:
+            found = keys[slot]
+            if found in (key, _EMPTY):
+                return slot
+            slot += 1
+            if slot == capacity:
+                slot = 0
+
+    def get(self, key: int) -> int:
+        """The status index of ``key``; -1 if it has none."""
+        if 0 < key <= _MAX_KEY:
+            slot = self.find(key)
+            return self.values[slot] if self.keys[slot] == key else -1
+        return self._odd.get(key, -1)
+
+    def set(self, key: int, value: int) -> int:
+        """Give ``key`` the status ``value``; its index before, -1 if it had none."""
+        if not 0 < key <= _MAX_KEY:
+            old = self._odd.get(key, -1)
+            self._odd[key] = value
+            return old
+        slot = self.find(key)
+        if self.keys[slot] == key:
+            old = self.values[slot]
+        else:
+            old = -1
+            self.count += 1
+            if 4 * self.count > 3 * self._capacity:  # at most three quarters full
+                self._grow()
+                slot = self.find(key)
+            self.keys[slot] = key
+        self.values[slot] = value
+        return old
+
+    def _grow(self) -> None:
+        old_keys, old_values = self.keys, self.values
+        capacity = self._capacity = self._capacity + self._capacity // 2
+        keys = self.keys = array("q", bytes(8 * capacity))
+        values = self.values = array("i", bytes(4 * capacity))
+        # find(), inlined: a growing table moves every key it holds.
+        for key, value in zip(old_keys, old_values, strict=True):
+            if key != _EMPTY:
+                slot = (((key * _MIX) & _MASK64) * capacity) >> 64
+                while keys[slot] != _EMPTY:
+                    slot += 1
+                    if slot == capacity:
+                        slot = 0
+                keys[slot] = key
+                values[slot] = value
+
+
 class StatusTable:
     """What the run has learnt, per channel and number: clean, blocklisted or unchecked.
 
-    One dict a channel, from a number's key to its status ``(kind, value)``; every number of
-    one answer shares one status tuple, so a million numbers cost their keys and dict slots
-    and little else. A number handed to the sources is marked :data:`ASKED` first (so it is
-    never handed over twice), which reads as unchecked until an answer replaces it: a source
-    that skips a number leaves it unchecked (fail closed), and it is not asked again.
+    A status is one of few tuples (every number of one answer shares its answer's), kept once
+    in a list; each channel maps a number's key to its status's index in flat arrays
+    (:class:`_Slots`), so a million numbers cost some 16 to 24 bytes each. A number handed to
+    the sources is marked :data:`ASKED` first (so it is never handed over twice), which reads
+    as unchecked until an answer replaces it: a source that skips a number leaves it
+    unchecked (fail closed), and it is not asked again.
 
     Sources are joined here: blocklisted anywhere wins; otherwise a failure anywhere leaves the
     number unchecked; a clean or blocklisted status keeps the oldest time any source gave.
@@ -50,42 +133,64 @@ class StatusTable:
 
     def __init__(self) -> None:
         # (kind, value) when unchecked; (kind, checked_at, origin, provenance) when answered.
-        self._status: dict[str, dict[int, tuple[Any, ...]]] = {c: {} for c in CHANNELS}
+        self._statuses: list[tuple[Any, ...]] = [ASKED]
+        # The statuses of failures, once a reason. Not ASKED's, even for the same reason: a
+        # failure is an answer a later clean one must not replace (ASKED is by identity).
+        self._failures: dict[str, int] = {}
+        self._slots: dict[str, _Slots] = {c: _Slots() for c in CHANNELS}
 
     def want(self, channel: str, key: int) -> bool:
         """Mark a number as asked; false if it was asked (or known) already."""
-        statuses = self._status[channel]
-        if key in statuses:
-            return False
-        statuses[key] = ASKED
-        return True
+        slots = self._slots[channel]
+        old = slots.set(key, 0)  # ASKED
+        if old < 0:
+            return True
+        slots.set(key, old)  # as it was
+        return False
 
     def record(self, outcome: CheckOutcome, origin: str) -> None:
         """Join ``outcome`` in; ``origin`` names what answered (the verdict's ``source``)."""
-        statuses = self._status[outcome.channel]
+        slots = self._slots[outcome.channel]
+        statuses = self._statuses
         if outcome.error is not None:
-            failed = (FAILED, _failure_reason(outcome.error))
+            failed = self._failure(_failure_reason(outcome.error))
             for number in outcome.numbers:
                 key = _key(number)
-                if statuses.get(key, ASKED)[0] != BLOCKED:
-                    statuses[key] = failed
+                was = slots.get(key)
+                if was < 0 or statuses[was][0] != BLOCKED:
+                    slots.set(key, failed)
             return
         checked_at = outcome.checked_at if outcome.checked_at is not None else time.time()
         provenance = _provenance(outcome.provenance)
-        clean = (CLEAN, checked_at, origin, provenance)
-        blocked = (BLOCKED, checked_at, origin, provenance)
+        # Each answer's two statuses, added to the list the first time a number takes one.
+        given = {CLEAN: -1, BLOCKED: -1}
         for number in outcome.numbers:
             key = _key(number)
-            new = blocked if number in outcome.blocked else clean
-            old = statuses.get(key, ASKED)
-            if old is ASKED or _RANK[new[0]] > _RANK[old[0]]:
-                statuses[key] = new
-            elif new[0] == old[0] and checked_at < old[1]:
-                statuses[key] = new  # the same answer, learnt earlier
+            kind = BLOCKED if number in outcome.blocked else CLEAN
+            old_index = slots.get(key)
+            old = statuses[old_index] if old_index >= 0 else ASKED
+            if (
+                old is ASKED
+                or _RANK[kind] > _RANK[old[0]]
+                or (kind == old[0] and checked_at < old[1])  # the same answer, learnt earlier
+            ):
+                new = given[kind]
+                if new < 0:
+                    new = given[kind] = len(statuses)
+                    statuses.append((kind, checked_at, origin, provenance))
+                slots.set(key, new)
 
     def lookup(self, channel: str, key: int) -> tuple[Any, ...] | None:
         """The number's status; ``None`` if it was never asked."""
-        return self._status[channel].get(key)
+        index = self._slots[channel].get(key)
+        return self._statuses[index] if index >= 0 else None
+
+    def _failure(self, reason: str) -> int:
+        index = self._failures.get(reason)
+        if index is None:
+            index = self._failures[reason] = len(self._statuses)
+            self._statuses.append((FAILED, reason))
+        return index
 
 
 def _failure_reason(error: BaseException) -> str:
