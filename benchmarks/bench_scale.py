@@ -475,6 +475,11 @@ def main() -> None:
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "scale.md").write_text(text)
+    try:
+        import matplotlib  # noqa: F401  (only for the plot: not one of the test extras)
+    except ImportError:
+        print(f"wrote {RESULTS / 'scale.md'}; no plot (pip install matplotlib for scale.png)")
+        return
     plot(runs, RESULTS / "scale.png")
     print(f"wrote {RESULTS / 'scale.md'} and {RESULTS / 'scale.png'}")
 
