@@ -115,6 +115,7 @@ def vip_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
     route_limit=st.sampled_from([jsonlines.ROUTE_LIMIT, 1, 0]),
     chunk=st.sampled_from([LinePlan._CHUNK, 3]),
     whole_message_policy=st.booleans(),
+    group_limit=st.sampled_from([jsonlines.GROUP_LIMIT, 1, 0]),
 )
 # A fallback past 64 bits: orjson decodes it as a float, the stdlib as an int; the detail of
 # its `unknown_channel` verdict must not tell them apart.
@@ -123,14 +124,25 @@ def vip_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
     route_limit=jsonlines.ROUTE_LIMIT,
     chunk=LinePlan._CHUNK,
     whole_message_policy=False,
+    group_limit=jsonlines.GROUP_LIMIT,
+)
+# Past the route limit, a line's id is checked for repeats once: the first of two equal ids
+# is not a duplicate of itself, blocklisted (so decoded again) or not.
+@example(
+    lines=[b'{"id": "1", "channel": "sms", "to": "+919812345678"}\n'] * 2,
+    route_limit=0,
+    chunk=LinePlan._CHUNK,
+    whole_message_policy=False,
+    group_limit=jsonlines.GROUP_LIMIT,
 )
 def test_run_lines_gives_each_line_the_verdict_run_gives_its_message(
-    lines: list[bytes], route_limit: int, chunk: int, whole_message_policy: bool
+    lines: list[bytes], route_limit: int, chunk: int, whole_message_policy: bool, group_limit: int
 ) -> None:
     options: dict[str, Any] = {"fallback_policy": vip_fallbacks} if whole_message_policy else {}
     expected = oracle(lines, **options)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(jsonlines, "ROUTE_LIMIT", route_limit)
+        patch.setattr(jsonlines, "GROUP_LIMIT", group_limit)
         patch.setattr(LinePlan, "_CHUNK", chunk)
         engine = make_filter(**options)
         out = list(engine.run_lines(lambda: iter(lines)))
@@ -147,6 +159,49 @@ def _count(values: Iterator[str]) -> dict[str, int]:
     for value in values:
         counts[value] = counts.get(value, 0) + 1
     return counts
+
+
+def test_lines_past_the_route_limit_get_their_verdict_without_a_second_decode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A campaign to a number each, past the route limit: only the blocklisted lines (whose
+    fallbacks decide) are decoded again; every record and the summary are still right."""
+    numbers = [f"+9198{index:08d}" for index in range(3_000)]
+    blocked = set(numbers[::7])
+
+    def lookup(channel: str, asked: list[str]) -> set[str]:
+        return blocked & set(asked) if channel == "sms" else set()
+
+    from blockfilter.config import load_settings
+    from blockfilter.sources import FunctionSource
+
+    lines = [
+        json.dumps({"id": f"m{i}", "channel": "sms", "to": number, "fallback": ["whatsapp"]})
+        .encode()
+        + b"\n"
+        for i, number in enumerate(numbers)
+    ]
+    decoded_again: list[int] = []
+    decode = filter_module._decode_again
+
+    def counting(line: bytes, line_number: int, is_duplicate: Any) -> Any:
+        decoded_again.append(line_number)
+        return decode(line, line_number, is_duplicate)
+
+    monkeypatch.setattr(jsonlines, "ROUTE_LIMIT", 100)
+    monkeypatch.setattr(filter_module, "_decode_again", counting)
+    engine = Filter(load_settings(environ={}), sources=[FunctionSource("one", lookup)])
+    out = [json.loads(line) for line in engine.run_lines(lambda: iter(lines))]
+
+    assert [r["id"] for r in out] == [f"m{i}" for i in range(3_000)]
+    assert [r["e164"] for r in out] == numbers
+    assert [r["verdict"] for r in out] == [
+        "rerouted" if number in blocked else "allowed" for number in numbers
+    ]
+    assert {r["channel"] for r in out if r["verdict"] == "allowed"} == {"sms"}
+    past_the_limit_blocked = [i + 1 for i, n in enumerate(numbers) if n in blocked and i >= 100]
+    assert decoded_again == past_the_limit_blocked
+    assert engine.summary.verdicts == {"allowed": 3_000 - len(blocked), "rerouted": len(blocked)}
 
 
 def test_repeated_routes_are_decided_once_and_asked_once() -> None:

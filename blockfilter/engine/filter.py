@@ -48,6 +48,7 @@ from ..redact import guard_library_logs, mask_numbers_in
 from ..sources import BaseSource, BlocklistSource, CheckOutcome, CheckStream, as_source
 from .lines import (
     BLANK,
+    COMPACT,
     PAST_END,
     LinePlan,
     MalformedLine,
@@ -61,6 +62,7 @@ from .lines import (
 )
 from .summary import Summary
 from .table import ASKED, BLOCKED, FAILED, StatusTable, _key
+from .templates import NumberTemplates
 from .verdicts import FallbackPolicy, Verdicts
 
 if TYPE_CHECKING:
@@ -412,6 +414,8 @@ class Filter:
                 return
             for route in plan.routes:
                 yield _NO_MESSAGE, route
+            for route in plan.compact_routes():
+                yield _NO_MESSAGE, route
             if plan.valid_unrouted:
                 yield from look_again(every_line=False)
 
@@ -427,57 +431,87 @@ class Filter:
         """The last pass: each line with its verdict spliced on."""
         progress = self._progress
         routes = plan.routes
+        groups = plan.groups
         # A route's verdict is kept from its second line on: a route of one line (every route
-        # of a campaign to a number each) would keep a verdict nobody reads again.
+        # of a campaign to a number each) would keep a verdict nobody reads again. Its first
+        # line, and every compact line, is rendered from a template when its status settles
+        # its verdict.
         shared: list[_Shared | None] = [None] * len(routes)
         seen = bytearray(len(routes))  # 1: the route had a line, which kept no verdict
         route_lines = [0] * len(routes)  # lines given each route's shared verdict
+        templates = NumberTemplates(self._verdicts, table)
         share = plan.share_verdicts
         is_duplicate = plan.ids.pass_checker()
+        compact_keys = plan.compact_keys()
         loads = orjson.loads
         lines_read = 0
         for lines_read, line, code in plan.lines(read_pass(open_lines)):
             if progress is not None and lines_read % 1000 == 0:
                 progress("verdicts", 1000, None)
-            # A routed line is a valid message without verdict fields. Its id is only looked
-            # at when some id of the run was seen twice.
-            if (
-                code >= 0
-                and share
-                and (is_duplicate is None or not is_duplicate(loads(line)["id"]))
-            ):
-                verdict = shared[code]
-                if verdict is not None:
-                    route_lines[code] += 1
+            # A routed or compact line is a valid message without verdict fields. Its id is
+            # only looked at when some id of the run was seen twice.
+            if code >= 0 and share:
+                if is_duplicate is None or not is_duplicate(loads(line)["id"]):
+                    verdict = shared[code]
+                    if verdict is not None:
+                        route_lines[code] += 1
+                        yield verdict.render(line)
+                        continue
+                    route = routes[code]
+                    if not seen[code]:
+                        seen[code] = 1
+                        rendered = templates.render(line, route.channel, route.key)
+                        if rendered is not None:
+                            yield rendered
+                            continue
+                    verdict = _Shared(
+                        *self._verdicts.verdict(_NO_MESSAGE, route, table, self.fallback_policy)
+                    )
+                    if seen[code] == 2:
+                        shared[code] = verdict
+                        route_lines[code] += 1
+                    else:
+                        seen[code] = 2  # its first line counted: the next one keeps it
+                        verdict.count(self.summary, 1)
                     yield verdict.render(line)
                     continue
-                verdict = _Shared(
-                    *self._verdicts.verdict(_NO_MESSAGE, routes[code], table, self.fallback_policy)
-                )
-                if seen[code]:
-                    shared[code] = verdict
-                    route_lines[code] += 1
-                else:
-                    seen[code] = 1
-                    verdict.count(self.summary, 1)
-                yield verdict.render(line)
+            elif code <= COMPACT:
+                key = next(compact_keys)
+                if is_duplicate is None or not is_duplicate(loads(line)["id"]):
+                    rendered = templates.render(line, groups[COMPACT - code][0], key)
+                    if rendered is not None:
+                        yield rendered
+                        continue
+                    # Known not to be a duplicate: asking again would find its own id seen.
+                    yield self._verdict_line(line, lines_read, None, table)
+                    continue
             elif code == BLANK:
                 continue
             elif code == PAST_END:
                 break
-            else:
-                message, parsed = _decode_again(line, lines_read, is_duplicate)
-                fields, channel = self._verdicts.verdict(
-                    message, parsed, table, self.fallback_policy, lines_read
-                )
-                self.summary.count(
-                    fields["verdict"], channel, fields.get("source"), fields.get("original_channel")
-                )
-                yield render_line(line, message, fields)
+            yield self._verdict_line(line, lines_read, is_duplicate, table)
         plan.check_line_count(lines_read)
+        templates.count(self.summary)
         for verdict, lines in zip(shared, route_lines, strict=True):
             if verdict is not None:
                 verdict.count(self.summary, lines)
+
+    def _verdict_line(
+        self,
+        line: bytes,
+        line_number: int,
+        is_duplicate: Callable[[str], bool] | None,
+        table: StatusTable,
+    ) -> bytes:
+        """A line decoded again, with its verdict."""
+        message, parsed = _decode_again(line, line_number, is_duplicate)
+        fields, channel = self._verdicts.verdict(
+            message, parsed, table, self.fallback_policy, line_number
+        )
+        self.summary.count(
+            fields["verdict"], channel, fields.get("source"), fields.get("original_channel")
+        )
+        return render_line(line, message, fields)
 
     def estimate(self, open_lines: Callable[[], Iterable[bytes]]) -> tuple[int, int]:
         """How many API requests :meth:`run_lines` would make: ``(at least, at most)``.

@@ -283,6 +283,13 @@ PAST_END: Final = -3  # a later pass read more lines than the first
 # campaigns of fewer (most) are all routed.
 ROUTE_LIMIT = 1 << 16
 
+# Past the route limit, when verdicts are shared, a valid message's line is coded by its
+# *group* (channel and fallback channels: the same for most of a campaign) and its number
+# goes to a spooled array beside the codes (8 bytes a line, on disk past a MB): the verdict
+# pass then needs neither a route object nor a second decode. Group g is the code COMPACT - g.
+COMPACT: Final = -16
+GROUP_LIMIT = 256  # more distinct groups than this (junk, really) are looked at again
+
 
 class DuplicateIds:
     """Finds repeated ids with 8 bytes a message instead of a set of every id.
@@ -379,6 +386,14 @@ class LinePlan:
         self.line_count = 0  # known once the first pass is over
         # Valid messages on lines coded LOOK_AGAIN: a later pass must decode those lines.
         self.valid_unrouted = 0
+        # The (channel, fallback) of each group of compact lines, and their numbers' keys.
+        self.groups: list[tuple[str, tuple[str, ...]]] = []
+        self._group_ids: dict[tuple[str, tuple[str, ...]], int] = {}
+        self.compact_lines = 0
+        self._keys = array("q")
+        self._key_spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed by close())
+            max_size=1 << 20, prefix="blockfilter-"
+        )
 
     def read(self, line: bytes, line_number: int) -> tuple[Any, Parsed | Invalid] | None:
         """Decode and code one line (the first pass, in order).
@@ -448,8 +463,32 @@ class LinePlan:
                     self.routes.append(parsed)
                     self._id_hashes.append(hash(message_id))
                     return message, parsed
+                if type(parsed) is Parsed and self.share_verdicts:
+                    code = self._compact(parsed)
+                    if code is not None:
+                        codes.append(code)
+                        self._id_hashes.append(hash(message_id))
+                        return message, parsed
                 return message, self._unrouted(parsed)
         return message, self._unrouted(parse_message(message))
+
+    def _compact(self, parsed: Parsed) -> int | None:
+        """The code of a compact line for ``parsed`` (its key written down); ``None`` when
+        there are groups enough already."""
+        group = (parsed.channel, parsed.fallback)
+        index = self._group_ids.get(group)
+        if index is None:
+            if len(self.groups) >= GROUP_LIMIT:
+                return None
+            index = self._group_ids[group] = len(self.groups)
+            self.groups.append(group)
+        keys = self._keys
+        if len(keys) >= self._CHUNK:
+            self._key_spool.write(keys.tobytes())
+            keys = self._keys = array("q")
+        keys.append(parsed.key)
+        self.compact_lines += 1
+        return COMPACT - index
 
     def _unrouted(self, parsed: Parsed | Invalid) -> Parsed | Invalid:
         self._codes.append(LOOK_AGAIN)
@@ -462,6 +501,7 @@ class LinePlan:
         self.line_count = self._spool.tell() // self._codes.itemsize + len(self._codes)
         self.ids.close_first_pass()
         self._route_ids.clear()  # only the first pass numbers routes
+        self._group_ids.clear()
 
     def lines(self, lines: Iterable[bytes]) -> Iterator[tuple[int, bytes, int]]:
         """``(line number, line, code)`` for each line of ``lines``, the input read again.
@@ -480,16 +520,39 @@ class LinePlan:
                 f"at first, {lines_read} lines later"
             )
 
+    def compact_keys(self) -> Iterator[int]:
+        """The keys of the compact lines, in order: a pass takes the next one at each line
+        whose code is a group's (``code <= COMPACT``)."""
+        return chain.from_iterable(_chunks(self._key_spool, self._keys))
+
+    def compact_routes(self) -> Iterator[Parsed]:
+        """A route for each compact line, in order (without its message's id: they stand for
+        their lines only where a message-independent fallback policy looks at them)."""
+        groups = self.groups
+        keys = self.compact_keys()
+        for chunk in self._code_chunks():
+            for code in chunk:
+                if code <= COMPACT:
+                    channel, fallback = groups[COMPACT - code]
+                    key = next(keys)
+                    yield Parsed("", channel, f"+{key}", fallback, key)
+
     def _code_chunks(self) -> Iterator[array[int]]:
-        self._spool.seek(0)
-        while True:
-            data = self._spool.read(self._CHUNK * self._codes.itemsize)
-            if not data:
-                break
-            chunk = array("i")
-            chunk.frombytes(data)
-            yield chunk
-        yield self._codes
+        return _chunks(self._spool, self._codes)
 
     def close(self) -> None:
         self._spool.close()
+        self._key_spool.close()
+
+
+def _chunks(spool: IO[bytes], tail: array[int]) -> Iterator[array[int]]:
+    """What was written to ``spool``, in arrays of ``tail``'s type, then ``tail`` itself."""
+    spool.seek(0)
+    while True:
+        data = spool.read(LinePlan._CHUNK * tail.itemsize)
+        if not data:
+            break
+        chunk = array(tail.typecode)
+        chunk.frombytes(data)
+        yield chunk
+    yield tail

@@ -185,6 +185,15 @@ class StatusTable:
         index = self._slots[channel].get(key)
         return self._statuses[index] if index >= 0 else None
 
+    def status_index(self, channel: str, key: int) -> int:
+        """Where the number's status is in the table (:meth:`status_at`); -1 if it was never
+        asked. Numbers of one answer share an index."""
+        return self._slots[channel].get(key)
+
+    def status_at(self, index: int) -> tuple[Any, ...]:
+        """The status at ``index``, one :meth:`status_index` gave."""
+        return self._statuses[index]
+
     def _failure(self, reason: str) -> int:
         index = self._failures.get(reason)
         if index is None:

@@ -74,11 +74,9 @@ class Verdicts:
             FAILED,  # a source skipped the number: treat it as unchecked
             FAILED_CHECK,
         )
-        kind, value = status[0], status[1]
-        if kind == CLEAN:
-            return self._allowed(parsed, status), parsed.channel
-        if kind == FAILED:
-            return self._unchecked(parsed, value, parsed.channel)
+        settled = self.settled(parsed, status)
+        if settled is not None:
+            return settled
         for channel in fallback_policy(message, parsed):
             fallback = table.lookup(channel, parsed.key) or (FAILED, FAILED_CHECK)
             kind, value = fallback[0], cast(Any, fallback[1])
@@ -107,6 +105,19 @@ class Verdicts:
             },
             status,
         ), parsed.channel
+
+    def settled(
+        self, parsed: Parsed, status: tuple[Any, ...]
+    ) -> tuple[dict[str, Any], str] | None:
+        """The verdict of a message whose status on its own channel is ``status``, when that
+        settles it (clean, or unchecked); ``None`` when it is blocklisted there, and its
+        fallbacks decide."""
+        kind = status[0]
+        if kind == CLEAN:
+            return self._allowed(parsed, status), parsed.channel
+        if kind == FAILED:
+            return self._unchecked(parsed, status[1], parsed.channel)
+        return None
 
     def _allowed(self, parsed: Parsed, status: tuple[Any, ...]) -> dict[str, Any]:
         return _with_provenance(
