@@ -118,6 +118,13 @@ def channel_of(message: Any) -> str:
 # free. Bounded, so a campaign of a million distinct numbers does not keep them all.
 _ROUTES_MEMO_LIMIT = 50_000
 _routes: dict[tuple[Any, ...], tuple[str, str, tuple[str, ...], int] | Invalid] = {}
+# A memo that fills up while it is seldom read is a campaign of distinct numbers, which it
+# only slows down (storing an answer costs a quarter of a parse): it then rests, remembering
+# nothing for seven times as many messages, and fills again after (so at most an eighth of
+# such a campaign pays for the memo). Counts shared by threads may race; a
+# lost count only moves when the memo rests, never what a parse answers.
+_memo_hits = 0  # since the memo was last cleared
+_memo_resting = 0  # answers still not to remember
 
 
 def parse_message(message: Any) -> Parsed | Invalid:
@@ -142,6 +149,9 @@ def parse_message(message: Any) -> Parsed | Invalid:
             None if fallback is None else tuple(fallback),
         )
         route = _routes.get(memo_key)
+        if route is not None:
+            global _memo_hits
+            _memo_hits += 1
     except TypeError:  # an unhashable or odd value somewhere: nothing to remember, just parse
         memo_key, route = None, None
     if type(message_id) is not str or not message_id or route is None:
@@ -151,12 +161,25 @@ def parse_message(message: Any) -> Parsed | Invalid:
         if route is None:
             route = _route(get("channel"), to, get("region"), fallback)
             if memo_key is not None and _worth_remembering(route, to, get("region")):
-                if len(_routes) >= _ROUTES_MEMO_LIMIT:
-                    _routes.clear()
-                _routes[memo_key] = route
+                _remember(memo_key, route)
     if isinstance(route, Invalid):
         return route
     return Parsed(cast(str, message_id), *route)  # a str: _missing_field checked it
+
+
+def _remember(key: tuple[Any, ...], route: tuple[str, str, tuple[str, ...], int] | Invalid) -> None:
+    global _memo_hits, _memo_resting
+    if _memo_resting:
+        _memo_resting -= 1
+        return
+    if len(_routes) >= _ROUTES_MEMO_LIMIT:
+        if _memo_hits * 8 < _ROUTES_MEMO_LIMIT:  # fewer hits than one in eight answers kept
+            _memo_resting = 7 * _ROUTES_MEMO_LIMIT
+        _routes.clear()
+        _memo_hits = 0
+        if _memo_resting:
+            return
+    _routes[key] = route
 
 
 def _worth_remembering(route: Any, to: Any, region: Any) -> bool:

@@ -163,6 +163,39 @@ def test_a_remembered_list_fallback_does_not_validate_a_tuple() -> None:
     assert isinstance(parse_message(listed), Parsed)
 
 
+def test_the_parse_memo_rests_through_distinct_numbers_and_keeps_repeated_ones(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Remembering answers only slows a campaign of distinct numbers down: a memo that filled
+    up with no hit remembers nothing for seven fills' worth of messages, then tries again.
+    A memo that is read keeps remembering. Each answer is the parse's either way."""
+    monkeypatch.setattr(messages_module, "_ROUTES_MEMO_LIMIT", 40)
+    monkeypatch.setattr(messages_module, "_memo_hits", 0)
+    monkeypatch.setattr(messages_module, "_memo_resting", 0)
+    messages_module._routes.clear()
+
+    def message(index: int) -> dict[str, str]:
+        return {"id": f"m{index}", "channel": "sms", "to": f"+9198{index:08d}"}
+
+    for index in range(41 + 7 * 40):  # a fill, the message that finds it cold, the rest
+        parsed = parse_message(message(index))
+        assert isinstance(parsed, Parsed) and parsed.key == 919800000000 + index
+    assert not messages_module._routes and messages_module._memo_resting == 0
+    for index in range(1000, 1009):
+        assert isinstance(parse_message(message(index)), Parsed)
+    assert len(messages_module._routes) == 9  # it remembers again
+
+    messages_module._routes.clear()
+    monkeypatch.setattr(messages_module, "_memo_hits", 0)
+    for index in range(2000, 2041):  # each number twice: one hit every two answers
+        for _ in range(2):
+            assert parse_message(message(index)) == Parsed(
+                f"m{index}", "sms", f"+9198{index:08d}", (), 919800000000 + index
+            )
+    assert messages_module._memo_resting == 0
+    assert len(messages_module._routes) == 1  # full with hits: cleared, and filling again
+
+
 # -- the number normaliser ------------------------------------------------------------------------
 
 

@@ -176,8 +176,9 @@ def test_lines_past_the_route_limit_get_their_verdict_without_a_second_decode(
     from blockfilter.sources import FunctionSource
 
     lines = [
-        json.dumps({"id": f"m{i}", "channel": "sms", "to": number, "fallback": ["whatsapp"]})
-        .encode()
+        json.dumps(
+            {"id": f"m{i}", "channel": "sms", "to": number, "fallback": ["whatsapp"]}
+        ).encode()
         + b"\n"
         for i, number in enumerate(numbers)
     ]

@@ -633,8 +633,10 @@ class Filter:
                     self._feed(streams, table, parsed.channel, batch)
                     fresh[parsed.channel] = []
                     chunk = min(chunk * 2, _STREAM_CHUNK)
-            if not has_fallbacks and policy(message, parsed):
-                has_fallbacks = True
+            if not has_fallbacks:
+                # The default policy's answer is the parse's own field: no call a message.
+                own = policy is default_fallback_policy
+                has_fallbacks = bool(parsed.fallback if own else policy(message, parsed))
         for channel, batch in fresh.items():
             if batch:
                 self._feed(streams, table, channel, batch)

@@ -77,9 +77,32 @@ class _Slots:
     def get(self, key: int) -> int:
         """The status index of ``key``; -1 if it has none."""
         if 0 < key <= _MAX_KEY:
-            slot = self.find(key)
-            return self.values[slot] if self.keys[slot] == key else -1
+            keys = self.keys
+            capacity = self._capacity
+            slot = (((key * _MIX) & _MASK64) * capacity) >> 64  # find(), inlined: hot
+            while True:
+                found = keys[slot]
+                if found == key:
+                    return self.values[slot]
+                if found == _EMPTY:
+                    return -1
+                slot += 1
+                if slot == capacity:
+                    slot = 0
         return self._odd.get(key, -1)
+
+    def add(self, key: int) -> bool:
+        """Give ``key`` the status index 0 if it has none; false if it had one."""
+        if not 0 < key <= _MAX_KEY:
+            if key in self._odd:
+                return False
+            self._odd[key] = 0
+            return True
+        slot = self.find(key)
+        if self.keys[slot] == key:
+            return False
+        self._insert(slot, key, 0)
+        return True
 
     def set(self, key: int, value: int) -> int:
         """Give ``key`` the status ``value``; its index before, -1 if it had none."""
@@ -90,15 +113,19 @@ class _Slots:
         slot = self.find(key)
         if self.keys[slot] == key:
             old = self.values[slot]
-        else:
-            old = -1
-            self.count += 1
-            if 4 * self.count > 3 * self._capacity:  # at most three quarters full
-                self._grow()
-                slot = self.find(key)
-            self.keys[slot] = key
+            self.values[slot] = value
+            return old
+        self._insert(slot, key, value)
+        return -1
+
+    def _insert(self, slot: int, key: int, value: int) -> None:
+        """Put ``key``, which the table lacks, in ``slot`` (where find() stopped)."""
+        self.count += 1
+        if 4 * self.count > 3 * self._capacity:  # at most three quarters full
+            self._grow()
+            slot = self.find(key)
+        self.keys[slot] = key
         self.values[slot] = value
-        return old
 
     def _grow(self) -> None:
         old_keys, old_values = self.keys, self.values
@@ -141,12 +168,7 @@ class StatusTable:
 
     def want(self, channel: str, key: int) -> bool:
         """Mark a number as asked; false if it was asked (or known) already."""
-        slots = self._slots[channel]
-        old = slots.set(key, 0)  # ASKED
-        if old < 0:
-            return True
-        slots.set(key, old)  # as it was
-        return False
+        return self._slots[channel].add(key)  # index 0: ASKED
 
     def record(self, outcome: CheckOutcome, origin: str) -> None:
         """Join ``outcome`` in; ``origin`` names what answered (the verdict's ``source``)."""
@@ -164,10 +186,18 @@ class StatusTable:
         provenance = _provenance(outcome.provenance)
         # Each answer's two statuses, added to the list the first time a number takes one.
         given = {CLEAN: -1, BLOCKED: -1}
+        blocked = outcome.blocked
+        keys, values, find = slots.keys, slots.values, slots.find
         for number in outcome.numbers:
             key = _key(number)
-            kind = BLOCKED if number in outcome.blocked else CLEAN
-            old_index = slots.get(key)
+            kind = BLOCKED if number in blocked else CLEAN
+            # One probe a number: the slot is read and written in place (every number of an
+            # answer was asked, so it is there; one that was not goes through set()).
+            slot = find(key) if 0 < key <= _MAX_KEY else -1
+            if slot >= 0 and keys[slot] == key:
+                old_index = values[slot]
+            else:
+                slot, old_index = -1, slots.get(key)
             old = statuses[old_index] if old_index >= 0 else ASKED
             if (
                 old is ASKED
@@ -178,7 +208,11 @@ class StatusTable:
                 if new < 0:
                     new = given[kind] = len(statuses)
                     statuses.append((kind, checked_at, origin, provenance))
-                slots.set(key, new)
+                if slot >= 0:
+                    values[slot] = new
+                else:
+                    slots.set(key, new)  # may grow the table: its arrays are new
+                    keys, values = slots.keys, slots.values
 
     def lookup(self, channel: str, key: int) -> tuple[Any, ...] | None:
         """The number's status; ``None`` if it was never asked."""

@@ -106,9 +106,7 @@ class Verdicts:
             status,
         ), parsed.channel
 
-    def settled(
-        self, parsed: Parsed, status: tuple[Any, ...]
-    ) -> tuple[dict[str, Any], str] | None:
+    def settled(self, parsed: Parsed, status: tuple[Any, ...]) -> tuple[dict[str, Any], str] | None:
         """The verdict of a message whose status on its own channel is ``status``, when that
         settles it (clean, or unchecked); ``None`` when it is blocklisted there, and its
         fallbacks decide."""
