@@ -134,33 +134,38 @@ def parse_message(message: Any) -> Parsed | Invalid:
             "malformed_line", f"a message is a JSON object, not {type(message).__name__}"
         )
     get = message.get
-    message_id = get("id")
-    to = get("to")
-    fallback = get("fallback")
-    try:
-        # Equal keys must mean equal answers: a tuple equals the list it came from, but only
-        # a list is a valid fallback (and 1 == True == 1.0, though their details differ).
-        if type(to) is not str or (fallback is not None and type(fallback) is not list):
-            raise TypeError
-        memo_key = (
-            get("channel"),
-            to,
-            get("region"),
-            None if fallback is None else tuple(fallback),
-        )
-        route = _routes.get(memo_key)
-        if route is not None:
-            global _memo_hits
-            _memo_hits += 1
-    except TypeError:  # an unhashable or odd value somewhere: nothing to remember, just parse
-        memo_key, route = None, None
+    return parse_fields(get("id"), get("channel"), get("to"), get("region"), get("fallback"))
+
+
+def parse_fields(
+    message_id: Any, channel: Any, to: Any, region: Any, fallback: Any
+) -> Parsed | Invalid:
+    """:func:`parse_message` of a message with these fields (``None`` for a missing one), for
+    a caller that has read them already."""
+    global _memo_hits, _memo_resting
+    memo_key: tuple[Any, ...] | None = None
+    route: tuple[str, str, tuple[str, ...], int] | Invalid | None = None
+    if _memo_resting:  # the memo is empty: no key to make, nothing to look up
+        _memo_resting -= 1
+    else:
+        try:
+            # Equal keys must mean equal answers: a tuple equals the list it came from, but
+            # only a list is a valid fallback (and 1 == True == 1.0, their details differ).
+            if type(to) is not str or (fallback is not None and type(fallback) is not list):
+                raise TypeError
+            memo_key = (channel, to, region, None if fallback is None else tuple(fallback))
+            route = _routes.get(memo_key)
+            if route is not None:
+                _memo_hits += 1
+        except TypeError:  # unhashable or odd values: nothing to remember, just parse
+            memo_key, route = None, None
     if type(message_id) is not str or not message_id or route is None:
-        problem = _missing_field(message_id, get("channel"), to)
+        problem = _missing_field(message_id, channel, to)
         if problem is not None:
             return problem
         if route is None:
-            route = _route(get("channel"), to, get("region"), fallback)
-            if memo_key is not None and _worth_remembering(route, to, get("region")):
+            route = _route(channel, to, region, fallback)
+            if memo_key is not None and _worth_remembering(route, to, region):
                 _remember(memo_key, route)
     if isinstance(route, Invalid):
         return route
@@ -169,9 +174,6 @@ def parse_message(message: Any) -> Parsed | Invalid:
 
 def _remember(key: tuple[Any, ...], route: tuple[str, str, tuple[str, ...], int] | Invalid) -> None:
     global _memo_hits, _memo_resting
-    if _memo_resting:
-        _memo_resting -= 1
-        return
     if len(_routes) >= _ROUTES_MEMO_LIMIT:
         if _memo_hits * 8 < _ROUTES_MEMO_LIMIT:  # fewer hits than one in eight answers kept
             _memo_resting = 7 * _ROUTES_MEMO_LIMIT

@@ -621,12 +621,12 @@ class Filter:
         fresh: dict[str, list[str]] = {channel: [] for channel in CHANNELS}
         has_fallbacks = False
         policy = self.fallback_policy
-        want = table.want
+        wants = table.wanting()
         chunk = _FIRST_CHUNK
         for message, parsed in first_pass:
-            if not isinstance(parsed, Parsed):
+            if type(parsed) is not Parsed:  # not a subclass: the parser makes these
                 continue
-            if want(parsed.channel, parsed.key):
+            if wants[parsed.channel](parsed.key):
                 batch = fresh[parsed.channel]
                 batch.append(parsed.e164)
                 if len(batch) >= chunk:

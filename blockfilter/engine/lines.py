@@ -24,7 +24,7 @@ from typing import IO, Any, Final, TypeVar
 import orjson
 
 from ..errors import InputChanged
-from ..model import VERDICT_FIELDS, Invalid, Parsed, parse_message
+from ..model import VERDICT_FIELDS, Invalid, Parsed, parse_fields, parse_message
 
 MAX_LINE_BYTES = 1 << 20  # a message is small; a bigger line is malformed, not a memory hazard
 
@@ -436,14 +436,11 @@ class LinePlan:
                 and type(to) is str
                 and (fallback is None or type(fallback) is list)
             ):
+                channel, region = get("channel"), get("region")
                 try:
                     # Routes grouped by all but their number: a route then costs a dict
                     # entry keyed by its `to`, not a tuple of its own as well.
-                    key: Any = (
-                        get("channel"),
-                        get("region"),
-                        None if fallback is None else tuple(fallback),
-                    )
+                    key: Any = (channel, region, None if fallback is None else tuple(fallback))
                     group = self._route_ids.get(key)
                     route = None if group is None else group.get(to)
                 except TypeError:  # an unhashable value somewhere: not a route
@@ -454,7 +451,7 @@ class LinePlan:
                     if self.share_verdicts:
                         return None
                     return message, replace(self.routes[route], id=message_id)
-                parsed = parse_message(message)
+                parsed = parse_fields(message_id, channel, to, region, fallback)
                 if key is not None and type(parsed) is Parsed and len(self.routes) < ROUTE_LIMIT:
                     if parsed.e164 == to:  # one string for both, kept for the run
                         parsed = Parsed(message_id, parsed.channel, to, parsed.fallback, parsed.key)

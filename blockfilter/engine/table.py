@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from array import array
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from ..config import CHANNELS
@@ -98,10 +98,24 @@ class _Slots:
                 return False
             self._odd[key] = 0
             return True
-        slot = self.find(key)
-        if self.keys[slot] == key:
-            return False
-        self._insert(slot, key, 0)
+        keys = self.keys
+        capacity = self._capacity
+        slot = (((key * _MIX) & _MASK64) * capacity) >> 64  # find(), inlined: hot
+        while True:
+            found = keys[slot]
+            if found == key:
+                return False
+            if found == _EMPTY:
+                break
+            slot += 1
+            if slot == capacity:
+                slot = 0
+        count = self.count = self.count + 1
+        if 4 * count > 3 * capacity:  # at most three quarters full
+            self._grow()
+            slot = self.find(key)
+            keys = self.keys
+        keys[slot] = key  # its value is 0 already: a free slot holds 0
         return True
 
     def set(self, key: int, value: int) -> int:
@@ -170,6 +184,10 @@ class StatusTable:
         """Mark a number as asked; false if it was asked (or known) already."""
         return self._slots[channel].add(key)  # index 0: ASKED
 
+    def wanting(self) -> dict[str, Callable[[int], bool]]:
+        """:meth:`want` of each channel, for a caller that asks a number at a time."""
+        return {channel: slots.add for channel, slots in self._slots.items()}
+
     def record(self, outcome: CheckOutcome, origin: str) -> None:
         """Join ``outcome`` in; ``origin`` names what answered (the verdict's ``source``)."""
         slots = self._slots[outcome.channel]
@@ -189,7 +207,7 @@ class StatusTable:
         blocked = outcome.blocked
         keys, values, find = slots.keys, slots.values, slots.find
         for number in outcome.numbers:
-            key = _key(number)
+            key = int(number[1:])  # _key(), inlined
             kind = BLOCKED if number in blocked else CLEAN
             # One probe a number: the slot is read and written in place (every number of an
             # answer was asked, so it is there; one that was not goes through set()).
