@@ -458,21 +458,17 @@ class Filter:
                         yield verdict.render(line)
                         continue
                     route = routes[code]
-                    if not seen[code]:
+                    if not seen[code]:  # its first line, which keeps no verdict
                         seen[code] = 1
                         rendered = templates.render(line, route.channel, route.key)
-                        if rendered is not None:
-                            yield rendered
-                            continue
-                    verdict = _Shared(
-                        *self._verdicts.verdict(_NO_MESSAGE, route, table, self.fallback_policy)
-                    )
-                    if seen[code] == 2:
-                        shared[code] = verdict
-                        route_lines[code] += 1
-                    else:
-                        seen[code] = 2  # its first line counted: the next one keeps it
-                        verdict.count(self.summary, 1)
+                        if rendered is None:
+                            verdict = self._shared_verdict(route, table)
+                            verdict.count(self.summary, 1)
+                            rendered = verdict.render(line)
+                        yield rendered
+                        continue
+                    verdict = shared[code] = self._shared_verdict(route, table)
+                    route_lines[code] += 1
                     yield verdict.render(line)
                     continue
             elif code <= COMPACT:
@@ -495,6 +491,9 @@ class Filter:
         for verdict, lines in zip(shared, route_lines, strict=True):
             if verdict is not None:
                 verdict.count(self.summary, lines)
+
+    def _shared_verdict(self, route: Parsed, table: StatusTable) -> _Shared:
+        return _Shared(*self._verdicts.verdict(_NO_MESSAGE, route, table, self.fallback_policy))
 
     def _verdict_line(
         self,
