@@ -34,7 +34,8 @@ Memory is each process's peak resident set size (``wait4``). ``--concurrency`` i
 16 in flight would take a minute whatever the code does).
 
 Writes ``benchmarks/results/scale.md`` (the table) and ``benchmarks/results/scale.png`` (the
-plot). Uses database 14 of the Redis server and deletes every ``bf:*`` key there at the end.
+plot); ``--quick`` writes ``benchmarks/results/scale-quick.md`` only. Uses database 14 of
+the Redis server and deletes every ``bf:*`` key there at the end.
 """
 
 from __future__ import annotations
@@ -474,6 +475,10 @@ def main() -> None:
     print()
     print(text)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.quick:  # a quick look leaves the full run's table and plot as they were
+        (RESULTS / "scale-quick.md").write_text(text)
+        print(f"wrote {RESULTS / 'scale-quick.md'}")
+        return
     (RESULTS / "scale.md").write_text(text)
     try:
         import matplotlib  # noqa: F401  (only for the plot: not one of the test extras)
