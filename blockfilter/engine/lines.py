@@ -146,10 +146,16 @@ def file_lines(handle: IO[bytes]) -> Iterator[bytes]:
     Blocks of whole lines are split in C: a ``readline`` call a line is a good share of
     the time a pass takes.
     """
-    return chain.from_iterable(map(io.BytesIO, _line_blocks(handle)))
+    return lines_of(line_blocks(handle))
 
 
-def _line_blocks(handle: IO[bytes]) -> Iterator[bytes]:
+def lines_of(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of ``blocks`` of whole lines, split in C: a reader that must look at its
+    file between blocks (:func:`line_blocks`) does it without a generator's step a line."""
+    return chain.from_iterable(map(io.BytesIO, blocks))
+
+
+def line_blocks(handle: IO[bytes]) -> Iterator[bytes]:
     """The content of ``handle`` in blocks of whole lines; a line cut short comes as a block
     of its own."""
     pending = b""  # the start of a line whose end has not been read yet
