@@ -387,11 +387,7 @@ class Filter:
         self, open_lines: Callable[[], Iterable[bytes]], plan: LinePlan
     ) -> Iterator[bytes]:
         def first_pass() -> Iterator[tuple[Any, Parsed | Invalid]]:
-            read = plan.read
-            for line_number, line in enumerate(read_pass(open_lines), 1):
-                item = read(line, line_number)
-                if item is not None:
-                    yield item
+            yield from plan.read_lines(read_pass(open_lines))
             plan.finish_first_pass()
 
         def look_again(every_line: bool) -> Iterator[tuple[Any, Parsed | Invalid]]:

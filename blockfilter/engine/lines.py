@@ -398,16 +398,97 @@ class LinePlan:
             nothing new for it: a blank line, or another line of a known route when routes
             share verdicts.
         """
-        codes = self._codes
-        if len(codes) >= self._CHUNK:
-            self._spool.write(codes.tobytes())
-            codes = self._codes = array("i")
+        self._spill_codes()
         message: Any = None
         if len(line) <= MAX_LINE_BYTES:
             try:  # noqa: SIM105 (contextlib.suppress costs more than the decode, here)
                 message = orjson.loads(line)
             except orjson.JSONDecodeError:
                 pass
+        return self._read_decoded(line, line_number, message)
+
+    def read_lines(self, lines: Iterable[bytes]) -> Iterator[tuple[Any, Parsed | Invalid]]:
+        """:meth:`read` of every line of the first pass (numbered from 1), yielding what is
+        not ``None``.
+
+        The usual line of a campaign that repeats its numbers (another line of a known route,
+        routes sharing verdicts) is coded in the loop itself: at 2 us a line, the calls and
+        attribute lookups of :meth:`read` cost as much as the decoding. Any other line goes
+        on to :meth:`_read_decoded`, which reads it as :meth:`read` does.
+        """
+        if not self.share_verdicts:  # each line is shown to the resolver: nothing to skip
+            read = self.read
+            for line_number, line in enumerate(lines, 1):
+                item = read(line, line_number)
+                if item is not None:
+                    yield item
+            return
+        loads, not_json = orjson.loads, orjson.JSONDecodeError
+        no_verdict_fields = VERDICT_FIELDS.isdisjoint
+        route_ids = self._route_ids
+        hash_id = self._id_hashes.append
+        codes = self._codes
+        chunk = self._CHUNK
+        for line_number, line in enumerate(lines, 1):
+            if len(codes) >= chunk:
+                codes = self._spill_codes()
+            message: Any = None
+            if len(line) <= MAX_LINE_BYTES:
+                try:  # noqa: SIM105 (contextlib.suppress costs more than the decode, here)
+                    message = loads(line)
+                except not_json:
+                    pass
+            if type(message) is dict and no_verdict_fields(message):
+                # repeats_a_key's cheap counts: the keys at the top, then one level down;
+                # a line they cannot settle goes the long way.
+                colons = line.count(b":")
+                kept = len(message)
+                if colons != kept:
+                    for value in message.values():
+                        if type(value) is dict:
+                            kept += len(value)
+                get = message.get
+                message_id, to, fallback = get("id"), get("to"), get("fallback")
+                if (
+                    colons == kept
+                    and type(message_id) is str
+                    and message_id
+                    and type(to) is str
+                    and (fallback is None or type(fallback) is list)
+                ):
+                    try:  # the key of _read_object, which numbers the routes
+                        group = route_ids.get(
+                            (
+                                get("channel"),
+                                get("region"),
+                                None if fallback is None else tuple(fallback),
+                            )
+                        )
+                    except TypeError:  # an unhashable value somewhere: not a route
+                        group = None
+                    route = None if group is None else group.get(to)
+                    if route is not None:
+                        codes.append(route)
+                        hash_id(hash(message_id))
+                        continue
+            item = self._read_decoded(line, line_number, message)
+            codes = self._codes
+            if item is not None:
+                yield item
+
+    def _spill_codes(self) -> array[int]:
+        """The codes array to append to, the full one written to the spool first."""
+        codes = self._codes
+        if len(codes) >= self._CHUNK:
+            self._spool.write(codes.tobytes())
+            codes = self._codes = array("i")
+        return codes
+
+    def _read_decoded(
+        self, line: bytes, line_number: int, message: Any
+    ) -> tuple[Any, Parsed | Invalid] | None:
+        """:meth:`read` of a line orjson made ``message`` of (``None`` if it could not)."""
+        codes = self._codes
         if type(message) is dict:
             # A flat line settles it here, without a call: see repeats_a_key.
             colons = line.count(b":")
