@@ -29,6 +29,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from itertools import chain
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -411,11 +412,16 @@ class Filter:
             if plan.valid_unrouted:
                 yield from look_again(every_line=False)
 
-        started = time.monotonic()
-        before = self._source_counters()
-        table = self._resolve(first_pass(), fallback_candidates)
-        yield from self._verdict_lines(open_lines, plan, table)
-        self._finish(before, started)
+        def passes() -> Iterator[Iterator[bytes]]:
+            started = time.monotonic()
+            before = self._source_counters()
+            table = self._resolve(first_pass(), fallback_candidates)
+            yield self._verdict_lines(open_lines, plan, table)
+            self._finish(before, started)
+
+        # The verdict pass's lines pass through chain, in C: a generator's step a line here
+        # cost a third of what splicing the line does.
+        return chain.from_iterable(passes())
 
     def _verdict_lines(
         self, open_lines: Callable[[], Iterable[bytes]], plan: LinePlan, table: StatusTable
