@@ -625,6 +625,30 @@ def test_an_atomic_file_leaves_nothing_behind_when_dropped(
         AtomicFile(str(tmp_path / "missing" / "out.jsonl"), label="--out")
 
 
+def test_an_atomic_file_starts_writing_back_as_it_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The commit's fsync then waits for the last few MB only, not for the whole output.
+    from blockfilter import atomicfile
+
+    monkeypatch.setattr(atomicfile, "WRITE_BACK_EVERY", 10)
+    advised: list[tuple[int, int, int]] = []
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((offset, length, advice))
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    target = tmp_path / "out.jsonl"
+    with AtomicFile(str(target), label="--out") as file:
+        for _ in range(5):
+            file.write(b"0123456\n")
+            file.handle.flush()  # as a full buffer does
+    assert target.read_bytes() == b"0123456\n" * 5
+    assert advised == [(0, 16, os.POSIX_FADV_DONTNEED), (16, 16, os.POSIX_FADV_DONTNEED)]
+
+
 def test_an_output_that_is_a_device_or_a_pipe_is_written_in_place(
     sim: Simulator, tmp_path: Path
 ) -> None:

@@ -154,6 +154,66 @@ def test_run_lines_gives_each_line_the_verdict_run_gives_its_message(
     assert summary["verdicts"] == dict(_count(r["verdict"] for r in got))
 
 
+@st.composite
+def lines_with_repeats(draw: st.DrawFn) -> list[bytes]:
+    """Campaign lines, some of them made to repeat a key at the top or one level down, or to
+    nest an object: what the first pass's cheap key counts must tell apart."""
+    lines = draw(campaign_files())
+    edits = ["as is", "as is", "top", "nested", "deeper", "colon", "verdict", "field"]
+    for index, line in enumerate(lines):
+        kind = draw(st.sampled_from(edits))
+        head, brace, tail = line.rpartition(b"}")
+        if kind == "as is" or not brace or head.lstrip().startswith(b"["):
+            continue
+        if kind == "field":  # a known route's line, but one field is not what a route has
+            try:
+                message = json.loads(line.removeprefix(b"\xef\xbb\xbf"))
+            except ValueError:
+                continue
+            if type(message) is dict:
+                name, value = draw(
+                    st.sampled_from(
+                        [("id", 5), ("id", ""), ("to", 919812345678), ("fallback", "sms")]
+                        + [("channel", ["sms"]), ("region", {}), ("fallback", [["sms"]])]
+                    )
+                )
+                message[name] = value
+                lines[index] = json.dumps(message).encode() + b"\n"
+            continue
+        extra = {
+            "top": b', "channel": "voice"',  # a repeat orjson drops: the last one wins
+            "nested": b', "p": {"k": 1, "k": 2}',
+            "deeper": b', "p": {"q": {"k": 1, "k": 2}}',
+            "colon": b', "p": {"k": "a:b"}',
+            "verdict": b', "verdict": "allowed"',
+        }[kind]
+        lines[index] = head + extra + brace + tail
+    return lines
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=lines_with_repeats(), chunk=st.sampled_from([LinePlan._CHUNK, 3]))
+def test_the_first_pass_loop_reads_each_line_as_read_does(lines: list[bytes], chunk: int) -> None:
+    # read_lines codes the usual line of a known route in its own loop: the plan it makes
+    # must be the one read() makes a line at a time, whatever the line.
+    def plan_of(read_all: bool) -> tuple[Any, ...]:
+        plan = LinePlan(share_verdicts=True)
+        if read_all:
+            shown = list(plan.read_lines(iter(lines)))
+        else:
+            items = (plan.read(line, n) for n, line in enumerate(lines, 1))
+            shown = [item for item in items if item is not None]
+        hashes = list(plan.ids.first_pass_hashes)
+        plan.finish_first_pass()
+        codes = [code for _, _, code in plan.lines(iter(lines))]
+        plan.close()
+        return shown, codes, plan.routes, hashes, plan.valid_unrouted, plan.line_count
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LinePlan, "_CHUNK", chunk)
+        assert plan_of(read_all=True) == plan_of(read_all=False)
+
+
 def _count(values: Iterator[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for value in values:

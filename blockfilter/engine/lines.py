@@ -17,6 +17,7 @@ import io
 import json
 import sys
 import tempfile
+import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -149,10 +150,16 @@ def file_lines(handle: IO[bytes]) -> Iterator[bytes]:
     Blocks of whole lines are split in C: a ``readline`` call a line is a good share of
     the time a pass takes.
     """
-    return chain.from_iterable(map(io.BytesIO, _line_blocks(handle)))
+    return lines_of(line_blocks(handle))
 
 
-def _line_blocks(handle: IO[bytes]) -> Iterator[bytes]:
+def lines_of(blocks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of ``blocks`` of whole lines, split in C: a reader that must look at its
+    file between blocks (:func:`line_blocks`) does it without a generator's step a line."""
+    return chain.from_iterable(map(io.BytesIO, blocks))
+
+
+def line_blocks(handle: IO[bytes]) -> Iterator[bytes]:
     """The content of ``handle`` in blocks of whole lines; a line cut short comes as a block
     of its own."""
     pending = b""  # the start of a line whose end has not been read yet
@@ -313,18 +320,64 @@ class DuplicateIds:
         # hash(id) of every valid message, appended to by the first pass.
         self.first_pass_hashes = array("q")
         self._suspects: frozenset[int] = frozenset()
+        self._closing: threading.Thread | None = None
+        self._wanted = threading.Event()  # the suspects are wanted now: no head start
+        self._closing_failed: BaseException | None = None
+
+    # The main thread's head start on close_first_pass_soon()'s thread: the first pass's last
+    # numbers go to the sources as it ends, and the check, holding the interpreter's lock,
+    # would slow that hand-over down (and so the last requests) if it ran at the same time.
+    HEAD_START_S = 0.005
+
+    def close_first_pass_soon(self) -> None:
+        """:meth:`close_first_pass` on a thread of its own, which :meth:`pass_checker` waits
+        for. The first pass's last requests leave as it ends, and the main thread then waits
+        for their answers: the check (some 30 ms at 200,000 messages) runs in that wait."""
+        self._closing = threading.Thread(
+            target=self._close_in_background, name="blockfilter-ids", daemon=True
+        )
+        self._closing.start()
+
+    def _close_in_background(self) -> None:
+        self._wanted.wait(self.HEAD_START_S)
+        try:
+            self.close_first_pass()
+        except BaseException as exc:  # raised again where the suspects are wanted
+            self._closing_failed = exc
+
+    def _wait_closed(self) -> None:
+        closing, self._closing = self._closing, None
+        if closing is not None:
+            self._wanted.set()
+            closing.join()
+        failed, self._closing_failed = self._closing_failed, None
+        if failed is not None:
+            raise failed
 
     def close_first_pass(self) -> None:
         hashes = self.first_pass_hashes
         shares = [hashes] if len(hashes) <= self.SORT_AT_ONCE else self._split(hashes)
         suspects: set[int] = set()
         for share in shares:
+            if self._all_distinct(share):
+                # No hash twice (the usual campaign): a set is made in a third of the time
+                # sorted() takes, and then there is nothing to look for.
+                del share[:]
+                continue
             ordered = sorted(share)
             del share[:]
             suspects.update(
                 ordered[i] for i in range(1, len(ordered)) if ordered[i] == ordered[i - 1]
             )
         self._suspects = frozenset(suspects)
+
+    def _all_distinct(self, hashes: array[int]) -> bool:
+        # A slice at a time: on the thread of close_first_pass_soon(), the main thread then
+        # waits for the interpreter's lock one slice at most, not for the whole set.
+        seen: set[int] = set()
+        for start in range(0, len(hashes), self._SLICE):
+            seen.update(hashes[start : start + self._SLICE])
+        return len(seen) == len(hashes)
 
     def _split(self, hashes: array[int]) -> list[array[int]]:
         """``hashes`` split by their low bits, emptying ``hashes`` from its end as the shares
@@ -342,6 +395,7 @@ class DuplicateIds:
     def pass_checker(self) -> Callable[[str], bool] | None:
         """A fresh ``is_duplicate(id)`` for one pass over the messages, in input order;
         ``None`` when no id can be a repeat (the common case: nothing to ask per message)."""
+        self._wait_closed()
         suspects = self._suspects
         if not suspects:
             return None
@@ -405,16 +459,97 @@ class LinePlan:
             nothing new for it: a blank line, or another line of a known route when routes
             share verdicts.
         """
-        codes = self._codes
-        if len(codes) >= self._CHUNK:
-            self._spool.write(codes.tobytes())
-            codes = self._codes = array("i")
+        self._spill_codes()
         message: Any = None
         if len(line) <= MAX_LINE_BYTES:
             try:  # noqa: SIM105 (contextlib.suppress costs more than the decode, here)
                 message = orjson.loads(line)
             except orjson.JSONDecodeError:
                 pass
+        return self._read_decoded(line, line_number, message)
+
+    def read_lines(self, lines: Iterable[bytes]) -> Iterator[tuple[Any, Parsed | Invalid]]:
+        """:meth:`read` of every line of the first pass (numbered from 1), yielding what is
+        not ``None``.
+
+        The usual line of a campaign that repeats its numbers (another line of a known route,
+        routes sharing verdicts) is coded in the loop itself: at 2 us a line, the calls and
+        attribute lookups of :meth:`read` cost as much as the decoding. Any other line goes
+        on to :meth:`_read_decoded`, which reads it as :meth:`read` does.
+        """
+        if not self.share_verdicts:  # each line is shown to the resolver: nothing to skip
+            read = self.read
+            for line_number, line in enumerate(lines, 1):
+                item = read(line, line_number)
+                if item is not None:
+                    yield item
+            return
+        loads, not_json = orjson.loads, orjson.JSONDecodeError
+        no_verdict_fields = VERDICT_FIELDS.isdisjoint
+        route_ids = self._route_ids
+        hash_id = self._id_hashes.append
+        codes = self._codes
+        chunk = self._CHUNK
+        for line_number, line in enumerate(lines, 1):
+            if len(codes) >= chunk:
+                codes = self._spill_codes()
+            message: Any = None
+            if len(line) <= MAX_LINE_BYTES:
+                try:  # noqa: SIM105 (contextlib.suppress costs more than the decode, here)
+                    message = loads(line)
+                except not_json:
+                    pass
+            if type(message) is dict and no_verdict_fields(message):
+                # repeats_a_key's cheap counts: the keys at the top, then one level down;
+                # a line they cannot settle goes the long way.
+                colons = line.count(b":")
+                kept = len(message)
+                if colons != kept:
+                    for value in message.values():
+                        if type(value) is dict:
+                            kept += len(value)
+                get = message.get
+                message_id, to, fallback = get("id"), get("to"), get("fallback")
+                if (
+                    colons == kept
+                    and type(message_id) is str
+                    and message_id
+                    and type(to) is str
+                    and (fallback is None or type(fallback) is list)
+                ):
+                    try:  # the key of _read_object, which numbers the routes
+                        group = route_ids.get(
+                            (
+                                get("channel"),
+                                get("region"),
+                                None if fallback is None else tuple(fallback),
+                            )
+                        )
+                    except TypeError:  # an unhashable value somewhere: not a route
+                        group = None
+                    route = None if group is None else group.get(to)
+                    if route is not None:
+                        codes.append(route)
+                        hash_id(hash(message_id))
+                        continue
+            item = self._read_decoded(line, line_number, message)
+            codes = self._codes
+            if item is not None:
+                yield item
+
+    def _spill_codes(self) -> array[int]:
+        """The codes array to append to, the full one written to the spool first."""
+        codes = self._codes
+        if len(codes) >= self._CHUNK:
+            self._spool.write(codes.tobytes())
+            codes = self._codes = array("i")
+        return codes
+
+    def _read_decoded(
+        self, line: bytes, line_number: int, message: Any
+    ) -> tuple[Any, Parsed | Invalid] | None:
+        """:meth:`read` of a line orjson made ``message`` of (``None`` if it could not)."""
+        codes = self._codes
         if type(message) is dict:
             # A flat line settles it here, without a call: see repeats_a_key.
             colons = line.count(b":")
@@ -499,7 +634,7 @@ class LinePlan:
 
     def finish_first_pass(self) -> None:
         self.line_count = self._spool.tell() // self._codes.itemsize + len(self._codes)
-        self.ids.close_first_pass()
+        self.ids.close_first_pass_soon()
         self._route_ids.clear()  # only the first pass numbers routes
         self._group_ids.clear()
 
