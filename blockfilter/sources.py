@@ -88,7 +88,9 @@ class BlocklistSource(Protocol):
 
         Yields outcomes as answers arrive, in any order, and covers every number exactly
         once: a number that could not be checked comes back in an outcome with ``error`` set.
-        Must not raise for upstream failures.
+        A source that never stands alone (:attr:`BaseSource.stands_alone`) may leave out the
+        numbers it does not blocklist: it only adds to what the others answer, and a number
+        no source answered stays unchecked. Must not raise for upstream failures.
         """
         ...
 
