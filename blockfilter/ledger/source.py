@@ -115,8 +115,7 @@ class _LedgerStream(BufferedStream):
     def finish(self) -> Iterator[CheckOutcome]:
         source = self._ledger_source
         if source.holds_nothing():
-            wanted, self._wanted = self._wanted, {}
-            source._count(sum(len(held) for held in wanted.values()), 0)
+            source._count(sum(len(held) for held in self._take_wanted().values()), 0)
             return iter(())
         return super().finish()
 
