@@ -88,7 +88,9 @@ class BlocklistSource(Protocol):
 
         Yields outcomes as answers arrive, in any order, and covers every number exactly
         once: a number that could not be checked comes back in an outcome with ``error`` set.
-        Must not raise for upstream failures.
+        A source that never stands alone (:attr:`BaseSource.stands_alone`) may leave out the
+        numbers it does not blocklist: it only adds to what the others answer, and a number
+        no source answered stays unchecked. Must not raise for upstream failures.
         """
         ...
 
@@ -187,16 +189,35 @@ class BufferedStream:
 
     A million numbers wait here for the whole first pass: as strings they would cost some
     70 bytes each, so an E.164 number is kept as the 8-byte int of its digits until then
-    (a channel given any other string keeps strings).
+    (a channel given any other string keeps strings). Up to :attr:`AS_GIVEN` numbers (a
+    worker's batch) are kept as the strings given, which their messages hold anyway:
+    turning a few thousand numbers into ints and back cost more than checking them against
+    a ledger that holds nothing.
     """
 
     CHUNK = 1 << 16
+    AS_GIVEN = 10_000
 
     def __init__(self, source: BlocklistSource) -> None:
         self._source = source
         self._wanted: dict[str, array[int] | list[str]] = {}
+        # The numbers as given, per channel, while they are few; None once compacted.
+        self._given: dict[str, list[str]] | None = {}
+        self._given_count = 0
 
     def add(self, channel: str, numbers: Sequence[str]) -> None:
+        given = self._given
+        if given is None:
+            self._add_compact(channel, numbers)
+            return
+        given.setdefault(channel, []).extend(numbers)
+        self._given_count += len(numbers)
+        if self._given_count > self.AS_GIVEN:
+            self._given = None
+            for held_channel, held in given.items():
+                self._add_compact(held_channel, held)
+
+    def _add_compact(self, channel: str, numbers: Sequence[str]) -> None:
         held = self._wanted.setdefault(channel, array("q"))
         if isinstance(held, list):
             held.extend(numbers)
@@ -214,8 +235,13 @@ class BufferedStream:
         return iter(())
 
     def finish(self) -> Iterator[CheckOutcome]:
-        wanted, self._wanted = self._wanted, {}
-        return self._check(wanted)
+        return self._check(self._take_wanted())
+
+    def _take_wanted(self) -> Mapping[str, array[int] | list[str]]:
+        """Every number held, per channel, in the order given; the stream holds none after."""
+        given, wanted = self._given, self._wanted
+        self._given, self._given_count, self._wanted = {}, 0, {}
+        return given if given is not None else wanted
 
     def _check(self, wanted: Mapping[str, array[int] | list[str]]) -> Iterator[CheckOutcome]:
         group: dict[str, list[str]] = {}

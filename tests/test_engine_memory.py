@@ -265,3 +265,24 @@ def test_the_default_stream_holds_a_waiting_number_in_8_bytes() -> None:
     # As strings, the numbers would be some 6 MB here (and 70 MB at a million).
     assert held < 2 * MiB
     assert sum(len(o.numbers) for o in stream.finish()) == count
+
+
+def test_the_default_stream_gives_back_what_it_held_as_given_and_compacted_alike(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A few numbers are held as given; past AS_GIVEN every channel's are compacted to ints
+    # (strings that are not plain E.164 stay strings): the source is asked the same either way.
+    sms = [f"+9198{i:08d}" for i in range(4)] + ["+0123", "+919812345690"]
+    voice = ["+14155550123", "+447400123456"]
+    asked = []
+    for as_given in (BufferedStream.AS_GIVEN, 3):
+        monkeypatch.setattr(BufferedStream, "AS_GIVEN", as_given)
+        source = Recording()
+        stream = BufferedStream(source)
+        stream.add("sms", sms[:2])
+        stream.add("voice", voice)
+        stream.add("sms", sms[2:])
+        assert [o.numbers for o in stream.finish()] == [sms, voice]
+        assert list(stream.finish()) == [] and source.calls[-1] == {}  # nothing held after
+        asked.append(source.calls[0])
+    assert asked == [{"sms": sms, "voice": voice}] * 2

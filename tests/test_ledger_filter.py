@@ -368,3 +368,62 @@ def test_a_verdict_the_dispatch_fence_turns_names_the_event_and_drops_the_cache_
     assert result["ledger_event"] == event.describe()
     assert result["checked_at"] > checked  # when the fence read the ledger
     assert summary["sources"] == {"ledger": {"blocked": 1}}
+
+
+class _AnswersNothing:
+    """A source that skips every number: a bug, or an answer lost on its way."""
+
+    name = "skipper"
+
+    def check_many(self, wanted):
+        return iter(())
+
+    def stats(self):
+        from blockfilter.sources import SourceStats
+
+        return SourceStats()
+
+
+def test_the_ledger_answers_only_its_opt_outs_so_a_number_nobody_else_answered_is_unchecked(
+    simulator: Simulator, sqlite_place: LedgerPlace
+) -> None:
+    settings = settings_for(simulator, sqlite_place)
+    add_optouts([N2], "sms", by="ops", settings=settings)  # a ledger that holds something
+    with Filter(settings, sources=[_AnswersNothing(), *_ledger_sources(settings)]) as engine:
+        found = {
+            r["id"]: (r["verdict"], r.get("reason"))
+            for r in engine.run([msg("a", N1), msg("b", N2)])
+        }
+    # The ledger knows nothing of N1: that is no clean answer, and no other source gave one.
+    assert found == {"a": ("deferred", "check_failed"), "b": ("blocked", "blocklisted")}
+
+
+def _refuse_reads(monkeypatch: pytest.MonkeyPatch, settings) -> None:
+    from blockfilter.ledger.ledger import shared_ledger
+
+    def read(wanted):
+        raise AssertionError("a ledger never written was read")
+
+    monkeypatch.setattr(shared_ledger(settings), "opted_out", read)
+
+
+def test_a_ledger_never_written_is_not_read_by_the_filter_nor_the_dispatch_gate(
+    simulator: Simulator, sqlite_place: LedgerPlace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blockfilter.ledger.source import dispatch_gate
+
+    settings = settings_for(simulator, sqlite_place)
+    _refuse_reads(monkeypatch, settings)
+    (source,) = _ledger_sources(settings)
+    stream = source.stream()
+    stream.add("sms", [N1, N2])
+    assert list(stream.finish()) == []  # no opt-out to answer, no read
+    assert source.stats().numbers_checked == 2
+    pm = make_plugin_manager(settings)
+    with build_filter(settings, pm) as engine:
+        results = list(engine.run([msg("a", N1)]))
+        summary = engine.summary.as_dict()
+    assert results[0]["verdict"] == "allowed"
+    with dispatch_gate(pm, settings, results, summary):
+        pass
+    assert results[0]["verdict"] == "allowed"

@@ -53,6 +53,35 @@ class _Ahead:
     syncs: int  # the channel's syncs by this process before the read
 
 
+class _Hits:
+    """Numbers answered by the cache, grouped by the status object that answers them (a read
+    shares one among the numbers it holds for), then by fetch: one outcome per fetch keeps
+    ``checked_at`` exact without an object per number."""
+
+    __slots__ = ("_groups",)
+
+    def __init__(self) -> None:
+        self._groups: dict[int, tuple[CachedStatus, list[str]]] = {}
+
+    def add(self, number: str, status: CachedStatus) -> None:
+        group = self._groups.get(id(status))
+        if group is None:
+            group = self._groups[id(status)] = (status, [])
+        group[1].append(number)
+
+    def outcomes(self, access: CacheAccess, channel: str) -> list[CheckOutcome]:
+        by_fetch: dict[tuple[float, str], tuple[list[str], list[str]]] = {}
+        for status, numbers in self._groups.values():
+            numbers_of, blocked = by_fetch.setdefault((status.fetched_at, status.origin), ([], []))
+            numbers_of.extend(numbers)
+            if status.blocked:
+                blocked.extend(numbers)
+        return [
+            access.stored(channel, numbers, frozenset(blocked), *at)
+            for at, (numbers, blocked) in by_fetch.items()
+        ]
+
+
 class CacheAccess:
     """``cache`` behind a breaker of its own, with the registry of what the process asks.
 
@@ -122,44 +151,41 @@ class CacheAccess:
         ahead = self._ahead(channel)
         return (False, None) if ahead is None else (True, ahead.snapshot)
 
-    def _statuses_ahead(
-        self, channel: str, numbers: Sequence[str]
-    ) -> tuple[dict[str, CachedStatus], Sequence[str]]:
-        """(what the read-ahead still proves of ``numbers``, the numbers to read now)."""
+    def _answer_ahead(
+        self, channel: str, numbers: Sequence[str], hits: _Hits, misses: list[str]
+    ) -> Sequence[str]:
+        """Sort ``numbers`` by what the read-ahead still proves: hits, misses (read a moment
+        ago and not there), and the numbers to read now, returned."""
         ahead = self._ahead(channel)
         if ahead is None:
-            return {}, numbers
+            return numbers
         now = self._monotonic()
         asked, found = ahead.asked, ahead.found
         # By identity: the read shares one status object among the numbers it holds for, and
         # hashing a status a number would cost more than the rest of the loop.
         trusted = {id(status) for status, until in ahead.until.items() if until > now}
-        proven: dict[str, CachedStatus] = {}
         unread: list[str] = []
         for number in numbers:
-            if number not in asked:
-                unread.append(number)
-                continue
-            status = found.get(number)
+            status = found.get(number)  # only numbers asked are found
             if status is None:
-                continue  # read a moment ago and not there: a miss
-            if id(status) in trusted:
-                proven[number] = status
+                (misses if number in asked else unread).append(number)
+            elif id(status) in trusted:
+                hits.add(number, status)
             else:
                 unread.append(number)  # trusted no longer: read again
-        return proven, unread
+        return unread
 
     def answers(self, channel: str, numbers: Sequence[str]) -> tuple[list[CheckOutcome], list[str]]:
         """(what the cache proves, the misses). Every number of a chunk whose read fails is a
         miss: nothing read earlier (a snapshot seen a moment ago) stands in for it. A number
         read ahead was read by a read that did not fail, and is answered from it while that
         read proves it (:meth:`reading_ahead`)."""
-        hits: dict[tuple[float, str], list[str]] = defaultdict(list)
-        hits_blocked: dict[tuple[float, str], set[str]] = defaultdict(set)
+        hits = _Hits()
         misses: list[str] = []
-        for start in range(0, len(numbers), _CACHE_CHUNK):
-            chunk = numbers[start : start + _CACHE_CHUNK]
-            found = self.statuses(channel, chunk)
+        unread = self._answer_ahead(channel, numbers, hits, misses)
+        for start in range(0, len(unread), _CACHE_CHUNK):
+            chunk = unread[start : start + _CACHE_CHUNK]
+            found = self._read(channel, chunk)
             if not found:  # a cold cache: no number of the chunk to look at one by one
                 misses.extend(chunk)
                 continue
@@ -167,18 +193,9 @@ class CacheAccess:
                 status = found.get(number)
                 if status is None:
                     misses.append(number)
-                    continue
-                # Entries fetched together share a timestamp: one outcome per fetch keeps
-                # checked_at exact without an object per number.
-                key = (status.fetched_at, status.origin)
-                hits[key].append(number)
-                if status.blocked:
-                    hits_blocked[key].add(number)
-        outcomes = [
-            self.stored(channel, group, frozenset(hits_blocked.get(at, ())), *at)
-            for at, group in hits.items()
-        ]
-        return outcomes, misses
+                else:
+                    hits.add(number, status)
+        return hits.outcomes(self, channel), misses
 
     def stored(
         self,
@@ -195,14 +212,9 @@ class CacheAccess:
             channel, numbers, blocked, fetched_at, origin=origin, provenance={"age_s": age}
         )
 
-    def statuses(self, channel: str, numbers: Sequence[str]) -> dict[str, CachedStatus]:
-        found, unread = self._statuses_ahead(channel, numbers)
-        if unread:
-            nothing: dict[str, CachedStatus] = {}
-            found.update(
-                self.guard.call("get", lambda: self.cache.get_many(channel, unread), nothing)
-            )
-        return found
+    def _read(self, channel: str, numbers: Sequence[str]) -> dict[str, CachedStatus]:
+        nothing: dict[str, CachedStatus] = {}
+        return self.guard.call("get", lambda: self.cache.get_many(channel, numbers), nothing)
 
     def snapshot(self, channel: str) -> SyncInfo | None:
         return self.guard.call("snapshot", lambda: self.cache.snapshot_info(channel), None)

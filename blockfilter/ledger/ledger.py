@@ -148,6 +148,13 @@ class Ledger:
                 found[number].append(event)
         return found
 
+    def ever_written(self) -> bool:
+        """Whether the store was ever written to: a ledger never written holds no opt-out.
+
+        :raises LedgerUnavailable: the store cannot tell.
+        """
+        return self.store.exists()
+
     def opted_out(self, wanted: Mapping[str, Sequence[str]]) -> dict[str, dict[str, Event]]:
         """channel -> {number: the event that keeps it opted out} for the numbers of
         ``wanted`` (channel -> numbers) that are opted out there. One store read.
