@@ -59,28 +59,6 @@ def test_repeated_ids_are_found_whether_hashes_are_sorted_whole_or_split(
     assert duplicates_found(list(range(40))) == [False] * 40
 
 
-def test_the_duplicate_check_can_run_while_the_last_answers_are_awaited(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # LinePlan.finish_first_pass hands the check to a thread; the next pass's checker waits
-    # for it, and gets its suspects or its error, never an empty answer instead.
-    ids = DuplicateIds()
-    ids.first_pass_hashes.extend([5, 7, 5])
-    ids.close_first_pass_soon()
-    checker = ids.pass_checker()
-    assert checker is not None
-    assert [checker(_id_with_hash(value)) for value in (5, 7, 5)] == [False, False, True]
-
-    def out_of_memory(self: DuplicateIds) -> None:
-        raise MemoryError
-
-    monkeypatch.setattr(DuplicateIds, "close_first_pass", out_of_memory)
-    failing = DuplicateIds()
-    failing.close_first_pass_soon()
-    with pytest.raises(MemoryError):
-        failing.pass_checker()
-
-
 def test_the_duplicate_check_sorts_no_list_of_every_hash(monkeypatch: pytest.MonkeyPatch) -> None:
     count = 200_000
     monkeypatch.setattr(DuplicateIds, "SORT_AT_ONCE", 1 << 12)

@@ -17,7 +17,6 @@ import io
 import json
 import sys
 import tempfile
-import threading
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -320,46 +319,13 @@ class DuplicateIds:
         # hash(id) of every valid message, appended to by the first pass.
         self.first_pass_hashes = array("q")
         self._suspects: frozenset[int] = frozenset()
-        self._closing: threading.Thread | None = None
-        self._wanted = threading.Event()  # the suspects are wanted now: no head start
-        self._closing_failed: BaseException | None = None
-
-    # The main thread's head start on close_first_pass_soon()'s thread: the first pass's last
-    # numbers go to the sources as it ends, and the check, holding the interpreter's lock,
-    # would slow that hand-over down (and so the last requests) if it ran at the same time.
-    HEAD_START_S = 0.005
-
-    def close_first_pass_soon(self) -> None:
-        """:meth:`close_first_pass` on a thread of its own, which :meth:`pass_checker` waits
-        for. The first pass's last requests leave as it ends, and the main thread then waits
-        for their answers: the check (some 30 ms at 200,000 messages) runs in that wait."""
-        self._closing = threading.Thread(
-            target=self._close_in_background, name="blockfilter-ids", daemon=True
-        )
-        self._closing.start()
-
-    def _close_in_background(self) -> None:
-        self._wanted.wait(self.HEAD_START_S)
-        try:
-            self.close_first_pass()
-        except BaseException as exc:  # raised again where the suspects are wanted
-            self._closing_failed = exc
-
-    def _wait_closed(self) -> None:
-        closing, self._closing = self._closing, None
-        if closing is not None:
-            self._wanted.set()
-            closing.join()
-        failed, self._closing_failed = self._closing_failed, None
-        if failed is not None:
-            raise failed
 
     def close_first_pass(self) -> None:
         hashes = self.first_pass_hashes
         shares = [hashes] if len(hashes) <= self.SORT_AT_ONCE else self._split(hashes)
         suspects: set[int] = set()
         for share in shares:
-            if self._all_distinct(share):
+            if len(set(share)) == len(share):
                 # No hash twice (the usual campaign): a set is made in a third of the time
                 # sorted() takes, and then there is nothing to look for.
                 del share[:]
@@ -370,14 +336,6 @@ class DuplicateIds:
                 ordered[i] for i in range(1, len(ordered)) if ordered[i] == ordered[i - 1]
             )
         self._suspects = frozenset(suspects)
-
-    def _all_distinct(self, hashes: array[int]) -> bool:
-        # A slice at a time: on the thread of close_first_pass_soon(), the main thread then
-        # waits for the interpreter's lock one slice at most, not for the whole set.
-        seen: set[int] = set()
-        for start in range(0, len(hashes), self._SLICE):
-            seen.update(hashes[start : start + self._SLICE])
-        return len(seen) == len(hashes)
 
     def _split(self, hashes: array[int]) -> list[array[int]]:
         """``hashes`` split by their low bits, emptying ``hashes`` from its end as the shares
@@ -395,7 +353,6 @@ class DuplicateIds:
     def pass_checker(self) -> Callable[[str], bool] | None:
         """A fresh ``is_duplicate(id)`` for one pass over the messages, in input order;
         ``None`` when no id can be a repeat (the common case: nothing to ask per message)."""
-        self._wait_closed()
         suspects = self._suspects
         if not suspects:
             return None
@@ -634,7 +591,7 @@ class LinePlan:
 
     def finish_first_pass(self) -> None:
         self.line_count = self._spool.tell() // self._codes.itemsize + len(self._codes)
-        self.ids.close_first_pass_soon()
+        self.ids.close_first_pass()
         self._route_ids.clear()  # only the first pass numbers routes
         self._group_ids.clear()
 
