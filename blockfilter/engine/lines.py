@@ -403,7 +403,6 @@ class LinePlan:
         # The (channel, fallback) of each group of compact lines, and their numbers' keys.
         self.groups: list[tuple[str, tuple[str, ...]]] = []
         self._group_ids: dict[tuple[str, tuple[str, ...]], int] = {}
-        self.compact_lines = 0
         self._keys = array("q")
         self._key_spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed by close())
             max_size=1 << 20, prefix="blockfilter-"
@@ -496,11 +495,8 @@ class LinePlan:
 
     def _spill_codes(self) -> array[int]:
         """The codes array to append to, the full one written to the spool first."""
-        codes = self._codes
-        if len(codes) >= self._CHUNK:
-            self._spool.write(codes.tobytes())
-            codes = self._codes = array("i")
-        return codes
+        self._codes = _spilled(self._spool, self._codes)
+        return self._codes
 
     def _read_decoded(
         self, line: bytes, line_number: int, message: Any
@@ -574,12 +570,8 @@ class LinePlan:
                 return None
             index = self._group_ids[group] = len(self.groups)
             self.groups.append(group)
-        keys = self._keys
-        if len(keys) >= self._CHUNK:
-            self._key_spool.write(keys.tobytes())
-            keys = self._keys = array("q")
-        keys.append(parsed.key)
-        self.compact_lines += 1
+        self._keys = _spilled(self._key_spool, self._keys)
+        self._keys.append(parsed.key)
         return COMPACT - index
 
     def _unrouted(self, parsed: Parsed | Invalid) -> Parsed | Invalid:
@@ -635,6 +627,14 @@ class LinePlan:
     def close(self) -> None:
         self._spool.close()
         self._key_spool.close()
+
+
+def _spilled(spool: IO[bytes], values: array[int]) -> array[int]:
+    """``values``, or a new empty array of its type once it is full and written to ``spool``."""
+    if len(values) < LinePlan._CHUNK:
+        return values
+    spool.write(values.tobytes())
+    return array(values.typecode)
 
 
 def _chunks(spool: IO[bytes], tail: array[int]) -> Iterator[array[int]]:
