@@ -15,7 +15,7 @@ import pytest
 
 from blockfilter.config import load_settings
 from blockfilter.engine.filter import Filter
-from blockfilter.sources import CheckOutcome, FunctionSource, SourceStats
+from blockfilter.sources import BaseSource, CheckOutcome, FunctionSource, SourceStats
 
 A = "+919812345678"
 B = "+919812345679"
@@ -331,3 +331,56 @@ def test_a_verdict_carries_its_sources_provenance_and_nothing_else_of_it() -> No
         ("rerouted", 30.0, B),
     ]
     assert out[2].count(b'"age_s"') == 1 and b"forged" not in out[2]
+
+
+class _HandOverLog(BaseSource):
+    """A source whose stream notes, at each hand-over, how many lines had been read."""
+
+    name = "log"
+
+    def __init__(self, lines_read: list[int]) -> None:
+        self.lines_read = lines_read
+        self.handed: list[tuple[int, int]] = []  # (lines read by then, numbers so far)
+        self.asked: list[str] = []
+
+    def check_many(self, wanted: Mapping[str, Sequence[str]]) -> Iterator[CheckOutcome]:
+        raise AssertionError("the stream answers")
+
+    def stream(self) -> Any:
+        source = self
+
+        class Stream:
+            def add(self, channel: str, numbers: Sequence[str]) -> None:
+                source.asked.extend(numbers)
+                source.handed.append((source.lines_read[0], len(source.asked)))
+
+            def completed(self) -> Iterator[CheckOutcome]:
+                return iter(())
+
+            def finish(self) -> Iterator[CheckOutcome]:
+                yield CheckOutcome("sms", list(source.asked), frozenset(), time.time())
+
+        return Stream()
+
+
+def test_numbers_seen_early_are_handed_over_before_the_pass_ends() -> None:
+    # 1,000 numbers, each met in the first 1,000 lines, then 60,000 lines repeating them:
+    # every number must reach the source long before the first pass ends, so that its
+    # requests are in flight while the rest is read (they used to wait for the last line).
+    numbers = [f"+9198{n:08d}" for n in range(1000)]
+    raw = lines(*(msg(str(i), numbers[i % 1000]) for i in range(61_000)))
+    lines_read = [0]
+
+    def counted() -> Iterator[bytes]:
+        for line in raw:
+            lines_read[0] += 1
+            yield line
+
+    source = _HandOverLog(lines_read)
+    engine = Filter(load_settings(environ={}), sources=[source])
+    out = list(engine.run_lines(counted))
+    assert len(out) == 61_000
+    assert all(json.loads(line)["verdict"] == "allowed" for line in out[:1000])
+    assert sorted(source.asked) == numbers  # each asked once
+    by_then = [read for read, asked in source.handed if asked == 1000]
+    assert by_then and by_then[0] <= 1000 + 2 * 4096, source.handed

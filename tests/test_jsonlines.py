@@ -23,7 +23,7 @@ from blockfilter import cli
 from blockfilter.engine import filter as filter_module
 from blockfilter.engine import lines as jsonlines
 from blockfilter.engine.filter import Filter
-from blockfilter.engine.lines import LinePlan
+from blockfilter.engine.lines import STILL_READING, LinePlan
 from blockfilter.errors import InputChanged
 from blockfilter.model import Parsed
 from blockfilter.testing.simulator import Simulator
@@ -199,7 +199,8 @@ def test_the_first_pass_loop_reads_each_line_as_read_does(lines: list[bytes], ch
     def plan_of(read_all: bool) -> tuple[Any, ...]:
         plan = LinePlan(share_verdicts=True)
         if read_all:
-            shown = list(plan.read_lines(iter(lines)))
+            read = plan.read_lines(iter(lines))
+            shown = [item for item in read if item is not STILL_READING]
         else:
             items = (plan.read(line, n) for n, line in enumerate(lines, 1))
             shown = [item for item in items if item is not None]

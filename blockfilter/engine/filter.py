@@ -393,7 +393,7 @@ class Filter:
     def _run_planned(
         self, open_lines: Callable[[], Iterable[bytes]], plan: LinePlan
     ) -> Iterator[bytes]:
-        def first_pass() -> Iterator[tuple[Any, Parsed | Invalid]]:
+        def first_pass() -> Iterator[tuple[Any, Parsed | Invalid | None]]:
             yield from plan.read_lines(read_pass(open_lines))
             plan.finish_first_pass()
 
@@ -622,12 +622,13 @@ class Filter:
 
     def _resolve(
         self,
-        first_pass: Iterable[tuple[Any, Parsed | Invalid]],
+        first_pass: Iterable[tuple[Any, Parsed | Invalid | None]],
         fallback_candidates: Replay,
     ) -> StatusTable:
         """What the sources say of every message's number, then of the fallback channels of
         the blocklisted ones. ``first_pass`` gives every message (or at least one of each
-        route); ``fallback_candidates`` gives them again for each fallback round."""
+        route), and may give :data:`~blockfilter.engine.lines.STILL_READING` while it reads
+        on; ``fallback_candidates`` gives them again for each fallback round."""
         table = StatusTable()
         streams = [(source.stream(), source.name) for source in self.sources]
         # Numbers go to the sources while the input is still being read, so requests are in
@@ -639,6 +640,14 @@ class Filter:
         chunk = _FIRST_CHUNK
         for message, parsed in first_pass:
             if type(parsed) is not Parsed:  # not a subclass: the parser makes these
+                if parsed is None:
+                    # STILL_READING: lines of numbers already handed over. What is held goes
+                    # now, so its full requests leave rather than wait for the pass to end
+                    # (a source sends full requests only: a request's last part still waits).
+                    for channel, batch in fresh.items():
+                        if batch:
+                            self._feed(streams, table, channel, batch)
+                            fresh[channel] = []
                 continue
             if wants[parsed.channel](parsed.key):
                 batch = fresh[parsed.channel]

@@ -299,6 +299,14 @@ ROUTE_LIMIT = 1 << 16
 COMPACT: Final = -16
 GROUP_LIMIT = 256  # more distinct groups than this (junk, really) are looked at again
 
+#: What :meth:`LinePlan.read_lines` yields now and then while it codes lines of known routes
+#: (no new message among them): a moment for the resolver to hand over the numbers it holds.
+#: A campaign that repeats its numbers sees them all early; without it their last full
+#: requests would leave only when the pass ends.
+STILL_READING: Final = (None, None)
+# Known-route lines between two of them: some 8 ms of reading.
+_STILL_READING_EVERY: Final = 4096
+
 
 class DuplicateIds:
     """Finds repeated ids with 8 bytes a message instead of a set of every id.
@@ -424,9 +432,11 @@ class LinePlan:
                 pass
         return self._read_decoded(line, line_number, message)
 
-    def read_lines(self, lines: Iterable[bytes]) -> Iterator[tuple[Any, Parsed | Invalid]]:
+    def read_lines(
+        self, lines: Iterable[bytes]
+    ) -> Iterator[tuple[Any, Parsed | Invalid] | tuple[None, None]]:
         """:meth:`read` of every line of the first pass (numbered from 1), yielding what is
-        not ``None``.
+        not ``None``, and :data:`STILL_READING` now and then among lines of known routes.
 
         The usual line of a campaign that repeats its numbers (another line of a known route,
         routes sharing verdicts) is coded in the loop itself: at 2 us a line, the calls and
@@ -446,6 +456,7 @@ class LinePlan:
         hash_id = self._id_hashes.append
         codes = self._codes
         chunk = self._CHUNK
+        every = _STILL_READING_EVERY - 1  # a power of two, less one: a mask
         for line_number, line in enumerate(lines, 1):
             if len(codes) >= chunk:
                 codes = self._spill_codes()
@@ -487,6 +498,8 @@ class LinePlan:
                     if route is not None:
                         codes.append(route)
                         hash_id(hash(message_id))
+                        if not line_number & every:
+                            yield STILL_READING
                         continue
             item = self._read_decoded(line, line_number, message)
             codes = self._codes
