@@ -110,14 +110,16 @@ class DictTable:
         return self.status.get((channel, key))
 
 
-def test_the_status_table_answers_as_a_dict_of_every_number_would() -> None:
+@pytest.mark.parametrize("expected", [0, 5, 10_000])
+def test_the_status_table_answers_as_a_dict_of_every_number_would(expected: int) -> None:
+    # Sized up front or not, and whether the hint is right: the same answers.
     rng = random.Random(7)
     # Few distinct numbers, so that numbers are asked, answered and answered again; some of
     # them one apart, or far apart with equal low digits.
     numbers = [
         f"+91{9800000000 + rng.choice([0, 1, 2, 10**6, 2**20, 2**30]) + i}" for i in range(60)
     ]
-    compact, reference = StatusTable(), DictTable()
+    compact, reference = StatusTable(expected), DictTable()
     for step in range(3000):
         channel = rng.choice(CHANNELS)
         picked = rng.sample(numbers, rng.randint(1, 8))
@@ -139,6 +141,23 @@ def test_the_status_table_answers_as_a_dict_of_every_number_would() -> None:
         for number in [*numbers, "+919999999999"]:
             key = int(number[1:])
             assert compact.lookup(channel, key) == reference.lookup(channel, key), number
+        # What the fallback rounds look at first: exactly the numbers blocklisted there.
+        blocked = {
+            key
+            for (named, key), status in reference.status.items()
+            if named == channel and status[0] == BLOCKED
+        }
+        assert compact.blocked_keys(channel) == blocked, channel
+
+
+def test_a_key_beyond_the_arrays_is_blocklisted_like_any_other() -> None:
+    # No E.164 number makes one, but a source may answer with any digits.
+    huge = "+" + "9" * 20
+    table = StatusTable()
+    table.record(CheckOutcome("sms", [huge, A], frozenset({huge, A}), 1.0), "src")
+    assert table.lookup("sms", int(huge[1:]))[0] == BLOCKED  # type: ignore[index]
+    assert table.blocked_keys("sms") == {int(huge[1:]), int(A[1:])}
+    assert table.blocked_keys("whatsapp") == set()
 
 
 def test_a_failed_check_is_not_cleared_by_a_later_clean_answer() -> None:

@@ -341,7 +341,7 @@ class Filter:
 
         started = time.monotonic()
         before = self._source_counters()
-        table = self._resolve(replay(), replay)
+        table = self._resolve(replay(), replay, expected=len(items))
         observe = self._observer()
         batch: list[dict[str, Any]] = []
         for position, (message, p) in enumerate(replay(), 1):
@@ -624,12 +624,14 @@ class Filter:
         self,
         first_pass: Iterable[tuple[Any, Parsed | Invalid | None]],
         fallback_candidates: Replay,
+        expected: int = 0,
     ) -> StatusTable:
         """What the sources say of every message's number, then of the fallback channels of
         the blocklisted ones. ``first_pass`` gives every message (or at least one of each
         route), and may give :data:`~blockfilter.engine.lines.STILL_READING` while it reads
-        on; ``fallback_candidates`` gives them again for each fallback round."""
-        table = StatusTable()
+        on; ``fallback_candidates`` gives them again for each fallback round; ``expected``:
+        about how many numbers a channel will hold, when known."""
+        table = StatusTable(expected)
         streams = [(source.stream(), source.name) for source in self.sources]
         # Numbers go to the sources while the input is still being read, so requests are in
         # flight during the first pass instead of after it.
@@ -670,8 +672,15 @@ class Filter:
         while has_fallbacks:
             wanted: dict[str, set[int]] = defaultdict(set)
             own = policy is default_fallback_policy  # then a message without one has none
+            # Only a message blocklisted on its own channel has a fallback to check: the few
+            # keys blocklisted there are asked first, not the status of every message.
+            blocked = {channel: table.blocked_keys(channel) for channel in CHANNELS}
             for message, parsed in fallback_candidates():
-                if isinstance(parsed, Parsed) and (parsed.fallback or not own):
+                if (
+                    isinstance(parsed, Parsed)
+                    and (parsed.fallback or not own)
+                    and parsed.key in blocked[parsed.channel]
+                ):
                     fallback = self._next_fallback_to_check(message, parsed, table)
                     if fallback is not None:
                         wanted[fallback].add(parsed.key)

@@ -44,6 +44,8 @@ _MIX: Final = 0x9E3779B97F4A7C15
 _MASK64: Final = (1 << 64) - 1
 _EMPTY: Final = 0  # no E.164 key is 0
 _MAX_KEY: Final = (1 << 63) - 1  # what an array("q") slot holds
+# A size hint above this is not trusted up front: the table grows as it fills instead.
+_EXPECTED_AT_MOST: Final = 1 << 16
 
 
 class _Slots:
@@ -54,9 +56,11 @@ class _Slots:
 
     __slots__ = ("keys", "values", "count", "_capacity", "_odd")
 
-    def __init__(self) -> None:
+    def __init__(self, expected: int = 0) -> None:
         self.count = 0
-        self._capacity = 8
+        # Room for ``expected`` keys at most three quarters full: a table sized up front does
+        # not grow (a worker's batch of 1,000 grew thirteen times from 8).
+        self._capacity = max(8, expected + expected // 3 + 1)
         self.keys = array("q", bytes(8 * self._capacity))
         self.values = array("i", bytes(4 * self._capacity))
         self._odd: dict[int, int] = {}
@@ -172,13 +176,21 @@ class StatusTable:
     number unchecked; a clean or blocklisted status keeps the oldest time any source gave.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, expected: int = 0) -> None:
+        """:param expected: about how many numbers a channel will hold (a hint: the table
+        grows past it)."""
         # (kind, value) when unchecked; (kind, checked_at, origin, provenance) when answered.
         self._statuses: list[tuple[Any, ...]] = [ASKED]
         # The statuses of failures, once a reason. Not ASKED's, even for the same reason: a
         # failure is an answer a later clean one must not replace (ASKED is by identity).
         self._failures: dict[str, int] = {}
-        self._slots: dict[str, _Slots] = {c: _Slots() for c in CHANNELS}
+        expected = min(expected, _EXPECTED_AT_MOST)
+        self._slots: dict[str, _Slots] = {c: _Slots(expected) for c in CHANNELS}
+        # The keys of each channel's blocklisted numbers, in the order they became so (a
+        # status blocklisted stays so): the fallback rounds look at these few, not at the
+        # status of every message.
+        self._blocked: dict[str, array[int]] = {c: array("q") for c in CHANNELS}
+        self._blocked_odd: set[tuple[str, int]] = set()
 
     def want(self, channel: str, key: int) -> bool:
         """Mark a number as asked; false if it was asked (or known) already."""
@@ -205,6 +217,7 @@ class StatusTable:
         # Each answer's two statuses, added to the list the first time a number takes one.
         given = {CLEAN: -1, BLOCKED: -1}
         blocked = outcome.blocked
+        blocked_keys = self._blocked[outcome.channel]
         keys, values, find = slots.keys, slots.values, slots.find
         for number in outcome.numbers:
             key = int(number[1:])  # _key(), inlined
@@ -222,6 +235,11 @@ class StatusTable:
                 or _RANK[kind] > _RANK[old[0]]
                 or (kind == old[0] and checked_at < old[1])  # the same answer, learnt earlier
             ):
+                if kind == BLOCKED and (old is ASKED or old[0] != BLOCKED):
+                    if 0 < key <= _MAX_KEY:
+                        blocked_keys.append(key)
+                    else:  # no E.164 key: one a source gave, beyond what the array holds
+                        self._blocked_odd.add((outcome.channel, key))
                 new = given[kind]
                 if new < 0:
                     new = given[kind] = len(statuses)
@@ -231,6 +249,12 @@ class StatusTable:
                 else:
                     slots.set(key, new)  # may grow the table: its arrays are new
                     keys, values = slots.keys, slots.values
+
+    def blocked_keys(self, channel: str) -> set[int]:
+        """The keys of the numbers blocklisted on ``channel`` so far."""
+        keys = set(self._blocked[channel])
+        keys.update(key for named, key in self._blocked_odd if named == channel)
+        return keys
 
     def lookup(self, channel: str, key: int) -> tuple[Any, ...] | None:
         """The number's status; ``None`` if it was never asked."""
