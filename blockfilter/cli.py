@@ -416,7 +416,8 @@ def _run_filter(args: argparse.Namespace, settings: Settings) -> int:
             shown = str(low) if low == high else f"{low} to {high}"
             print(f"{shown} API requests")
             return EXIT_OK
-        lines = engine.run_lines(open_lines)
+        # The file's lines: a forked copy of this process may go on reading them.
+        lines = engine.run_lines(open_lines, parser_process=settings.parser_process)
         if args.metrics_file:
             from .engine.filter import observed_lines
 

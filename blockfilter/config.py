@@ -25,6 +25,9 @@ REGION_DOMAINS = {
 }
 CHANNELS = ("sms", "whatsapp", "voice")
 ON_ERROR_POLICIES = ("defer", "allow", "drop")
+# Where `blockfilter filter` decodes most of its input's first pass: a forked process past
+# the first lines (auto: past 4,096 of them; always: past the first), or this one (off).
+PARSER_PROCESS_CHOICES = ("auto", "always", "off")
 STARTUP_CHECKS = ("settings", "api", "off")
 
 # A SID goes into the URL path, so it must not be able to change that path. fullmatch, not
@@ -273,6 +276,14 @@ SPECS: dict[str, _Spec] = {
     "write_back": _Spec(
         "BLOCKFILTER_WRITE_BACK", _parse_bool, False, "write ledger changes back to Kaleyra"
     ),
+    # The first pass on the second core (Linux): see blockfilter.engine.reader.
+    "parser_process": _Spec(
+        "BLOCKFILTER_PARSER_PROCESS",
+        _choice(PARSER_PROCESS_CHOICES),
+        "auto",
+        "blockfilter filter decodes its input in a second process: auto (past 4,096 lines), "
+        "always, off",
+    ),
     # Prometheus metrics of a worker (the blockfilter[metrics] extra): see blockfilter.metrics.
     "metrics_port": _Spec(
         "BLOCKFILTER_METRICS_PORT",
@@ -368,6 +379,7 @@ class Settings:
     optin_keywords: str | None = _default("optin_keywords")
     write_back: bool = _default("write_back")
     startup_check: str = _default("startup_check")
+    parser_process: str = _default("parser_process")
     metrics_port: int | None = _default("metrics_port")
     collect_flush_every: int = _default("collect_flush_every")
     collect_flush_interval: float = _default("collect_flush_interval")

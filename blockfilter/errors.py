@@ -36,6 +36,11 @@ class InputChanged(BlockfilterError):
     """
 
 
+class ReaderFailed(BlockfilterError):
+    """The process that read the input's first pass ended without handing over all it read
+    (killed, out of memory): the run stops, and no message gets a verdict from it."""
+
+
 class UpstreamError(BlockfilterError):
     """The blocklist API could not answer a request.
 

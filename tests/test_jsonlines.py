@@ -116,6 +116,7 @@ def vip_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
     chunk=st.sampled_from([LinePlan._CHUNK, 3]),
     whole_message_policy=st.booleans(),
     group_limit=st.sampled_from([jsonlines.GROUP_LIMIT, 1, 0]),
+    parser_process=st.sampled_from(["off", "always"]),
 )
 # A fallback past 64 bits: orjson decodes it as a float, the stdlib as an int; the detail of
 # its `unknown_channel` verdict must not tell them apart.
@@ -125,6 +126,7 @@ def vip_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
     chunk=LinePlan._CHUNK,
     whole_message_policy=False,
     group_limit=jsonlines.GROUP_LIMIT,
+    parser_process="off",
 )
 # Past the route limit, a line's id is checked for repeats once: the first of two equal ids
 # is not a duplicate of itself, blocklisted (so decoded again) or not.
@@ -134,10 +136,18 @@ def vip_fallbacks(message: Mapping[str, Any], parsed: Parsed) -> Sequence[str]:
     chunk=LinePlan._CHUNK,
     whole_message_policy=False,
     group_limit=jsonlines.GROUP_LIMIT,
+    parser_process="off",
 )
 def test_run_lines_gives_each_line_the_verdict_run_gives_its_message(
-    lines: list[bytes], route_limit: int, chunk: int, whole_message_policy: bool, group_limit: int
+    lines: list[bytes],
+    route_limit: int,
+    chunk: int,
+    whole_message_policy: bool,
+    group_limit: int,
+    parser_process: str,
 ) -> None:
+    # parser_process "always": past the first line, a forked process reads the first pass
+    # (where the platform forks and routes share verdicts; elsewhere this process does).
     options: dict[str, Any] = {"fallback_policy": vip_fallbacks} if whole_message_policy else {}
     expected = oracle(lines, **options)
     with pytest.MonkeyPatch.context() as patch:
@@ -145,7 +155,7 @@ def test_run_lines_gives_each_line_the_verdict_run_gives_its_message(
         patch.setattr(jsonlines, "GROUP_LIMIT", group_limit)
         patch.setattr(LinePlan, "_CHUNK", chunk)
         engine = make_filter(**options)
-        out = list(engine.run_lines(lambda: iter(lines)))
+        out = list(engine.run_lines(lambda: iter(lines), parser_process=parser_process))
     got = [json.loads(line) for line in out]
     assert all(line.endswith(b"\n") and line.count(b"\n") == 1 for line in out)
     assert [view(r) for r in got] == [view(r) for r in expected]

@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
-from ..config import CHANNELS, ON_ERROR_POLICIES, Settings, load_settings
+from ..config import (
+    CHANNELS,
+    ON_ERROR_POLICIES,
+    PARSER_PROCESS_CHOICES,
+    Settings,
+    load_settings,
+)
 from ..errors import CheckFailed, CredentialsRefused
 from ..model import (
     VERDICT_FIELDS,
@@ -61,6 +67,7 @@ from .lines import (
     render_line,
     splice,
 )
+from .reader import AUTO_AFTER_LINES, first_pass_in_child, forking_supported
 from .summary import Summary
 from .table import ASKED, BLOCKED, FAILED, StatusTable, _key
 from .templates import NumberTemplates
@@ -369,7 +376,9 @@ class Filter:
             yield from batch
         self._finish(before, started)
 
-    def run_lines(self, open_lines: Callable[[], Iterable[bytes]]) -> Iterator[bytes]:
+    def run_lines(
+        self, open_lines: Callable[[], Iterable[bytes]], *, parser_process: str = "off"
+    ) -> Iterator[bytes]:
         """Filter JSON Lines; yields one output line (bytes, ``\\n``-terminated) a message.
 
         ``open_lines`` is called once per pass and must give the same lines each time (a
@@ -377,7 +386,18 @@ class Filter:
         becomes an ``invalid`` record (``malformed_line``) whose ``id`` is its line number.
         Each message's own bytes are kept as they were; the verdict fields are appended.
         With observers, each batch of lines is decoded again for them before it is yielded.
+
+        ``parser_process``: ``auto`` or ``always`` to read most of the first pass in a forked
+        process, on the other core (:mod:`~blockfilter.engine.reader`; Linux, and a fallback
+        policy that looks only at the parsed message): ``auto`` past the first 4,096 lines,
+        ``always`` past the first. Only for lines that a forked copy of this process can go
+        on reading (a file's, as ``blockfilter filter`` reads them), not a thread's.
         """
+        if parser_process not in PARSER_PROCESS_CHOICES:
+            raise ValueError(
+                f"parser_process must be one of {', '.join(PARSER_PROCESS_CHOICES)}, "
+                f"not {parser_process!r}"
+            )
         # With a policy that looks only at the parsed message, every line of a route shares
         # one verdict: a route's later lines are then neither shown to _resolve nor decoded
         # again, and its verdict is decided and encoded once.
@@ -385,15 +405,19 @@ class Filter:
         plan = LinePlan(share_verdicts=share)
         observe = self._observer()
         try:
-            lines = self._run_planned(open_lines, plan)
+            lines = self._run_planned(open_lines, plan, parser_process)
             yield from lines if observe is None else observed_lines(lines, observe)
         finally:
             plan.close()
 
     def _run_planned(
-        self, open_lines: Callable[[], Iterable[bytes]], plan: LinePlan
+        self, open_lines: Callable[[], Iterable[bytes]], plan: LinePlan, parser_process: str
     ) -> Iterator[bytes]:
         def first_pass() -> Iterator[tuple[Any, Parsed | Invalid | None]]:
+            if parser_process != "off" and plan.share_verdicts and forking_supported():
+                after = 1 if parser_process == "always" else AUTO_AFTER_LINES
+                yield from first_pass_in_child(plan, read_pass(open_lines), after_lines=after)
+                return
             yield from plan.read_lines(read_pass(open_lines))
             plan.finish_first_pass()
 

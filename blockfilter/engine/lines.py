@@ -19,7 +19,7 @@ import sys
 import tempfile
 from array import array
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 from itertools import chain, count, repeat
 from typing import IO, Any, Final, TypeVar
@@ -358,6 +358,16 @@ class DuplicateIds:
                 appends[value & mask](value)
         return shares
 
+    @property
+    def suspects(self) -> frozenset[int]:
+        """The hashes seen twice in the first pass (once :meth:`close_first_pass` ran)."""
+        return self._suspects
+
+    def adopt(self, suspects: frozenset[int]) -> None:
+        """Take ``suspects`` as what another process's first pass found."""
+        del self.first_pass_hashes[:]
+        self._suspects = suspects
+
     def pass_checker(self) -> Callable[[str], bool] | None:
         """A fresh ``is_duplicate(id)`` for one pass over the messages, in input order;
         ``None`` when no id can be a repeat (the common case: nothing to ask per message)."""
@@ -433,10 +443,11 @@ class LinePlan:
         return self._read_decoded(line, line_number, message)
 
     def read_lines(
-        self, lines: Iterable[bytes]
+        self, lines: Iterable[bytes], first_line_number: int = 1
     ) -> Iterator[tuple[Any, Parsed | Invalid] | tuple[None, None]]:
-        """:meth:`read` of every line of the first pass (numbered from 1), yielding what is
-        not ``None``, and :data:`STILL_READING` now and then among lines of known routes.
+        """:meth:`read` of every line of the first pass (numbered from ``first_line_number``:
+        1 unless the pass goes on where another call left it), yielding what is not ``None``,
+        and :data:`STILL_READING` now and then among lines of known routes.
 
         The usual line of a campaign that repeats its numbers (another line of a known route,
         routes sharing verdicts) is coded in the loop itself: at 2 us a line, the calls and
@@ -445,7 +456,7 @@ class LinePlan:
         """
         if not self.share_verdicts:  # each line is shown to the resolver: nothing to skip
             read = self.read
-            for line_number, line in enumerate(lines, 1):
+            for line_number, line in enumerate(lines, first_line_number):
                 item = read(line, line_number)
                 if item is not None:
                     yield item
@@ -457,7 +468,7 @@ class LinePlan:
         codes = self._codes
         chunk = self._CHUNK
         every = _STILL_READING_EVERY - 1  # a power of two, less one: a mask
-        for line_number, line in enumerate(lines, 1):
+        for line_number, line in enumerate(lines, first_line_number):
             if len(codes) >= chunk:
                 codes = self._spill_codes()
             message: Any = None
@@ -600,6 +611,47 @@ class LinePlan:
         self._route_ids.clear()  # only the first pass numbers routes
         self._group_ids.clear()
 
+    # -- a first pass read by another process (see blockfilter.engine.reader) ------------
+
+    def own_spools(self) -> None:
+        """Give the plan spools of its own, holding what its spools hold: a forked process
+        then never writes to a file its parent may hold too."""
+        for name in ("_spool", "_key_spool"):
+            old = getattr(self, name)
+            old.seek(0)
+            new = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed by close())
+                max_size=1 << 20, prefix="blockfilter-"
+            )
+            new.write(old.read())
+            setattr(self, name, new)  # the old one is left as it is: the parent's to close
+
+    def first_pass_state(self) -> FirstPassState:
+        """What :meth:`finish_first_pass` left that the later passes read, but the routes
+        (the process that adopts it has them already, one at a time)."""
+        return FirstPassState(
+            line_count=self.line_count,
+            valid_unrouted=self.valid_unrouted,
+            groups=list(self.groups),
+            suspects=self.ids.suspects,
+            codes=_spooled_bytes(self._spool, self._codes),
+            keys=_spooled_bytes(self._key_spool, self._keys),
+        )
+
+    def adopt_first_pass(self, state: FirstPassState) -> None:
+        """Take ``state`` for this plan's first pass, as if this plan had read it."""
+        for spool, data in ((self._spool, state.codes), (self._key_spool, state.keys)):
+            spool.seek(0)
+            spool.truncate()
+            spool.write(data)
+        self._codes = array("i")
+        self._keys = array("q")
+        self.line_count = state.line_count
+        self.valid_unrouted = state.valid_unrouted
+        self.groups = list(state.groups)
+        self.ids.adopt(state.suspects)
+        self._route_ids.clear()
+        self._group_ids.clear()
+
     def lines(self, lines: Iterable[bytes]) -> Iterator[tuple[int, bytes, int]]:
         """``(line number, line, code)`` for each line of ``lines``, the input read again.
 
@@ -640,6 +692,23 @@ class LinePlan:
     def close(self) -> None:
         self._spool.close()
         self._key_spool.close()
+
+
+@dataclass(frozen=True)
+class FirstPassState:
+    """A finished first pass, as :meth:`LinePlan.first_pass_state` gives it away."""
+
+    line_count: int
+    valid_unrouted: int
+    groups: list[tuple[str, tuple[str, ...]]]
+    suspects: frozenset[int]  # hashes of ids seen twice: see DuplicateIds
+    codes: bytes  # every line's code, int32 in the machine's order
+    keys: bytes  # the compact lines' keys, int64
+
+
+def _spooled_bytes(spool: IO[bytes], tail: array[int]) -> bytes:
+    spool.seek(0)
+    return spool.read() + tail.tobytes()
 
 
 def _spilled(spool: IO[bytes], values: array[int]) -> array[int]:
