@@ -627,24 +627,40 @@ class LinePlan:
 
     def first_pass_state(self) -> FirstPassState:
         """What :meth:`finish_first_pass` left that the later passes read, but the routes
-        (the process that adopts it has them already, one at a time)."""
+        (the process that adopts it has them already, one at a time) and the codes and keys
+        (:meth:`spooled_chunks`)."""
         return FirstPassState(
             line_count=self.line_count,
             valid_unrouted=self.valid_unrouted,
             groups=list(self.groups),
             suspects=self.ids.suspects,
-            codes=_spooled_bytes(self._spool, self._codes),
-            keys=_spooled_bytes(self._key_spool, self._keys),
         )
 
-    def adopt_first_pass(self, state: FirstPassState) -> None:
-        """Take ``state`` for this plan's first pass, as if this plan had read it."""
-        for spool, data in ((self._spool, state.codes), (self._key_spool, state.keys)):
+    def spooled_chunks(self) -> Iterator[tuple[bool, bytes]]:
+        """The codes, then the compact keys, a chunk at a time: ``(is_code, bytes)``. A chunk
+        is a spool's share at a time, so a million lines are never all in memory at once."""
+        for chunk in self._code_chunks():
+            yield True, chunk.tobytes()
+        for chunk in _chunks(self._key_spool, self._keys):
+            yield False, chunk.tobytes()
+
+    def start_adopting(self) -> None:
+        """Forget the codes and keys of the first pass so far: another process's come next
+        (:meth:`adopt_chunk`), every line's from the first."""
+        for spool in (self._spool, self._key_spool):
             spool.seek(0)
             spool.truncate()
-            spool.write(data)
         self._codes = array("i")
         self._keys = array("q")
+        del self._id_hashes[:]
+
+    def adopt_chunk(self, is_code: bool, data: bytes) -> None:
+        """Append a chunk of :meth:`spooled_chunks` of another process's plan."""
+        (self._spool if is_code else self._key_spool).write(data)
+
+    def adopt_first_pass(self, state: FirstPassState) -> None:
+        """Take ``state`` for this plan's first pass, as if this plan had read it (its codes
+        and keys adopted already)."""
         self.line_count = state.line_count
         self.valid_unrouted = state.valid_unrouted
         self.groups = list(state.groups)
@@ -702,13 +718,6 @@ class FirstPassState:
     valid_unrouted: int
     groups: list[tuple[str, tuple[str, ...]]]
     suspects: frozenset[int]  # hashes of ids seen twice: see DuplicateIds
-    codes: bytes  # every line's code, int32 in the machine's order
-    keys: bytes  # the compact lines' keys, int64
-
-
-def _spooled_bytes(spool: IO[bytes], tail: array[int]) -> bytes:
-    spool.seek(0)
-    return spool.read() + tail.tobytes()
 
 
 def _spilled(spool: IO[bytes], values: array[int]) -> array[int]:

@@ -50,7 +50,9 @@ AUTO_AFTER_LINES: Final = 4096
 # The valid messages sent in one frame: a few milliseconds of the child's reading.
 _BATCH: Final = 256
 _HEADER: Final = 9  # a frame: its kind (1 byte), its length (8 bytes), a pickle
-_ITEMS, _PLAN, _ERROR = b"i", b"p", b"e"
+_ITEMS, _PLAN, _ERROR = b"i", b"p", b"e"  # pickled
+_CODES, _KEYS = b"c", b"k"  # raw: a chunk of the plan's codes, of its compact keys
+_CHUNKS: Final = (_CODES, _KEYS)
 
 
 def forking_supported() -> bool:
@@ -85,6 +87,7 @@ def first_pass_in_child(
         os.close(read_end)
         _child(plan, chain((following,), lines), after_lines + 1, write_end)
     os.close(write_end)
+    plan.start_adopting()  # the child sends every line's code, the first ones' too
     child = _Child(pid)
     try:
         with os.fdopen(read_end, "rb", buffering=1 << 16) as frames:
@@ -138,6 +141,8 @@ def _received(
                 if is_route:
                     routes.append(parsed)
                 yield NO_MESSAGE, parsed
+        elif kind in _CHUNKS:
+            plan.adopt_chunk(kind == _CODES, body)
         elif kind == _PLAN:
             route_count, state = body
             if route_count != len(routes):
@@ -159,7 +164,10 @@ def _read_frame(frames: IO[bytes]) -> tuple[bytes, Any]:
         size = int.from_bytes(header[1:], "little")
         payload = frames.read(size)
         if len(payload) == size:
-            return header[:1], pickle.loads(payload)  # noqa: S301 (our own child's frames)
+            kind = header[:1]
+            if kind in _CHUNKS:
+                return kind, payload
+            return kind, pickle.loads(payload)  # noqa: S301 (our own child's frames)
     raise ReaderFailed("the reader process ended before it had sent all it read")
 
 
@@ -194,7 +202,11 @@ def _read_and_send(  # pragma: no cover (runs in the forked process)
             batch.append(None)
         elif type(parsed) is Parsed:
             is_route = len(routes) > known
-            known = len(routes)
+            if is_route:
+                # The parent keeps the route; here only its place is read again (the plan
+                # counts its routes), not the route: some 130 bytes each, freed.
+                routes[known] = _SENT
+                known += 1
             batch.append((parsed.id, parsed.channel, parsed.fallback, parsed.key, is_route))
             if len(batch) < _BATCH:
                 continue
@@ -205,11 +217,16 @@ def _read_and_send(  # pragma: no cover (runs in the forked process)
     if batch:
         _send(out, _ITEMS, batch)
     plan.finish_first_pass()
+    for is_code, chunk in plan.spooled_chunks():
+        _send(out, _CODES if is_code else _KEYS, chunk)
     _send(out, _PLAN, (len(routes), plan.first_pass_state()))
 
 
+_SENT: Final = Parsed("", "", "", (), 0)  # in the child's plan, a route sent to the parent
+
+
 def _send(out: IO[bytes], kind: bytes, body: Any) -> None:  # pragma: no cover (child)
-    payload = pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = body if kind in _CHUNKS else pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
     out.write(kind + len(payload).to_bytes(8, "little"))
     out.write(payload)
     out.flush()  # the parent takes each batch as it comes: its numbers are requests to make
