@@ -7,8 +7,10 @@ own hand (``os._exit``) or fails, in the middle of its reading, through the line
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -237,3 +239,18 @@ def test_compact_lines_past_the_route_limit_are_read_by_the_child(
     lines = campaign_lines(2000, numbers(400, seed=5), numbers(50, seed=6))
     expected = run(make_filter(), lambda: iter(lines), "off")
     assert run(make_filter(), lambda: iter(lines), "always") == expected
+
+
+def test_a_frame_cut_short_and_followed_by_another_is_reader_failed() -> None:
+    # A child that fails while it writes a frame sends the failure after the frame's first
+    # bytes: the frame's length then takes in the next frame's, and the bytes are no pickle.
+    items = pickle.dumps([("m1", "sms", (), 918020000052, True)])
+    error = pickle.dumps(("MemoryError", "MemoryError"))
+    cut = items[: len(items) // 2]
+    stream = b"i" + len(items).to_bytes(8, "little") + cut
+    stream += b"e" + len(error).to_bytes(8, "little") + error
+    stream = stream[: 9 + len(items)]  # what the parent reads as the first frame
+    plan = jsonlines.LinePlan(share_verdicts=True)
+    with pytest.raises(ReaderFailed, match="cannot be read"):
+        list(reader._received(plan, io.BytesIO(stream)))
+    assert plan.routes == []

@@ -167,7 +167,10 @@ def _read_frame(frames: IO[bytes]) -> tuple[bytes, Any]:
             kind = header[:1]
             if kind in _CHUNKS:
                 return kind, payload
-            return kind, pickle.loads(payload)  # noqa: S301 (our own child's frames)
+            try:
+                return kind, pickle.loads(payload)  # noqa: S301 (our own child's frames)
+            except Exception as exc:  # a frame cut short by a failing child, then another
+                raise ReaderFailed("the reader process sent a frame that cannot be read") from exc
     raise ReaderFailed("the reader process ended before it had sent all it read")
 
 
