@@ -254,3 +254,50 @@ def test_a_frame_cut_short_and_followed_by_another_is_reader_failed() -> None:
     with pytest.raises(ReaderFailed, match="cannot be read"):
         list(reader._received(plan, io.BytesIO(stream)))
     assert plan.routes == []
+
+
+@pytest.fixture
+def one_task_cgroup(tmp_path: Path) -> Iterator[Path]:
+    """A cgroup of the pids controller that holds one task at most: a process moved into it
+    can neither fork nor start a thread. Skips where such a group cannot be made (cgroup v1's
+    pids hierarchy, writable by root only)."""
+    group = Path("/sys/fs/cgroup/pids") / f"blockfilter-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        group.mkdir()
+    except OSError as exc:
+        pytest.skip(f"no pids cgroup to limit a command's processes with: {exc}")
+    try:
+        (group / "pids.max").write_text("1")
+        yield group
+    finally:
+        group.rmdir()  # empty once its one process has ended
+
+
+def test_without_a_second_process_to_be_had_the_first_pass_is_read_in_one(
+    one_task_cgroup: Path,
+) -> None:
+    # fork() fails (a limit on processes): the command reads on in its one process. Every
+    # number is invalid, so no request thread is ever needed either.
+    campaign = b"".join(
+        json.dumps({"id": f"m{n}", "channel": "sms", "to": "12345"}).encode() + b"\n"
+        for n in range(50)
+    )
+    procs = one_task_cgroup / "cgroup.procs"
+
+    def alone() -> None:
+        procs.write_text(str(os.getpid()))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "blockfilter", "filter", "-", "--quiet"],
+        input=campaign,
+        capture_output=True,
+        env=subprocess_env(
+            "http://127.0.0.1:9",  # never asked: no number is valid
+            BLOCKFILTER_PARSER_PROCESS="always",
+        ),
+        preexec_fn=alone,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    verdicts = [json.loads(line)["verdict"] for line in done.stdout.splitlines()]
+    assert verdicts == ["invalid"] * 50

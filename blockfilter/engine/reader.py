@@ -14,7 +14,8 @@ A child that ends before it (killed, out of memory) or reports an error makes th
 raise (:class:`~blockfilter.errors.ReaderFailed`, or the child's own
 :class:`~blockfilter.errors.InputChanged`): no line gets a verdict from a plan read in part.
 The child is killed and reaped however the pass ends, and never runs this process's exit
-handlers or flushes its buffers (``os._exit``).
+handlers or flushes its buffers (``os._exit``). Where no process can be forked (a limit on
+processes), this one reads on, as with the reader off.
 
 Only the filter's own readers are handed over (``blockfilter filter``'s files): a line source
 that leans on a thread or on state shared with this process would stall or diverge in a
@@ -25,6 +26,7 @@ resolver is then shown the parse alone, and the lines are not decoded again.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import signal
@@ -38,6 +40,8 @@ from typing import IO, Any, Final
 from ..errors import BlockfilterError, InputChanged, ReaderFailed
 from ..model import Invalid, Parsed
 from .lines import STILL_READING, LinePlan
+
+log = logging.getLogger("blockfilter.engine")
 
 #: What the resolver is shown in place of a message read by the child: routes share verdicts,
 #: so the fallback policy looks at the parse alone.
@@ -77,12 +81,15 @@ def first_pass_in_child(
     if following is None:
         plan.finish_first_pass()
         return
-    read_end, write_end = os.pipe()
-    with warnings.catch_warnings():
-        # Python 3.12 warns of fork() in a process with threads (request threads may have
-        # started): the child touches none of their locks, only the reader and the plan.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
+    try:
+        read_end, write_end, pid = _fork()
+    except OSError as exc:
+        # No second process to be had (a limit on processes, memory that cannot be
+        # committed twice): this one reads on, as with the reader off.
+        log.info("no reader process (%s): the first pass is read in this one", exc.strerror)
+        yield from plan.read_lines(chain((following,), lines), after_lines + 1)
+        plan.finish_first_pass()
+        return
     if pid == 0:  # pragma: no cover (the child: its coverage is never written)
         os.close(read_end)
         _child(plan, chain((following,), lines), after_lines + 1, write_end)
@@ -95,6 +102,22 @@ def first_pass_in_child(
         child.reap()
     finally:
         child.stop()
+
+
+def _fork() -> tuple[int, int, int]:
+    """A pipe and a forked process: ``(read end, write end, pid)``, the pid 0 in the child."""
+    read_end, write_end = os.pipe()
+    try:
+        with warnings.catch_warnings():
+            # Python 3.12 warns of fork() in a process with threads (request threads may
+            # have started): the child touches none of their locks, only the reader and
+            # the plan.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return read_end, write_end, os.fork()
+    except OSError:
+        os.close(read_end)
+        os.close(write_end)
+        raise
 
 
 class _Child:
