@@ -14,6 +14,7 @@ import pickle
 import random
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 from blockfilter import cli
+from blockfilter.engine import filter as filter_module
 from blockfilter.engine import lines as jsonlines
 from blockfilter.engine import reader
 from blockfilter.engine.filter import Filter, message_independent
@@ -301,3 +303,19 @@ def test_without_a_second_process_to_be_had_the_first_pass_is_read_in_one(
     assert done.returncode == 0, done.stderr.decode()
     verdicts = [json.loads(line)["verdict"] for line in done.stdout.splitlines()]
     assert verdicts == ["invalid"] * 50
+
+
+def test_a_plan_spooled_to_disk_before_the_fork_reaches_the_child_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Spools of 64 bytes, codes spilled every 64 lines, the fork after 2,000 lines: the
+    # codes of the lines read before the fork are on disk, in a file whose offset the two
+    # processes share once forked. The child copies them while this process starts afresh.
+    small_spool = partial(tempfile.SpooledTemporaryFile, max_size=64)
+    monkeypatch.setattr(jsonlines, "_new_spool", small_spool)
+    monkeypatch.setattr(jsonlines.LinePlan, "_CHUNK", 64)
+    monkeypatch.setattr(filter_module, "AUTO_AFTER_LINES", 2000)
+    lines = small_campaign(4000)
+    expected = run(make_filter(), partial(iter, lines), "off")
+    for _ in range(10):  # the two processes race for the file: let them, a few times
+        assert run(make_filter(), partial(iter, lines), "auto") == expected

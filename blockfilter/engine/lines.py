@@ -410,9 +410,7 @@ class LinePlan:
         self._route_ids: dict[tuple[Any, ...], dict[str, int]] = {}
         self._codes = array("i")
         # Open as long as the plan; close() closes it.
-        self._spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115
-            max_size=1 << 20, prefix="blockfilter-"
-        )
+        self._spool = _new_spool()
         self.ids = DuplicateIds()
         self._id_hashes = self.ids.first_pass_hashes
         self.line_count = 0  # known once the first pass is over
@@ -422,9 +420,7 @@ class LinePlan:
         self.groups: list[tuple[str, tuple[str, ...]]] = []
         self._group_ids: dict[tuple[str, tuple[str, ...]], int] = {}
         self._keys = array("q")
-        self._key_spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed by close())
-            max_size=1 << 20, prefix="blockfilter-"
-        )
+        self._key_spool = _new_spool()
 
     def read(self, line: bytes, line_number: int) -> tuple[Any, Parsed | Invalid] | None:
         """Decode and code one line (the first pass, in order).
@@ -613,17 +609,23 @@ class LinePlan:
 
     # -- a first pass read by another process (see blockfilter.engine.reader) ------------
 
+    def before_fork(self) -> None:
+        """Write out what the spools hold in their buffers: a spool on disk shares its file
+        (and its offset) with a forked process, and a buffer flushed by each would be
+        written twice, wherever the other left the offset."""
+        self._spool.flush()
+        self._key_spool.flush()
+
     def own_spools(self) -> None:
         """Give the plan spools of its own, holding what its spools hold: a forked process
-        then never writes to a file its parent may hold too."""
+        then never writes to a file its parent may hold too (the parent, for its part, lets
+        go of the spools it forked with: :meth:`start_adopting`)."""
         for name in ("_spool", "_key_spool"):
             old = getattr(self, name)
             old.seek(0)
-            new = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed by close())
-                max_size=1 << 20, prefix="blockfilter-"
-            )
+            new = _new_spool()
             new.write(old.read())
-            setattr(self, name, new)  # the old one is left as it is: the parent's to close
+            setattr(self, name, new)  # the old one is left open: closing is the parent's
 
     def first_pass_state(self) -> FirstPassState:
         """What :meth:`finish_first_pass` left that the later passes read, but the routes
@@ -646,10 +648,11 @@ class LinePlan:
 
     def start_adopting(self) -> None:
         """Forget the codes and keys of the first pass so far: another process's come next
-        (:meth:`adopt_chunk`), every line's from the first."""
-        for spool in (self._spool, self._key_spool):
-            spool.seek(0)
-            spool.truncate()
+        (:meth:`adopt_chunk`), every line's from the first. The spools are new ones: a
+        spool on disk shares its file offset with the forked process that copies it."""
+        self._spool.close()
+        self._key_spool.close()
+        self._spool, self._key_spool = _new_spool(), _new_spool()
         self._codes = array("i")
         self._keys = array("q")
         del self._id_hashes[:]
@@ -718,6 +721,11 @@ class FirstPassState:
     valid_unrouted: int
     groups: list[tuple[str, tuple[str, ...]]]
     suspects: frozenset[int]  # hashes of ids seen twice: see DuplicateIds
+
+
+def _new_spool() -> IO[bytes]:
+    """A temporary file for codes or keys, in memory up to a MB (closed by its plan)."""
+    return tempfile.SpooledTemporaryFile(max_size=1 << 20, prefix="blockfilter-")  # noqa: SIM115
 
 
 def _spilled(spool: IO[bytes], values: array[int]) -> array[int]:

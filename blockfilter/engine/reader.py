@@ -81,6 +81,7 @@ def first_pass_in_child(
     if following is None:
         plan.finish_first_pass()
         return
+    plan.before_fork()  # a spool already on disk is shared with the child: see LinePlan
     try:
         read_end, write_end, pid = _fork()
     except OSError as exc:
