@@ -2,7 +2,9 @@
 one process, and a run that stops, never a partial plan, when the reader fails.
 
 The oracle is the same run with the reader off. Faults are real: the child is killed by its
-own hand (``os._exit``) or fails, in the middle of its reading, through the lines it reads.
+own hand (``os._exit``) or fails, in the middle of its reading, through the lines it reads;
+fork() is refused by a pids cgroup that holds one task; and the frames of a child that failed
+half-way through writing one are bytes as they would come.
 """
 
 from __future__ import annotations
