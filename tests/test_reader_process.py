@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 
 from blockfilter import cli
-from blockfilter.engine import filter as filter_module
 from blockfilter.engine import lines as jsonlines
 from blockfilter.engine import reader
 from blockfilter.engine.filter import Filter, message_independent
@@ -316,7 +315,7 @@ def test_a_plan_spooled_to_disk_before_the_fork_reaches_the_child_whole(
     small_spool = partial(tempfile.SpooledTemporaryFile, max_size=64)
     monkeypatch.setattr(jsonlines, "_new_spool", small_spool)
     monkeypatch.setattr(jsonlines.LinePlan, "_CHUNK", 64)
-    monkeypatch.setattr(filter_module, "AUTO_AFTER_LINES", 2000)
+    monkeypatch.setattr(reader, "AUTO_AFTER_LINES", 2000)
     lines = small_campaign(4000)
     expected = run(make_filter(), partial(iter, lines), "off")
     for _ in range(10):  # the two processes race for the file: let them, a few times

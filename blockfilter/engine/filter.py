@@ -30,7 +30,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
@@ -56,6 +55,7 @@ from ..sources import BaseSource, BlocklistSource, CheckOutcome, CheckStream, as
 from .lines import (
     BLANK,
     COMPACT,
+    NO_MESSAGE,
     PAST_END,
     LinePlan,
     MalformedLine,
@@ -67,7 +67,6 @@ from .lines import (
     render_line,
     splice,
 )
-from .reader import AUTO_AFTER_LINES, first_pass_in_child, forking_supported
 from .summary import Summary
 from .table import ASKED, BLOCKED, FAILED, StatusTable, _key
 from .templates import NumberTemplates
@@ -108,9 +107,6 @@ _DUPLICATE = Invalid("duplicate_id", "an earlier message in this run has the sam
 _NOT_AN_OBJECT = Invalid("malformed_line", "a message is a JSON object")
 
 Replay = Callable[[], Iterator[tuple[Any, "Parsed | Invalid"]]]
-
-# What a message-independent fallback policy is shown in place of a message.
-_NO_MESSAGE: Mapping[str, Any] = MappingProxyType({})
 
 
 class _Shared:
@@ -414,10 +410,17 @@ class Filter:
         self, open_lines: Callable[[], Iterable[bytes]], plan: LinePlan, parser_process: str
     ) -> Iterator[bytes]:
         def first_pass() -> Iterator[tuple[Any, Parsed | Invalid | None]]:
-            if parser_process != "off" and plan.share_verdicts and forking_supported():
-                after = 1 if parser_process == "always" else AUTO_AFTER_LINES
-                yield from first_pass_in_child(plan, read_pass(open_lines), after_lines=after)
-                return
+            if parser_process != "off" and plan.share_verdicts:
+                # Imported here: a run that reads in one process (every Celery task) does
+                # not load pickle and the rest at start-up.
+                from . import reader
+
+                if reader.forking_supported():
+                    after = 1 if parser_process == "always" else reader.AUTO_AFTER_LINES
+                    yield from reader.first_pass_in_child(
+                        plan, read_pass(open_lines), after_lines=after
+                    )
+                    return
             yield from plan.read_lines(read_pass(open_lines))
             plan.finish_first_pass()
 
@@ -438,9 +441,9 @@ class Filter:
                 yield from look_again(every_line=True)
                 return
             for route in plan.routes:
-                yield _NO_MESSAGE, route
+                yield NO_MESSAGE, route
             for route in plan.compact_routes():
-                yield _NO_MESSAGE, route
+                yield NO_MESSAGE, route
             if plan.valid_unrouted:
                 yield from look_again(every_line=False)
 
@@ -532,7 +535,7 @@ class Filter:
                 verdict.count(self.summary, lines)
 
     def _shared_verdict(self, route: Parsed, table: StatusTable) -> _Shared:
-        return _Shared(*self._verdicts.verdict(_NO_MESSAGE, route, table, self.fallback_policy))
+        return _Shared(*self._verdicts.verdict(NO_MESSAGE, route, table, self.fallback_policy))
 
     def _verdict_line(
         self,

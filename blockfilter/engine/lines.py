@@ -18,10 +18,11 @@ import json
 import sys
 import tempfile
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from itertools import chain, count, repeat
+from types import MappingProxyType
 from typing import IO, Any, Final, TypeVar
 
 import orjson
@@ -298,6 +299,10 @@ ROUTE_LIMIT = 1 << 16
 # pass then needs neither a route object nor a second decode. Group g is the code COMPACT - g.
 COMPACT: Final = -16
 GROUP_LIMIT = 256  # more distinct groups than this (junk, really) are looked at again
+
+#: What a message-independent fallback policy is shown in place of a message: the routes'
+#: candidates of the fallback rounds, and the messages a reader process read.
+NO_MESSAGE: Final[Mapping[str, Any]] = MappingProxyType({})
 
 #: What :meth:`LinePlan.read_lines` yields now and then while it codes lines of known routes
 #: (no new message among them): a moment for the resolver to hand over the numbers it holds.
@@ -655,7 +660,6 @@ class LinePlan:
         self._spool, self._key_spool = _new_spool(), _new_spool()
         self._codes = array("i")
         self._keys = array("q")
-        del self._id_hashes[:]
 
     def adopt_chunk(self, is_code: bool, data: bytes) -> None:
         """Append a chunk of :meth:`spooled_chunks` of another process's plan."""

@@ -32,20 +32,15 @@ import pickle
 import signal
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from itertools import chain, islice
-from types import MappingProxyType
 from typing import IO, Any, Final
 
 from ..errors import BlockfilterError, InputChanged, ReaderFailed
 from ..model import Invalid, Parsed
-from .lines import STILL_READING, LinePlan
+from .lines import NO_MESSAGE, STILL_READING, LinePlan
 
 log = logging.getLogger("blockfilter.engine")
-
-#: What the resolver is shown in place of a message read by the child: routes share verdicts,
-#: so the fallback policy looks at the parse alone.
-NO_MESSAGE: Final[Mapping[str, Any]] = MappingProxyType({})
 
 #: Lines this process reads itself before it forks, when the choice is ``auto``: a campaign
 #: shorter than this (some 40 ms of reading) costs less to read than to fork for.
